@@ -324,6 +324,8 @@ def _read_yaml(path: Path) -> dict:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    if not all(isinstance(key, str) for key in data):
+        raise UserError(f"{path}: every key must be a string")
     return data
 
 
@@ -349,14 +351,30 @@ def _unknown_key_message(key: str, source: str) -> str:
     return f"{source}: unknown key '{key}'{hint}"
 
 
-def _merge(base: Any, update: Any, source: str) -> Any:
+def _check_keys(data: dict, schema: Any, source: str, prefix: str = "") -> None:
+    """Unknown keys and section/value mix-ups, found before OmegaConf sees the data."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in data.items():
+        full_key = f"{prefix}{key}"
+        if key not in fields:
+            raise UserError(_unknown_key_message(full_key, source))
+        default = getattr(schema, key)
+        if dataclasses.is_dataclass(default):
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: key '{full_key}' is a section: expected a mapping of its keys, "
+                                f"got {value!r}")
+            _check_keys(value, default, source, full_key + ".")
+        elif isinstance(value, dict):
+            raise UserError(f"{source}: key '{full_key}' takes a value, not a section")
+
+
+def _merge(base: Any, update: dict, source: str) -> Any:
+    _check_keys(update, Config(), source)
     try:
         return OmegaConf.merge(base, update)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
         text = str(exc).splitlines()[0]
-        if "not in" in text or "Key '" in text and "not" in text:
-            raise UserError(_unknown_key_message(key, source)) from None
         raise UserError(f"{source}: key '{key}': {text}") from None
 
 
