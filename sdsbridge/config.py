@@ -432,10 +432,19 @@ def to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
-def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config from a plain dict (e.g. one stored in a checkpoint)."""
+def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
+    """Rebuild a Config from a plain dict (e.g. one stored in a checkpoint), then apply ``key=value``
+    overrides (no method preset is re-applied)."""
     cfg = _merge(OmegaConf.structured(Config), data, "checkpoint config")
-    return OmegaConf.to_object(cfg)
+    cfg = _merge(cfg, _parse_overrides(list(overrides)), "command line")
+    config = OmegaConf.to_object(cfg)
+    validate(config)
+    return config
+
+
+def config_to_dict(config: Config) -> dict:
+    """A Config as plain builtins (for checkpoints and JSON)."""
+    return OmegaConf.to_container(OmegaConf.structured(config))
 
 
 def _check(ok: bool, key: str, problem: str) -> None:
