@@ -74,6 +74,7 @@ def load_pipeline(model: str, dtype: torch.dtype) -> StableDiffusionPipeline:
             feature_extractor=None,
             requires_safety_checker=False,
             local_files_only=offline,
+            low_cpu_mem_usage=is_accelerate_available(),  # (without accelerate it only warns)
         )
     except GatedRepoError:
         raise UserError(f"prior.model: '{model}' is gated on the Hugging Face hub (accept its licence and log "
@@ -87,8 +88,8 @@ def load_pipeline(model: str, dtype: torch.dtype) -> StableDiffusionPipeline:
         removed = " (removed from the hub in Nov 2025)" if model in REMOVED_MODELS else ""
         raise UserError(f"prior.model: model id '{model}' not found {where}{removed} ({type(exc).__name__}); "
                         f"{KNOWN_MIRRORS}; or set prior.model to a local folder") from None
-    # Cast after loading: the keyword for the load dtype changed across diffusers versions (torch_dtype/dtype).
-    return pipe.to(dtype=dtype)
+    # Cast after loading (in fp32): the keyword for the load dtype changed across diffusers versions.
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
 
 
 class StableDiffusionPrior:
