@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import huggingface_hub.constants
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
@@ -40,9 +41,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set to a true value, read at call time."""
+    """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set to a true value, now or when
+    huggingface_hub was imported (it reads the variable once)."""
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE") or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
 def _check_local_folder(model: str) -> Optional[Path]:
