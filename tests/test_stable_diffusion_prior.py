@@ -1,7 +1,5 @@
 """The Stable Diffusion prior on a random tiny pipeline: loading, shapes, frozen weights, user errors."""
 
-import dataclasses
-
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
