@@ -135,3 +135,15 @@ def test_threshold_may_be_a_numeric_string_but_not_a_word():
     assert extract_mesh(Balls(), 1.0, 16, threshold="5").threshold_used == 5.0
     with pytest.raises(UserError, match="'auto' or a number"):
         extract_mesh(Balls(), 1.0, 16, threshold="otsu")
+
+
+def test_decimation_reduces_faces_or_says_why_not(caplog):
+    try:
+        import fast_simplification  # noqa: F401
+    except ImportError:
+        with caplog.at_level("WARNING", logger="sdsbridge"):
+            mesh = extract_mesh(Balls(), 1.0, 32, decimate_faces=500)
+        assert "fast-simplification" in caplog.text and len(mesh.faces) > 500
+    else:
+        mesh = extract_mesh(Balls(), 1.0, 32, decimate_faces=500)
+        assert len(mesh.faces) <= 600 and len(mesh.vertex_colors) == len(mesh.vertices)

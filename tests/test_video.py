@@ -4,10 +4,12 @@ from types import SimpleNamespace
 
 import imageio.v3 as iio
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from sdsbridge.config import CameraConfig, RenderConfig, SceneConfig
+from sdsbridge.errors import UserError
 from sdsbridge.export.video import render_turntable
 from sdsbridge.nerf.background import Background
 from sdsbridge.nerf.renderer import Renderer
@@ -49,3 +51,9 @@ def test_odd_resolution_is_padded_to_even(tmp_path):
                             progress=False)
     frames = iio.imread(path, index=None)
     assert frames.shape == (3, 18, 34, 3)
+
+
+def test_bad_settings_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="frames=0"):
+        render_turntable(tiny_scene(), CameraConfig(), tmp_path / "t.mp4", frames=0, progress=False)
+    assert not any(tmp_path.iterdir())

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from sdsbridge.cameras import Cameras, orbit_cameras
 from sdsbridge.config import CameraConfig
+from sdsbridge.errors import UserError
 from sdsbridge.images import to_uint8
 from sdsbridge.nerf.renderer import RenderOutput, Renderer
 
@@ -70,6 +71,9 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
         progress: show a tqdm bar.
     Returns ``path``.
     """
+    if frames < 1 or resolution < 2 or fps < 1:
+        raise UserError(f"video: frames, fps must be >= 1 and resolution >= 2 (got frames={frames}, "
+                        f"resolution={resolution}, fps={fps})")
     renderer: Renderer = scene.renderer
     device = _field_device(renderer)
     cameras = orbit_cameras(camera_cfg, frames).to(device)
