@@ -57,6 +57,206 @@ def config_check(
     typer.echo(f"OK: {file} ({config.method}, {config.prior.kind} prior, {config.train.steps} steps)")
 
 
+def _split_file_and_overrides(file: Optional[str], overrides: Optional[List[str]]) -> tuple[Optional[Path], list[str]]:
+    """`train --resume RUN key=value` puts the first override where FILE would be: move it back."""
+    overrides = list(overrides or [])
+    if file is not None and "=" in file and not Path(file).exists():
+        return None, [file, *overrides]
+    return (Path(file) if file is not None else None), overrides
+
+
+@app.command()
+def train(
+    file: Optional[str] = typer.Argument(None, help="prompt.yaml (not needed with --resume)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run: its directory or a .ckpt file. "
+                                          "Raise train.steps=N to extend a finished run."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cuda | cpu (overrides `device:`)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Train a NeRF from a prompt by score distillation, then export the mesh and turntable video."""
+    from sdsbridge import checkpoint as ckpt
+    from sdsbridge.config import config_from_dict, load_config
+    from sdsbridge.rundir import create_run_dir, run_slug
+    from sdsbridge.train import resolve_device, train as train_run
+
+    path, overrides = _split_file_and_overrides(file, overrides)
+    if device is not None:
+        overrides.append(f"device={device}")
+    if resume is not None:
+        checkpoint_path = ckpt.find_checkpoint(resume)
+        stored = ckpt.load_checkpoint(checkpoint_path)["config"]
+        config = config_from_dict(stored, overrides)
+        run_dir, fresh = ckpt.run_dir_of(checkpoint_path), False
+    else:
+        if path is None:
+            raise UserError("train: give a prompt YAML file, or --resume RUN_DIR")
+        config = load_config(path, overrides)
+        checkpoint_path = None
+    torch_device = resolve_device(config.device)
+    if resume is None:
+        run_dir = create_run_dir(config.log.runs_dir, run_slug(config.method, config.prompt, config.log.name))
+        fresh = True
+    typer.echo(f"run directory: {run_dir}")
+    try:
+        result = train_run(config, run_dir, torch_device, resume_from=checkpoint_path, show_progress=progress)
+    except UserError:
+        if fresh and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # failed before writing anything (e.g. the prior did not load): leave no trace
+        raise
+    minutes, seconds = divmod(int(result.seconds), 60)
+    summary = f"{result.step} steps, {minutes}m{seconds:02d}s; run: {result.run_dir}"
+    if result.interrupted:
+        typer.echo(f"interrupted: {summary}; resume with `sdsbridge train --resume {result.run_dir}`")
+        raise typer.Exit(130)
+    outputs, failed = _export_after_training(config, result.run_dir, torch_device, progress)
+    typer.echo(f"done: {summary}" + "".join(f"; {name}: {path}" for name, path in outputs))
+    if failed:
+        raise typer.Exit(1)
+
+
+def _export_after_training(config, run_dir: Path, device, progress: bool) -> tuple[list[tuple[str, Path]], bool]:
+    """Mesh and turntable at the end of `train` (export.mesh / export.video). A failed export is reported
+    in one line and does not hide the other output; the trained run is kept either way."""
+    from sdsbridge.export.mesh import export_run_mesh
+    from sdsbridge.export.video import render_run_video
+
+    outputs, failed = [], False
+    steps = [("mesh", config.export.mesh, lambda: export_run_mesh(run_dir, device=device)),
+             ("video", config.export.video, lambda: render_run_video(run_dir, device=device, progress=progress))]
+    for name, wanted, make in steps:
+        if not wanted:
+            continue
+        try:
+            outputs.append((name, make()))
+        except UserError as exc:
+            typer.echo(f"error: {name} export failed: {' '.join(str(exc).split())}", err=True)
+            failed = True
+    return outputs, failed
+
+
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="A run directory (or a .ckpt file)."),
+    format: Optional[str] = typer.Option(None, "--format", help="glb | obj | ply (default: export.format)."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Marching-cubes grid size (default 256)."),
+    threshold: Optional[str] = typer.Option(None, "--threshold", help="'auto' or a density level."),
+    device: str = typer.Option("auto", "--device", help="auto | cuda | cpu"),
+) -> None:
+    """Extract a coloured mesh from a trained run (marching cubes on the density) to RUN/mesh/."""
+    from sdsbridge.export.mesh import export_run_mesh
+    from sdsbridge.train import resolve_device
+
+    if format is not None and format not in ("glb", "obj", "ply"):
+        raise UserError(f"--format: '{format}' is not one of glb, obj, ply")
+    if resolution is not None and resolution < 8:
+        raise UserError(f"--resolution: must be >= 8, got {resolution}")
+    level: Optional[str | float] = threshold
+    if threshold not in (None, "auto"):
+        try:
+            level = float(threshold)
+        except ValueError:
+            raise UserError(f"--threshold: expected 'auto' or a number, got '{threshold}'") from None
+    path = export_run_mesh(run, format, resolution, level, resolve_device(device))
+    typer.echo(f"mesh: {path}")
+
+
+@app.command()
+def video(
+    run: Path = typer.Argument(..., help="A run directory (or a .ckpt file)."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Number of frames (default 120)."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Frame height in pixels (default 512)."),
+    fps: Optional[int] = typer.Option(None, "--fps", help="Frames per second (default 30)."),
+    device: str = typer.Option("auto", "--device", help="auto | cuda | cpu"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Render a turntable video (rgb | depth) of a trained run to RUN/video/turntable.mp4."""
+    from sdsbridge.export.video import render_run_video
+    from sdsbridge.train import resolve_device
+
+    for name, value in (("--frames", frames), ("--resolution", resolution), ("--fps", fps)):
+        if value is not None and value <= 0:
+            raise UserError(f"{name}: must be positive, got {value}")
+    path = render_run_video(run, frames, resolution, fps, resolve_device(device), progress=progress)
+    typer.echo(f"video: {path}")
+
+
+@app.command("eval")
+def evaluate(
+    run: Path = typer.Argument(..., help="A run directory (or a .ckpt file)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
+    device: str = typer.Option("auto", "--device", help="auto | cuda | cpu"),
+) -> None:
+    """Score a run against the truth: PSNR on held-out views, Chamfer distance of the mesh and colour
+    saturation error (reference-prior runs); Stable Diffusion runs have no ground truth to score."""
+    import json
+
+    from sdsbridge.export.evaluation import evaluate_run
+    from sdsbridge.train import resolve_device
+
+    scores = evaluate_run(run, resolve_device(device))
+    if json_output:
+        typer.echo(json.dumps(scores, indent=2))
+        return
+    for key, value in scores.items():
+        typer.echo(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
+
+
+@app.command()
+def image(
+    file: Optional[str] = typer.Argument(None, help="prompt.yaml (with --batch, settings only)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    seeds: str = typer.Option("0", "--seeds", help="Seeds: '0', '0-7' or '0,2,5' (one image each; a grid "
+                              "compares them)."),
+    batch: Optional[Path] = typer.Option(None, "--batch", help="A text file of prompts, one per line: one "
+                                         "image per prompt, resumable (done prompts are skipped)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a new runs/image-...)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cuda | cpu"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """2D score distillation: optimise an image (SD latent or reference-prior pixels) with bridge/sds/nfsd
+    and the official 2D settings (image.* keys)."""
+    from sdsbridge.config import load_config
+    from sdsbridge.image2d import parse_seeds, run_image, run_image_batch
+    from sdsbridge.rundir import create_run_dir, run_slug
+    from sdsbridge.train import resolve_device
+
+    path, overrides = _split_file_and_overrides(file, overrides)
+    if device is not None:
+        overrides.append(f"device={device}")
+    if batch is not None and not batch.is_file():
+        raise UserError(f"--batch: {batch}: file not found")
+    config = load_config(path, overrides, require_prompt=batch is None)
+    seed_list = parse_seeds(seeds)
+    torch_device = resolve_device(config.device)
+    if out is None:
+        name = f"image-{run_slug(config.method, batch.stem if batch else config.prompt, config.log.name)}"
+        out = create_run_dir(config.log.runs_dir, name)
+    if batch is not None:
+        run_image_batch(config, batch, out, torch_device, seed_list, progress)
+        return
+    result = run_image(config, out, torch_device, seed_list, progress)
+    typer.echo(f"images: {', '.join(str(p) for p in result.images.values())}")
+    if result.grid is not None:
+        typer.echo(f"grid: {result.grid}")
+
+
+@app.command()
+def doctor(
+    model: Optional[str] = typer.Option(None, "--model", help="Prior model id or local folder to look for "
+                                        "(default: prior.model's default)."),
+    device: str = typer.Option("auto", "--device", help="auto | cuda | cpu"),
+    json_output: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+) -> None:
+    """Check what this machine can use: device, CUDA, tinycudann, nerfacc kernels, ffmpeg, fp16, the model."""
+    from sdsbridge.config import DEFAULT_SD_MODEL
+    from sdsbridge.doctor import exit_code, format_table, run_checks, summary, to_json
+
+    checks = run_checks(model or DEFAULT_SD_MODEL, device)
+    typer.echo(to_json(checks) if json_output else f"{format_table(checks)}\n{summary(checks)}")
+    raise typer.Exit(exit_code(checks))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: runs the typer app, turning UserError into one line + exit code 2."""
     args = list(sys.argv[1:] if argv is None else argv)

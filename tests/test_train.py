@@ -1,0 +1,119 @@
+"""The training loop: short CPU runs on both priors, exact resume, stage switch, NaN handling."""
+
+import json
+
+import pytest
+import torch
+
+import sdsbridge.train as train_module
+from sdsbridge.checkpoint import find_checkpoint, load_checkpoint
+from sdsbridge.config import load_config
+from sdsbridge.guidance import GuidanceResult
+from sdsbridge.train import TrainingDiverged, load_trained_scene, train
+
+SMALL = [
+    "scene.n_levels=4", "scene.log2_hashmap_size=12", "scene.base_resolution=8", "scene.mlp_width=16",
+    "scene.background_width=8", "render.resolution=16", "render.num_samples=16", "log.val_every=0",
+    "log.log_every=1", "log.checkpoint_every=1000", "export.mesh=false", "export.video=false",
+    "device=cpu",
+]
+REFERENCE = ["prior.kind=reference", "prior.resolution=16", "prior.views_per_label=8", "prompt=a red torus"]
+
+
+def small_config(tmp_path, *extra):
+    path = tmp_path / "prompt.yaml"
+    path.write_text("prompt: a red torus\n")
+    return load_config(path, [*SMALL, *REFERENCE, f"log.runs_dir={tmp_path / 'runs'}", *extra])
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_run_on_reference_prior_writes_outputs(tmp_path):
+    config = small_config(tmp_path, "train.steps=4", "log.val_every=2", "train.batch_size=2")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    result = train(config, run_dir, torch.device("cpu"), show_progress=False)
+    assert result.step == 4 and not result.interrupted
+    metrics = read_metrics(run_dir)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    assert (run_dir / "config.yaml").is_file()
+    assert sorted(p.name for p in (run_dir / "validation").iterdir()) == ["step-0000002.png", "step-0000004.png"]
+    assert load_checkpoint(find_checkpoint(run_dir))["step"] == 4
+    scene, loaded, step = load_trained_scene(run_dir, torch.device("cpu"))
+    assert step == 4 and loaded.prompt == "a red torus"
+
+
+def test_short_run_on_tiny_stable_diffusion(tmp_path, tiny_sd_dir):
+    config = small_config(tmp_path, "train.steps=2", "prior.kind=stable-diffusion", f"prior.model={tiny_sd_dir}",
+                          "prompt=a DSLR photo of a pineapple")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    train(config, run_dir, torch.device("cpu"), show_progress=False)
+    metrics = read_metrics(run_dir)
+    assert len(metrics) == 2 and all(m["loss"] == m["loss"] for m in metrics)
+
+
+def parameters_of(run_dir):
+    checkpoint = load_checkpoint(find_checkpoint(run_dir))
+    return {**{f"field.{k}": v for k, v in checkpoint["field"].items()},
+            **{f"background.{k}": v for k, v in checkpoint["background"].items()}}, checkpoint
+
+
+def test_resume_is_bit_identical_and_switches_stage(tmp_path):
+    # stage two starts at step 3: the resumed half must switch even though it starts past the boundary
+    extra = ("guidance.stage2_start_step=3", "train.batch_size=2")
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    train(small_config(tmp_path, "train.steps=6", *extra), straight, torch.device("cpu"), show_progress=False)
+
+    halves = tmp_path / "halves"
+    halves.mkdir()
+    train(small_config(tmp_path, "train.steps=4", *extra), halves, torch.device("cpu"), show_progress=False)
+    config = small_config(tmp_path, "train.steps=6", *extra)
+    train(config, halves, torch.device("cpu"), resume_from=find_checkpoint(halves), show_progress=False)
+
+    expected, expected_ckpt = parameters_of(straight)
+    got, got_ckpt = parameters_of(halves)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    assert got_ckpt["step"] == 6
+    stages = {m["step"]: m["stage"] for m in read_metrics(halves)}
+    assert stages == {1: 1, 2: 1, 3: 1, 4: 2, 5: 2, 6: 2}
+    assert [m["loss"] for m in read_metrics(halves)] == [m["loss"] for m in read_metrics(straight)]
+
+
+def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
+    real = train_module.guidance_step
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in (2, 3):  # two bad steps, then fine
+            return GuidanceResult(result.loss * float("nan"), result.grad_norm, result.t, result.stage)
+        return result
+
+    monkeypatch.setattr(train_module, "guidance_step", flaky)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    result = train(small_config(tmp_path, "train.steps=5"), run_dir, torch.device("cpu"), show_progress=False)
+    assert result.bad_steps == 2 and result.step == 5
+    assert read_metrics(run_dir)[-1]["bad_steps"] == 2
+
+    def always_nan(*args, **kwargs):
+        result = real(*args, **kwargs)
+        return GuidanceResult(result.loss * float("inf"), result.grad_norm, result.t, result.stage)
+
+    monkeypatch.setattr(train_module, "guidance_step", always_nan)
+    run_dir = tmp_path / "diverged"
+    run_dir.mkdir()
+    with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row"):
+        train(small_config(tmp_path, "train.steps=10", "train.max_bad_steps=3"), run_dir, torch.device("cpu"),
+              show_progress=False)
+    checkpoint = load_checkpoint(find_checkpoint(run_dir))
+    assert checkpoint["step"] == 2
+    assert all(torch.isfinite(v).all() for v in checkpoint["field"].values() if v.is_floating_point())
