@@ -255,8 +255,9 @@ class ReferencePrior:
             "version": CACHE_VERSION, "shape": shape.params, "albedo": shape.albedo,
             "light": shapes_module.LIGHT_DIRECTION, "ambient": shapes_module.AMBIENT,
             "resolution": self.image_resolution, "supersample": SUPERSAMPLE,
+            "hit_epsilon": shapes_module.HIT_EPSILON, "max_steps": shapes_module.MAX_STEPS,
             "views_per_label": self.views_per_label, "seed": REFERENCE_SEED,
-            "cameras": dataclasses.asdict(self.camera_cfg),
+            "cameras": {k: v for k, v in dataclasses.asdict(self.camera_cfg).items() if not k.startswith("eval_")},
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
