@@ -1,0 +1,339 @@
+"""Time the training step (ms/step, peak memory, and where the time goes) with a Stable Diffusion prior.
+
+    python scripts/bench_train_step.py                                   # tiny random prior, CPU-sized
+    python scripts/bench_train_step.py --steps 2 --warmup 1 --resolutions 32 --set scene.n_levels=4
+    python scripts/make_random_sd.py --arch sd21-base /tmp/sd21 --dtype fp16     # then, on a GPU:
+    python scripts/bench_train_step.py --model /tmp/sd21 --dtype fp16 --resolutions 64,512
+
+Cases, each timed for ``--steps`` steps after ``--warmup`` untimed ones:
+
+- ``3D RxR``: one training step of the 3D trainer with renders of R x R pixels: random cameras -> render
+  -> random backgrounds -> ``guidance_step`` (resize to the prior's resolution, VAE encode, one batched
+  UNet call) -> regularisers -> backward -> AdamW step (-> occupancy-grid refresh on CUDA), built from
+  train.py's ``build_scene`` / ``build_optimizer`` / ``with_random_backgrounds`` / ``regularizer_losses``.
+  Steps are numbered from ``--at-step`` (default 10000: both regularisers on, t_max 0.5).
+- ``2D``: one step of the 2D image mode: ``distill`` on a [1, C, h, w] latent at the prior's resolution
+  -> backward -> AdamW step.
+
+Reported per case: median and p90 ms/step (CUDA synchronised at the end of each step), peak memory (CUDA:
+``torch.cuda.max_memory_allocated`` over the timed steps; CPU: the process's peak resident set size over
+the timed steps, Linux VmHWM, else the lifetime ``ru_maxrss``), mean field samples per ray, and a
+breakdown (median ms per section: render forward, VAE encode, UNet, backward, optimizer, occupancy,
+other = the rest). On CUDA the breakdown comes from a second pass with a synchronise around every section.
+
+The default ``--model`` is the tiny random pipeline built in a temporary folder. Not included: the
+trainer's per-step host syncs (``isfinite`` checks, logging), checkpoints and validation renders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from sdsbridge.cameras import sample_cameras
+from sdsbridge.config import Config, load_config
+from sdsbridge.errors import UserError
+from sdsbridge.guidance import distill, guidance_config_for_image, guidance_step
+from sdsbridge.image2d import latent_shape
+from sdsbridge.nerf.renderer import choose_sampler
+from sdsbridge.priors import load_prior
+from sdsbridge.priors.random_sd import build_random_pipeline
+from sdsbridge.prompts import PromptEmbeddings
+from sdsbridge.train import (build_optimizer, build_scene, regularizer_losses, resolve_device, seed_everything,
+                             with_random_backgrounds)
+
+SECTIONS = ("render", "vae encode", "unet", "backward", "optimizer", "occupancy", "other")
+"""Breakdown columns, in step order; 'other' is the step's time outside the named sections."""
+
+
+# --- timing and memory ---------------------------------------------------------------------------------
+class Sections:
+    """Wall-clock milliseconds per named section of one step; with ``sync`` (CUDA only) the device is
+    synchronised before and after each section so that its kernels are counted in it."""
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.sync = sync and device.type == "cuda"
+        self.ms: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - start) * 1e3
+
+
+class TimedPrior:
+    """The prior with ``encode_images`` and ``predict_noise`` timed into ``sections`` (reassigned per
+    step); every other attribute is the prior's own."""
+
+    def __init__(self, prior):
+        self._prior = prior
+        self.sections: Optional[Sections] = None
+
+    def __getattr__(self, name: str):
+        return getattr(self._prior, name)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        with self.sections("vae encode"):
+            return self._prior.encode_images(images)
+
+    def predict_noise(self, *args, **kwargs) -> torch.Tensor:
+        with self.sections("unet"):
+            return self._prior.predict_noise(*args, **kwargs)
+
+
+def _vm_hwm_bytes() -> Optional[int]:
+    try:
+        match = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or Linux's resident high-water mark (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux (or not allowed): peak_memory falls back to the lifetime peak
+
+
+def peak_memory(device: torch.device) -> int:
+    """Bytes: CUDA max_memory_allocated, else VmHWM, else ru_maxrss (KiB on Linux, bytes on macOS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    hwm = _vm_hwm_bytes()
+    if hwm is not None:
+        return hwm
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step: Callable[[int, Sections], float], steps: int, warmup: int, device: torch.device) -> dict:
+    """Run ``step(i, sections)`` (which returns samples per ray, or 0) ``warmup`` times untimed, then
+    ``steps`` timed times; on CUDA, ``steps`` more with per-section synchronisation for the breakdown.
+
+    Returns {'ms': [steps] per-step ms, 'sections': [steps] {section: ms}, 'peak_bytes', 'samples_per_ray'}.
+    """
+    for i in range(warmup):
+        step(i, Sections(device, sync=False))
+    synchronize(device)
+    reset_peak_memory(device)
+    totals, breakdown, samples = [], [], []
+    for i in range(warmup, warmup + steps):
+        sections = Sections(device, sync=False)
+        start = time.perf_counter()
+        samples.append(step(i, sections))
+        synchronize(device)
+        totals.append((time.perf_counter() - start) * 1e3)
+        breakdown.append(sections.ms)
+    peak = peak_memory(device)
+    if device.type == "cuda":  # the timed pass's sections hold launch times only: time them properly
+        breakdown = []
+        for i in range(warmup + steps, warmup + 2 * steps):
+            sections = Sections(device, sync=True)
+            start = time.perf_counter()
+            step(i, sections)
+            synchronize(device)
+            sections.ms["total"] = (time.perf_counter() - start) * 1e3
+            breakdown.append(sections.ms)
+    else:
+        for ms, total in zip(breakdown, totals):
+            ms["total"] = total
+    for ms in breakdown:
+        ms["other"] = ms["total"] - sum(v for k, v in ms.items() if k != "total")
+    return {"ms": totals, "sections": breakdown, "peak_bytes": peak, "samples_per_ray": float(np.mean(samples))}
+
+
+# --- the steps -----------------------------------------------------------------------------------------
+def make_3d_step(config: Config, prior: TimedPrior, prompts: PromptEmbeddings, device: torch.device,
+                 resolution: int, at_step: int) -> Callable[[int, Sections], float]:
+    """A fresh scene and optimizer; returns step(i, sections) -> mean samples per ray of step at_step + i."""
+    scene = build_scene(config, device)
+    optimizer = build_optimizer(scene, config)
+    scene.field.train(), scene.background.train()
+
+    def step(i: int, sections: Sections) -> float:
+        prior.sections = sections
+        global_step = at_step + i
+        with sections("render"):
+            cameras = sample_cameras(config.cameras, config.train.batch_size).to(device)
+            out = scene.renderer.render(cameras, resolution, resolution)
+            images = with_random_backgrounds(out, config.scene.random_background_prob).permute(0, 3, 1, 2)
+        result = guidance_step(prior, images, prompts.conditions(cameras.labels), config.method, global_step,
+                               config.guidance, camera_positions=cameras.positions)
+        loss = result.loss + sum(regularizer_losses(out.opacity, global_step, config).values())
+        optimizer.zero_grad(set_to_none=True)
+        with sections("backward"):
+            loss.backward()
+        with sections("optimizer"):
+            optimizer.step()
+        if device.type == "cuda":
+            with sections("occupancy"):
+                scene.renderer.update_occupancy(global_step)
+        return out.samples_per_ray
+
+    return step
+
+
+def make_2d_step(config: Config, prior: TimedPrior, device: torch.device) -> tuple[Callable, tuple]:
+    """The 2D image mode's step on a latent of the prior's own resolution; returns (step, latent shape)."""
+    gcfg = guidance_config_for_image(config)
+    prompts = PromptEmbeddings(prior._prior, config.prompt, gcfg, config.method)
+    conditions = prompts.conditions(["front"])
+    shape = latent_shape(prior._prior, prior.image_resolution)
+    latents = torch.randn(shape, device=device).requires_grad_(True)
+    optimizer = torch.optim.AdamW([latents], lr=config.image.lr, betas=(0.9, 0.99), eps=1e-15, weight_decay=0.01)
+
+    def step(i: int, sections: Sections) -> float:
+        prior.sections = sections
+        result = distill(prior, latents, conditions, config.method, i, gcfg)
+        optimizer.zero_grad(set_to_none=True)
+        with sections("backward"):
+            result.loss.backward()
+        with sections("optimizer"):
+            optimizer.step()
+        return 0.0
+
+    return step, shape
+
+
+# --- setup and report ----------------------------------------------------------------------------------
+def set_attention(prior, mode: str) -> None:
+    """'sdpa': diffusers' AttnProcessor2_0 (F.scaled_dot_product_attention) in the UNet and VAE;
+    'default': the plain matmul-softmax AttnProcessor; 'slicing' is applied when loading (PriorConfig)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if mode in ("sdpa", "default"):
+        for module in (prior.unet, prior.vae):
+            module.set_attn_processor(AttnProcessor2_0() if mode == "sdpa" else AttnProcessor())
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="diffusers pipeline folder or hub id (default: tiny random pipeline)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp16", "fp32"),
+                        help="prior dtype (auto: fp16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last UNet and VAE")
+    parser.add_argument("--attention", default="sdpa", choices=("sdpa", "default", "slicing"))
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per case")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per case first")
+    parser.add_argument("--resolutions", default="64,512", help="comma-separated 3D render sizes (pixels)")
+    parser.add_argument("--no-2d", action="store_true", help="skip the 2D case")
+    parser.add_argument("--method", default="sds", choices=("sds", "bridge", "nfsd"),
+                        help="sds and the bridge both evaluate the UNet on 2N samples per step, nfsd on 3N")
+    parser.add_argument("--prompt", default="a DSLR photo of a hamburger")
+    parser.add_argument("--at-step", type=int, default=10000, help="training step the 3D steps start at")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. scene.n_levels=8 render.num_samples=32")
+    parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    try:
+        args.resolutions = [int(r) for r in args.resolutions.split(",") if r.strip()]
+    except ValueError:
+        parser.error(f"--resolutions: expected comma-separated integers, got {args.resolutions!r}")
+    return args
+
+
+def run(args: argparse.Namespace, model: str) -> tuple[str, list[dict]]:
+    """Load everything, run every case; returns (header line, rows)."""
+    device = resolve_device(args.device)
+    overrides = [f"prompt={args.prompt}", f"method={args.method}", f"device={device.type}",
+                 f"prior.model={model}", f"prior.dtype={args.dtype}", f"prior.channels_last={args.channels_last}",
+                 f"prior.attention_slicing={args.attention == 'slicing'}", f"train.seed={args.seed}", *args.set]
+    config = load_config(None, overrides)
+    seed_everything(config.train.seed)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    raw_prior = load_prior(config.prior, device, config.cameras)
+    set_attention(raw_prior, args.attention)
+    if args.compile:
+        raw_prior.unet = torch.compile(raw_prior.unet)
+    prior = TimedPrior(raw_prior)
+    prompts = PromptEmbeddings(raw_prior, config.prompt, config.guidance, config.method)
+
+    rows = []
+    for resolution in args.resolutions:
+        step = make_3d_step(config, prior, prompts, device, resolution, args.at_step)
+        rows.append({"case": "3D", "resolution": f"{resolution}x{resolution}",
+                     **measure(step, args.steps, args.warmup, device)})
+    if not args.no_2d:
+        step, shape = make_2d_step(config, prior, device)
+        rows.append({"case": "2D", "resolution": f"latent {shape[-2]}x{shape[-1]}",
+                     **measure(step, args.steps, args.warmup, device)})
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    header = (f"model {model} ({raw_prior.image_resolution}px, {str(raw_prior.dtype).replace('torch.', '')}), "
+              f"device {name}, attention {args.attention}, channels_last {args.channels_last}, "
+              f"compile {args.compile}, method {config.method}, batch {config.train.batch_size}, "
+              f"sampler {choose_sampler(config.render.sampler, device)[0]}, "
+              f"{args.steps} steps after {args.warmup} warm-up")
+    return header, rows
+
+
+def format_report(header: str, rows: list[dict]) -> str:
+    """The results table and the per-section breakdown as text."""
+    lines = [header, "", f"{'case':<5}{'resolution':<16}{'ms/step':>10}{'p90':>10}{'peak MiB':>11}{'samples/ray':>13}"]
+    for r in rows:
+        samples = f"{r['samples_per_ray']:.1f}" if r["case"] == "3D" else "-"
+        lines.append(f"{r['case']:<5}{r['resolution']:<16}{statistics.median(r['ms']):>10.1f}"
+                     f"{np.percentile(r['ms'], 90):>10.1f}{r['peak_bytes'] / 2**20:>11.0f}{samples:>13}")
+    lines += ["", "breakdown, median ms per step" + (" (synchronised per section)" if "cuda" in header else ""),
+              f"{'case':<5}{'resolution':<16}" + "".join(f"{s:>11}" for s in SECTIONS) + f"{'total':>10}"]
+    for r in rows:
+        med = {s: statistics.median(ms.get(s, 0.0) for ms in r["sections"]) for s in (*SECTIONS, "total")}
+        lines.append(f"{r['case']:<5}{r['resolution']:<16}" + "".join(f"{med[s]:>11.1f}" for s in SECTIONS)
+                     + f"{med['total']:>10.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sdsbridge-bench-") as tmp:
+            model = args.model or str(build_random_pipeline(Path(tmp) / "tiny-sd", arch="tiny", seed=0))
+            header, rows = run(args, model)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.model is None:
+        header = header.replace(f"model {model}", "model tiny random pipeline")
+    print(format_report(header, rows))
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
