@@ -90,8 +90,9 @@ def load_pipeline(model: str, dtype: torch.dtype) -> StableDiffusionPipeline:
         removed = " (removed from the hub in Nov 2025)" if model in REMOVED_MODELS else ""
         raise UserError(f"prior.model: model id '{model}' not found {where}{removed} ({type(exc).__name__}); "
                         f"{KNOWN_MIRRORS}; or set prior.model to a local folder") from None
-    # Cast after loading (in fp32): the keyword for the load dtype changed across diffusers versions.
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    # Cast after loading, always: the keyword for the load dtype changed across diffusers versions, and
+    # transformers 5 keeps a text encoder in its stored dtype (an fp16 folder would stay fp16 under fp32).
+    return pipe.to(dtype=dtype)
 
 
 class StableDiffusionPrior:
