@@ -8,9 +8,7 @@ import torch.nn.functional as F
 
 from sdsbridge.config import SceneConfig
 from sdsbridge.nerf.background import Background
-
-pytest.importorskip("sdsbridge.nerf.encoding", reason="the hash-grid encoding has not landed yet")
-from sdsbridge.nerf.field import NeRFField, finite_difference_normals  # noqa: E402
+from sdsbridge.nerf.field import NeRFField, finite_difference_normals
 
 
 def small_scene(**overrides) -> SceneConfig:

@@ -12,6 +12,7 @@ from sdsbridge.cameras import cameras_from_angles
 from sdsbridge.config import RenderConfig, SceneConfig
 from sdsbridge.errors import UserError
 from sdsbridge.nerf.background import Background
+from sdsbridge.nerf.field import NeRFField
 from sdsbridge.nerf.renderer import Renderer, choose_sampler, ray_sphere_intersect, stratified_samples
 
 BALL_COLOR = (0.9, 0.2, 0.1)
@@ -42,13 +43,6 @@ def ball_renderer(num_samples=128, device="cpu", **render):
     r = Renderer(Ball().to(device), bg, RenderConfig(sampler="stratified", num_samples=num_samples, **render),
                  radius=1.0)
     return r.eval()
-
-
-def nerf_field(scene):
-    pytest.importorskip("sdsbridge.nerf.encoding", reason="the hash-grid encoding has not landed yet")
-    from sdsbridge.nerf.field import NeRFField
-
-    return NeRFField(scene)
 
 
 def small_scene():
@@ -132,7 +126,7 @@ def test_solid_background_colour_per_image():
 def test_chunked_render_equals_unchunked():
     torch.manual_seed(0)
     scene = small_scene()
-    renderer = Renderer(nerf_field(scene), Background(scene), RenderConfig(num_samples=24, chunk_rays=10**6),
+    renderer = Renderer(NeRFField(scene), Background(scene), RenderConfig(num_samples=24, chunk_rays=10**6),
                         radius=1.0).eval()
     cams = cameras_from_angles(torch.tensor([10.0, 30.0]), torch.tensor([0.0, 120.0]), torch.tensor([1.5, 1.2]),
                                torch.tensor([60.0, 50.0]))
@@ -161,7 +155,7 @@ def test_no_grad_uses_config_chunk_size(monkeypatch):
 def test_gradients_reach_field_and_background():
     torch.manual_seed(0)
     scene = small_scene()
-    field, bg = nerf_field(scene), Background(scene)
+    field, bg = NeRFField(scene), Background(scene)
     renderer = Renderer(field, bg, RenderConfig(num_samples=16), radius=1.0)
     out = renderer.render(camera(distance=1.5, fovy=70.0), 16, 16)
     (out.rgb.mean() + out.opacity.mean()).backward()
@@ -172,7 +166,7 @@ def test_gradients_reach_field_and_background():
 def test_training_jitters_samples_and_eval_does_not():
     torch.manual_seed(0)
     scene = small_scene()
-    renderer = Renderer(nerf_field(scene), Background(scene), RenderConfig(num_samples=8), radius=1.0)
+    renderer = Renderer(NeRFField(scene), Background(scene), RenderConfig(num_samples=8), radius=1.0)
     cam = camera(distance=1.5, fovy=60.0)
     with torch.no_grad():
         a, b = renderer.render(cam, 8, 8).depth, renderer.render(cam, 8, 8).depth
