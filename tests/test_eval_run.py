@@ -69,7 +69,6 @@ def test_stable_diffusion_run_is_reported_unscorable():
 
 @pytest.fixture(scope="module")
 def tiny_reference_run(tmp_path_factory):
-    pytest.importorskip("sdsbridge.nerf.encoding", reason="the hash-grid encoding has not landed yet")
     from sdsbridge.config import load_config
     from sdsbridge.train import train
 
