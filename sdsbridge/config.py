@@ -118,6 +118,8 @@ class SceneConfig:
     """Hidden width of the background (view-direction) MLP."""
     random_background_prob: float = 0.5
     """Probability of a random solid background colour per training image."""
+    background_color: Optional[list[float]] = None
+    """Fixed background colour [r, g, b] in [0, 1] instead of the learned MLP (None = learned)."""
 
 
 @dataclass
@@ -507,6 +509,8 @@ def validate(c: Config, require_prompt: bool = True) -> None:
     _check(s.mlp_hidden_layers >= 0, "scene.mlp_hidden_layers", "must be >= 0")
     _check(s.background_width > 0, "scene.background_width", "must be positive")
     _check(0.0 <= s.random_background_prob <= 1.0, "scene.random_background_prob", "must lie in [0, 1]")
+    _check(s.background_color is None or (len(s.background_color) == 3 and all(0 <= v <= 1 for v in s.background_color)),
+           "scene.background_color", "expected null or [r, g, b] with values in [0, 1]")
     cam = c.cameras
     _check_range2(cam.distance_range, "cameras.distance_range", 1e-3, 1e3)
     _check_range2(cam.fovy_range, "cameras.fovy_range", 1.0, 179.0)

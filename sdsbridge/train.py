@@ -49,6 +49,16 @@ class Scene:
     background: Background
     renderer: Renderer
 
+    def train(self, mode: bool = True) -> "Scene":
+        """Training mode (jittered samples) for all three parts, or eval mode with ``mode=False``."""
+        self.field.train(mode)
+        self.background.train(mode)
+        self.renderer.train(mode)
+        return self
+
+    def eval(self) -> "Scene":
+        return self.train(False)
+
 
 @dataclass
 class TrainResult:
@@ -207,7 +217,7 @@ def train(config: Config, run_dir: Path, device: torch.device, resume_from: Opti
     metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
     bar = tqdm(total=steps, initial=start_step, disable=not show_progress, dynamic_ncols=True, unit="step")
     bad_in_row, step, last_saved, interrupted = 0, start_step, None, False
-    scene.field.train(), scene.background.train()
+    scene.train()
     with stop_requests() as stop, metrics_file:
         for step in range(start_step, steps):
             # --- one optimisation step -------------------------------------------------------------
@@ -254,9 +264,9 @@ def train(config: Config, run_dir: Path, device: torch.device, resume_from: Opti
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             if config.log.val_every and done % config.log.val_every == 0:
-                scene.field.eval(), scene.background.eval()
+                scene.eval()
                 save_validation(scene, config, done, run_dir / "validation" / f"step-{done:07d}.png", device)
-                scene.field.train(), scene.background.train()
+                scene.train()
             if done % config.log.checkpoint_every == 0 or done == steps:
                 last_saved = save(done)
             if stop["signal"] is not None:
@@ -281,5 +291,4 @@ def load_trained_scene(run_or_checkpoint: Path, device: torch.device) -> tuple[S
     config = config_from_dict(checkpoint["config"])
     scene = build_scene(config, device)
     load_scene_state(scene, checkpoint)
-    scene.field.eval(), scene.background.eval()
-    return scene, config, int(checkpoint["step"])
+    return scene.eval(), config, int(checkpoint["step"])

@@ -29,8 +29,13 @@ class Background(nn.Module):
             if i < len(dims) - 2:
                 layers.append(nn.ReLU(inplace=True))
         self.mlp = nn.Sequential(*layers).to(device)
+        fixed = None if cfg.background_color is None else torch.tensor(cfg.background_color, dtype=torch.float32)
+        self.register_buffer("fixed_color", fixed, persistent=False)
 
     def forward(self, dirs: Tensor) -> Tensor:
-        """[..., 3] view directions (normalised here) -> [..., 3] rgb in [0, 1]."""
+        """[..., 3] view directions (normalised here) -> [..., 3] rgb in [0, 1] (the fixed colour when
+        ``SceneConfig.background_color`` is set; the MLP then gets no gradient)."""
+        if self.fixed_color is not None:
+            return self.fixed_color.to(dirs).expand(*dirs.shape[:-1], 3)
         dirs = torch.nn.functional.normalize(dirs, dim=-1)
         return torch.sigmoid(self.mlp(dirs.reshape(-1, 3))).reshape(*dirs.shape[:-1], 3)
