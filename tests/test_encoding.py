@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sdsbridge.nerf.encoding as encoding_module
+import sdsbridge.nerf.hashgrid_kernels as kernels_module
 from sdsbridge.errors import UserError
 from sdsbridge.nerf.encoding import HashGridEncoding, resolve_backend
 
@@ -44,11 +45,12 @@ def vertex_index(vertex, res, size, log2_hashmap_size):
 
 
 def reference_corners(x, grid):
-    """Naive per-level, per-corner loop: yields (level, table rows [N], trilinear weights [N] float64)."""
+    """Naive per-level, per-corner loop: yields (level, table rows [N], trilinear weights [N] float64).
+    Points are clamped to [0, 1]^3, as the encoding does."""
     scales, resolutions, sizes, offsets = expected_geometry(**grid)
     log2_t = grid["log2_hashmap_size"]
     for level, (scale, res, size) in enumerate(zip(scales, resolutions, sizes)):
-        p = x.detach().double() * scale + 0.5
+        p = x.detach().double().clamp(0.0, 1.0) * scale + 0.5
         cell = torch.floor(p)
         frac = p - cell
         cell = cell.long().numpy().astype(np.uint64) & np.uint64(0xFFFFFFFF)  # tcnn's uint32 coordinates
@@ -112,7 +114,7 @@ def test_default_geometry_matches_tcnn_formula():
 @pytest.mark.parametrize("grid, level, vertex", [
     (DEFAULT, 2, (5, 31, 17)),          # dense level (34^3 <= 2^19)
     (DEFAULT, 11, (700, 13, 402)),      # hashed level
-    (SMALL, 1, (7, 0, 3)),              # dense, table exactly full
+    (SMALL, 1, (7, 1, 3)),              # dense, table exactly full
     (SMALL, 3, (30, 2, 19)),            # hashed
 ])
 def test_vertex_values_are_the_stored_parameters(grid, level, vertex):
@@ -131,7 +133,7 @@ def test_vertex_values_are_the_stored_parameters(grid, level, vertex):
 
 
 def test_fast_path_matches_reference():
-    """Random points (some outside [0, 1]^3 and on its faces, where indices wrap), forward and param grads."""
+    """Random points (some outside [0, 1]^3, some on its faces, where dense indices wrap), forward and grads."""
     for grid in (SMALL, DEFAULT):
         enc = make(grid)
         torch.manual_seed(1)
@@ -187,7 +189,7 @@ def test_input_gradient_matches_finite_differences():
 
 def test_threaded_padded_path_matches_eager(monkeypatch):
     """The compiled-path orchestration (padding to whole chunks, level threads) with eager kernels."""
-    monkeypatch.setattr(encoding_module, "_compiled", lambda kernel: kernel)
+    monkeypatch.setattr(kernels_module, "compiled", lambda kernel: kernel)
     monkeypatch.setattr(encoding_module, "COMPILE_MIN_POINTS", 1)
     monkeypatch.setitem(encoding_module.CHUNK_POINTS, "cpu-compiled-forward", 2048)
     monkeypatch.setitem(encoding_module.CHUNK_POINTS, "cpu-compiled-backward", 512)
@@ -205,13 +207,27 @@ def test_threaded_padded_path_matches_eager(monkeypatch):
     torch.testing.assert_close(enc.params.grad, eager_grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_kernels_match_reference():
+    """The real torch.compile path (10-20 s of compiling) on the default grid."""
+    enc = make(DEFAULT, dtype=torch.float32)
+    enc.compile_kernels, enc.compile_after_points = True, 0
+    x, grad_out = torch.rand(40_000, 3), torch.randn(40_000, 32)
+    y = enc(x)
+    (y * grad_out).sum().backward()
+    assert enc.compile_kernels and len(enc._kernels_seen) == 2
+    torch.testing.assert_close(y.double(), reference_encoding(x, enc.params, DEFAULT), atol=1e-3, rtol=0)
+    torch.testing.assert_close(enc.params.grad.double(), reference_param_grad(x, grad_out, DEFAULT),
+                               atol=1e-3, rtol=1e-3)
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     def broken(kernel):
         def call(*args):
             raise RuntimeError("no C++ compiler")
         return call
 
-    monkeypatch.setattr(encoding_module, "_compiled", broken)
+    monkeypatch.setattr(kernels_module, "compiled", broken)
     monkeypatch.setattr(encoding_module, "COMPILE_MIN_POINTS", 1)
     enc = make(SMALL, dtype=torch.float32)
     enc.compile_kernels, enc.compile_after_points = True, 0

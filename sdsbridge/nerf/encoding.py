@@ -1,66 +1,40 @@
 """Multi-resolution hash-grid encoding with tiny-cuda-nn "HashGrid" semantics, on two backends.
 
-``backend="tcnn"`` wraps ``tinycudann.Encoding`` (CUDA only); ``backend="torch"`` is a pure-PyTorch
-implementation of the same function with the same flat parameter vector, so a state dict moves freely
-between the two. Layout (tcnn's): level l has ``scale_l = base * 2**(l * log2(per_level_scale)) - 1``
-(float32 arithmetic), ``res_l = ceil(scale_l) + 1`` vertices per axis and
-``size_l = min(next_multiple_of_8(res_l**3), 2**log2_hashmap_size)`` table entries of F features.
-A point x in [0, 1]^3 is read at ``p = x * scale_l + 0.5``: the 8 vertices of cell ``floor(p)`` are blended
-trilinearly by ``frac(p)``. Vertex c maps to entry ``c_x + c_y * res + c_z * res**2`` when res**3 fits the
-table (dense), else to ``(c_x * 1 ^ c_y * 2654435761 ^ c_z * 805459861) mod 2**32``; either is then taken
-modulo ``size_l`` (so the vertices one past the far face wrap around, as in tcnn). The parameter vector is
-levels concatenated, entry-major, then feature: ``params[(offset_l + entry) * F + f]``.
+``backend="tcnn"`` wraps ``tinycudann.Encoding`` (CUDA only); ``backend="torch"`` computes the same function
+with the same flat parameter vector in PyTorch (see hashgrid_kernels.py for the layout), so a state dict moves
+freely between the two. Points are clamped to [0, 1]^3 on both backends.
 
-The torch backend on the CPU runs ``torch.compile``d kernels (set ``SDSBRIDGE_COMPILE=0`` to disable;
-calls under ``COMPILE_MIN_POINTS`` points stay eager so small runs and tests pay no compile time).
-Its fast path differentiates w.r.t. the parameters only; when ``x`` requires grad the call goes through
-plain autograd instead (slower, but it gives d/dx and higher derivatives).
+The torch backend on the CPU switches to ``torch.compile``d kernels once an encoding has seen
+``COMPILE_AFTER_POINTS`` points, so short runs and tests pay no compile time (set ``SDSBRIDGE_COMPILE=0`` to
+stay eager). Its fast path differentiates w.r.t. the parameters only; a call whose ``x`` requires grad goes
+through plain autograd instead (slower, but it gives d/dx and higher derivatives).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
-from typing import Optional
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from sdsbridge.errors import UserError
+from sdsbridge.nerf import hashgrid_kernels as K
 
 logger = logging.getLogger("sdsbridge")
 
-PRIMES = (1, 2654435761, 805459861)
-"""tcnn's "coherent prime" hash factors for x, y, z."""
 COMPILE_AFTER_POINTS = 2 ** 21
-"""CPU: an encoding compiles its kernels after this many points went through it (eagerly), so short runs and
-tests never pay the compile time (~5-20 s cold, ~1-3 s from inductor's disk cache), long runs soon do."""
+"""CPU: an encoding compiles its kernels after this many points went through it eagerly (a few seconds'
+worth), so short runs and tests never pay the compile time (~10-20 s cold, ~2-5 s from inductor's disk
+cache), while long runs soon do."""
 COMPILE_MIN_POINTS = 4096
-"""CPU: calls with fewer points stay eager (compiled kernels pad every call to a whole chunk)."""
+"""CPU: calls with fewer points stay eager (compiled kernels pad every call to whole chunks)."""
 CHUNK_POINTS = {"cpu": 65536, "cpu-compiled-forward": 32768, "cpu-compiled-backward": 8192, "cuda": 2 ** 18}
-"""Points per kernel call (measured best on 2 cores); compiled kernels see only this shape (the last chunk is
-zero-padded), so they compile once."""
+"""Points per kernel call (best measured on 2 cores); compiled kernels only ever see this shape (the last
+chunk is zero-padded), so each compiles once."""
 TCNN_INSTALL_HINT = "pip install git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch"
-
-
-def grid_levels(n_levels: int, log2_hashmap_size: int, base_resolution: int,
-                per_level_scale: float) -> tuple[list[float], list[int], list[int]]:
-    """tcnn's level geometry: (scales [L], resolutions [L], offsets [L + 1]); offsets count table entries."""
-    log2_scale = np.log2(np.float32(per_level_scale))  # float32 throughout, like tcnn's exp2f/log2
-    scales, resolutions, offsets = [], [], [0]
-    for level in range(n_levels):
-        scale = np.exp2(np.float32(level) * log2_scale) * np.float32(base_resolution) - np.float32(1.0)
-        res = int(math.ceil(float(scale))) + 1
-        size = min((res ** 3 + 7) // 8 * 8, 2 ** log2_hashmap_size)
-        scales.append(float(scale))
-        resolutions.append(res)
-        offsets.append(offsets[-1] + size)
-    return scales, resolutions, offsets
 
 
 def _tcnn_import():
@@ -98,101 +72,6 @@ def resolve_backend(requested: str, device) -> tuple[str, str]:
     return "tcnn", "CUDA device and tinycudann importable" if requested == "auto" else "requested"
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Kernels: plain tensor functions, run eagerly or through torch.compile. Layout inside is level-major
-# ([L, ..., C], C = points in the chunk innermost) so compiled loops vectorise over points.
-
-def _corners(x: Tensor, scale: Tensor, res: Tensor, size: Tensor, offset: Tensor, dense: Tensor,
-             hash_mask: int) -> tuple[list[Tensor], list[Tensor]]:
-    """[C, 3] points -> 8 corner entry indices [Lg, C] (int64, rows of the [entries, F] table) and 8 trilinear
-    weights [Lg, C], for the Lg levels described by the [Lg] tables (``dense``: index without hashing).
-    Corner k is the cell vertex offset by bits (k & 1, k >> 1 & 1, k >> 2 & 1), as in tcnn."""
-    p = x.t()[None] * scale[:, None, None] + 0.5  # [Lg, 3, C]
-    cell = p.floor()
-    frac = p - cell
-    c = cell.long()  # tcnn uses (uint32)(int)floor(p); indices only depend on it modulo 2**32, as here
-    r, size, offset, dense = res[:, None], size[:, None], offset[:, None], dense[:, None]
-    # per-axis terms once, then 2 ops per corner and index kind
-    dense_x = (c[:, 0], c[:, 0] + 1)
-    dense_yz = [(c[:, 1] + b1) * r + (c[:, 2] + b2) * (r * r) for b2 in (0, 1) for b1 in (0, 1)]
-    hash_yz = [((c[:, 1] + b1) * PRIMES[1]) ^ ((c[:, 2] + b2) * PRIMES[2]) for b2 in (0, 1) for b1 in (0, 1)]
-    weight_x = (1.0 - frac[:, 0], frac[:, 0])
-    weight_yz = [(frac[:, 1] if b1 else 1.0 - frac[:, 1]) * (frac[:, 2] if b2 else 1.0 - frac[:, 2])
-                 for b2 in (0, 1) for b1 in (0, 1)]
-    idx, w = [], []
-    for k in range(8):
-        bx, byz = k & 1, k >> 1
-        linear = ((dense_x[bx] + dense_yz[byz]) & 0xFFFFFFFF) % size
-        hashed = (dense_x[bx] ^ hash_yz[byz]) & hash_mask
-        idx.append(torch.where(dense, linear, hashed) + offset)
-        w.append(weight_x[bx] * weight_yz[byz])
-    return idx, w
-
-
-def _forward_kernel(x: Tensor, params: Tensor, scale: Tensor, res: Tensor, size: Tensor, offset: Tensor,
-                    dense: Tensor, hash_mask: int, n_features: int) -> Tensor:
-    """[C, 3] points, flat params -> [C, Lg * F] features of the Lg given levels (differentiable w.r.t. both
-    in plain autograd)."""
-    table = params.view(-1, n_features)
-    idx, w = _corners(x, scale, res, size, offset, dense, hash_mask)
-    out = []
-    for f in range(n_features):
-        column = table[:, f]
-        acc = column[idx[0]] * w[0]
-        for k in range(1, 8):
-            acc = acc + column[idx[k]] * w[k]
-        out.append(acc)  # [L, C]
-    out = torch.stack(out, 1)  # [Lg, F, C]
-    return out.permute(2, 0, 1).reshape(x.shape[0], -1)
-
-
-def _forward_into(x: Tensor, params: Tensor, out: Tensor, *tables) -> None:
-    """``_forward_kernel`` writing into ``out`` [C, Lg * F] (a column block of the result, so no extra copy)."""
-    out.copy_(_forward_kernel(x, params, *tables))
-
-
-def _backward_kernel(x: Tensor, grad_out: Tensor, scale: Tensor, res: Tensor, size: Tensor, offset: Tensor,
-                     dense: Tensor, hash_mask: int, n_features: int) -> tuple[Tensor, Tensor]:
-    """[C, 3] points, [C, Lg * F] output grads of the Lg given levels -> (entry indices [Lg, C, 8], int64;
-    contributions [Lg, C, 8, F]): d loss / d table[idx] += contribution. A point's 8 corners are adjacent in
-    memory order, since x-neighbours often share a cache line (always when dense, when c_x is even if hashed)."""
-    n_levels = scale.shape[0]
-    g = grad_out.view(-1, n_levels, n_features).transpose(0, 1)  # [Lg, C, F]
-    idx, w = _corners(x, scale, res, size, offset, dense, hash_mask)
-    contrib = torch.stack([wk[..., None] * g for wk in w], 2)  # [Lg, C, 8, F]
-    return torch.stack(idx, 2), contrib
-
-
-@lru_cache(maxsize=None)
-def _compiled(kernel):
-    """One torch.compile wrapper per kernel, shared by all encodings (static shapes: one graph per config).
-
-    Single-threaded code: on a shared 2-core machine OpenMP kernels were up to 10x slower than one thread
-    whenever other processes were busy (every parallel region waits for a descheduled thread); parallelism
-    comes from our own threads in the backward pass instead, where the scatter releases the GIL.
-    """
-    return torch.compile(kernel, dynamic=False, options={"cpp.threads": 1})
-
-
-def _scatter_add(grad: Tensor, idx: Tensor, contrib: Tensor) -> None:
-    """grad[idx * F + f] += contrib[..., f] for idx [...], contrib [..., F] and grad flat [entries * F].
-
-    index_add_ on the CPU is a serial loop that releases the GIL, so threads can scatter disjoint levels.
-    """
-    n_features = contrib.shape[-1]
-    if n_features == 2:  # both features in one add: a pair of floats is one complex number
-        torch.view_as_complex(grad.view(-1, 2)).index_add_(0, idx.reshape(-1), torch.view_as_complex(contrib).reshape(-1))
-    else:
-        index = idx[..., None] * n_features + torch.arange(n_features, device=idx.device)
-        grad.index_add_(0, index.reshape(-1), contrib.reshape(-1))
-
-
-def _pad_rows(t: Tensor, multiple: int) -> Tensor:
-    """Zero rows appended to make the row count a multiple of ``multiple``."""
-    extra = -t.shape[0] % multiple
-    return torch.cat([t, t.new_zeros(extra, *t.shape[1:])]) if extra else t
-
-
 class _HashGridFunction(torch.autograd.Function):
     """Fast path of the torch backend: differentiates w.r.t. the parameters only (HashGridEncoding sends
     calls that need d/dx elsewhere). The backward pass recomputes the corners instead of storing them."""
@@ -213,7 +92,7 @@ class _HashGridFunction(torch.autograd.Function):
 
 
 class HashGridEncoding(nn.Module):
-    """Hash-grid encoding of points in [0, 1]^3 (tcnn HashGrid semantics; see the module docstring).
+    """Hash-grid encoding of points in [0, 1]^3 (tcnn HashGrid semantics, see hashgrid_kernels.py).
 
     Args:
         n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale: tcnn's grid.
@@ -225,8 +104,8 @@ class HashGridEncoding(nn.Module):
         n_output_dims: n_levels * n_features_per_level.
         backend: the resolved backend, "torch" or "tcnn".
         level_resolutions, level_offsets: per level, vertices per axis and first table entry.
-        compile_kernels: torch backend on the CPU: use torch.compile'd kernels for large calls
-            (default on unless SDSBRIDGE_COMPILE=0); falls back to eager if compilation fails.
+        compile_kernels, compile_after_points: torch backend on the CPU: compile the kernels (default: unless
+            SDSBRIDGE_COMPILE=0) once this many points went through; falls back to eager if compiling fails.
     """
 
     def __init__(self, n_levels: int = 16, n_features_per_level: int = 2, log2_hashmap_size: int = 19,
@@ -238,7 +117,7 @@ class HashGridEncoding(nn.Module):
         self.log2_hashmap_size, self.base_resolution = int(log2_hashmap_size), int(base_resolution)
         self.per_level_scale = float(per_level_scale)
         self.n_output_dims = self.n_levels * self.n_features_per_level
-        scales, self.level_resolutions, offsets = grid_levels(
+        scales, self.level_resolutions, offsets = K.grid_levels(
             self.n_levels, self.log2_hashmap_size, self.base_resolution, self.per_level_scale)
         self.level_offsets = offsets[:-1]
         dense = [r ** 3 <= 2 ** self.log2_hashmap_size for r in self.level_resolutions]
@@ -267,15 +146,16 @@ class HashGridEncoding(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """[N, 3] points in [0, 1]^3 (any leading shape) -> [N, n_output_dims] features, level-major.
 
-        Points outside [0, 1]^3 are read like tcnn does (grid indices wrap around); callers should clamp.
+        Points outside are clamped to the cube (tcnn would let its grid indices wrap around there).
         """
         lead = x.shape[:-1]
-        x = x.reshape(-1, 3).to(self.params.dtype).contiguous()
+        x = x.reshape(-1, 3).to(self.params.dtype).clamp(0.0, 1.0).contiguous()
         if self._tcnn is not None:
             out = self._tcnn_forward(x)
         elif x.requires_grad and torch.is_grad_enabled():
             tables = self._tables(0, self.n_levels)
-            out = torch.cat([_forward_kernel(xc, self.params, *tables) for xc in x.split(self._chunk_points(False, False))])
+            chunk = self._chunk_points(False, False)
+            out = torch.cat([K.forward_kernel(xc.t(), self.params, *tables) for xc in x.split(chunk)])
         else:
             out = _HashGridFunction.apply(x, self.params, self)
         return out.reshape(*lead, self.n_output_dims)
@@ -303,14 +183,14 @@ class HashGridEncoding(nn.Module):
     def _encode(self, x: Tensor, params: Tensor, compiled: bool) -> Tensor:
         """Fast forward: [N, 3] points -> [N, L * F] features, chunk by chunk, level by level."""
         n, n_features, chunk = x.shape[0], self.n_features_per_level, self._chunk_points(compiled, False)
-        x = _pad_rows(x, chunk) if compiled else x  # compiled kernels see one shape only
-        out = torch.empty(x.shape[0], self.n_output_dims, dtype=x.dtype, device=x.device)
-        kernel = self._kernel(_forward_into, compiled)
+        chunks = K.point_chunks(x, chunk, pad=compiled)  # compiled kernels see one shape only
+        out = torch.empty(n + (-n % chunk if compiled else 0), self.n_output_dims, dtype=x.dtype, device=x.device)
+        kernel = self._kernel(K.forward_into, compiled)
 
         def levels(lo: int, hi: int) -> None:
             tables, cols = self._tables(lo, hi), slice(lo * n_features, hi * n_features)
-            for start in range(0, x.shape[0], chunk):
-                kernel(x[start:start + chunk], params, out[start:start + chunk, cols], *tables)
+            for i, xt in enumerate(chunks):
+                kernel(xt, params, out[i * chunk:i * chunk + xt.shape[1], cols], *tables)
 
         self._over_levels(levels, 1)
         return out[:n]
@@ -318,15 +198,16 @@ class HashGridEncoding(nn.Module):
     def _grad_params(self, x: Tensor, grad_out: Tensor, compiled: bool) -> Tensor:
         """Fast backward: [N, 3] points and [N, L * F] output grads -> d loss / d params [n_params]."""
         n_features, chunk = self.n_features_per_level, self._chunk_points(compiled, True)
+        chunks = K.point_chunks(x, chunk, pad=compiled)
         if compiled:  # zero output grads on the padding rows: they add nothing
-            x, grad_out = _pad_rows(x, chunk), _pad_rows(grad_out, chunk)
+            grad_out = K.pad_rows(grad_out, chunk)
         grad = torch.zeros(self.params.shape, dtype=grad_out.dtype, device=grad_out.device)
-        kernel = self._kernel(_backward_kernel, compiled)
+        kernel = self._kernel(K.backward_kernel, compiled)
 
         def levels(lo: int, hi: int) -> None:
             tables, cols = self._tables(lo, hi), slice(lo * n_features, hi * n_features)
-            for start in range(0, x.shape[0], chunk):
-                _scatter_add(grad, *kernel(x[start:start + chunk], grad_out[start:start + chunk, cols], *tables))
+            for i, xt in enumerate(chunks):
+                K.scatter_add(grad, *kernel(xt, grad_out[i * chunk:i * chunk + xt.shape[1], cols], *tables))
 
         # levels own disjoint parts of grad, so threads taking whole levels need no atomics
         self._over_levels(levels, min(torch.get_num_threads(), self.n_levels) if compiled else 1)
@@ -352,7 +233,7 @@ class HashGridEncoding(nn.Module):
         ``kernel`` for good if compilation fails."""
         if not (compiled and self.compile_kernels):
             return kernel
-        fn = _compiled(kernel)
+        fn = K.compiled(kernel)
 
         def call(*args):
             if not self.compile_kernels:
@@ -369,7 +250,7 @@ class HashGridEncoding(nn.Module):
                                type(exc).__name__, detail)
                 return kernel(*args)
             self._kernels_seen.add(kernel)
-            logger.info("hash grid: %s compiled/loaded in %.1f s", kernel.__name__.strip("_"),
+            logger.info("hash grid: %s compiled/loaded in %.1f s", kernel.__name__,
                         time.perf_counter() - start)
             return result
 
