@@ -1,9 +1,10 @@
 """Time one training render (forward + backward) of the default scene on the CPU.
 
-    python scripts/bench_render.py [--resolution 64] [--samples 64] [--repeats 5]
+    python scripts/bench_render.py [--resolution 64] [--samples 64] [--repeats 5] [--warmup 10]
 
 Default SceneConfig (hash grid backend 'auto' -> torch on the CPU), batch 1, stratified sampler, random
-training cameras. Prints the median and best time per render in ms and the rays/s and samples/s they give.
+training cameras, after ``--warmup`` untimed renders. Prints the median and best time per render in ms and
+the rays/s and samples/s they give.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--resolution", type=int, default=64, help="image height and width in pixels")
     parser.add_argument("--samples", type=int, default=64, help="stratified samples per ray")
-    parser.add_argument("--repeats", type=int, default=5, help="timed renders (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed renders")
+    parser.add_argument("--warmup", type=int, default=10,
+                        help="untimed renders first (the torch hash grid compiles its CPU kernels once ~2M points "
+                             "went through it: 8 renders at 64x64x64)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -49,7 +53,8 @@ def main() -> None:
             p.grad = None
         return elapsed
 
-    step()  # warm-up (allocations, lazy init)
+    for _ in range(args.warmup):
+        step()
     times = [step() for _ in range(args.repeats)]
     rays = args.resolution ** 2
     median, best = statistics.median(times), min(times)
