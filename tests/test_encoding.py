@@ -274,8 +274,9 @@ def test_tcnn_and_torch_backends_agree():
     x = torch.rand(100_000, 3, device="cuda")
     grad_out = torch.randn(100_000, 32, device="cuda")
     y_fast, y_slow = fast(x), slow(x)
-    torch.testing.assert_close(y_fast, y_slow, atol=1e-4, rtol=1e-4)
+    # float32 frac(p) differs by up to an ulp of p (5e-4 at res 4096: fma vs mul+add); index errors would be O(1)
+    torch.testing.assert_close(y_fast, y_slow, atol=5e-3, rtol=0)
     (y_fast * grad_out).sum().backward()
     (y_slow * grad_out).sum().backward()
-    torch.testing.assert_close(fast.params.grad, slow.params.grad, atol=1e-3, rtol=1e-3)
+    assert (fast.params.grad - slow.params.grad).norm() <= 1e-3 * slow.params.grad.norm()
     assert list(fast.state_dict()) == ["params"]

@@ -215,8 +215,8 @@ class HashGridEncoding(nn.Module):
 
     def _over_levels(self, fn, n_threads: int) -> None:
         """Call fn(lo, hi) for level groups: one level at a time on the CPU, so its table (up to 2^19 entries)
-        stays in cache while all points use it (random access to all levels at once is several times slower);
-        all levels at once elsewhere. The first group runs alone: it compiles the kernel, if needed."""
+        stays in cache while all points use it (all levels at once measured 1.7x slower); all levels at once
+        elsewhere. The first group runs alone: it compiles the kernel, if needed, before threads share it."""
         n_levels = self.n_levels
         groups = [(lo, lo + 1) for lo in range(n_levels)] if self.params.device.type == "cpu" else [(0, n_levels)]
         fn(*groups[0])
@@ -262,7 +262,11 @@ class HashGridEncoding(nn.Module):
         config = {"otype": "HashGrid", "n_levels": self.n_levels, "n_features_per_level": self.n_features_per_level,
                   "log2_hashmap_size": self.log2_hashmap_size, "base_resolution": self.base_resolution,
                   "per_level_scale": self.per_level_scale}
-        encoding = tcnn.Encoding(3, config, dtype=torch.float32)
+        try:
+            encoding = tcnn.Encoding(3, config, dtype=torch.float32)
+        except TypeError:  # tinycudann < 1.7 has no dtype argument (and computes in fp16)
+            logger.warning("hash grid: old tinycudann without dtype=; the tcnn encoding computes in fp16")
+            encoding = tcnn.Encoding(3, config)
         if encoding.params.numel() != self.params.numel():
             raise RuntimeError(f"tcnn HashGrid has {encoding.params.numel()} parameters, expected "
                                f"{self.params.numel()}: the layouts disagree")

@@ -85,7 +85,8 @@ def forward_kernel(xt: Tensor, params: Tensor, scale: Tensor, res: Tensor, size:
         for k in range(1, 8):
             acc = acc + column[idx[k]] * w[k]
         out.append(acc)  # [Lg, C]
-    return torch.stack(out, 1).permute(2, 0, 1).reshape(xt.shape[1], -1)  # [Lg, F, C] -> [C, Lg * F]
+    out = torch.stack(out, 1).permute(2, 0, 1)  # [Lg, F, C] -> [C, Lg, F]
+    return out.reshape(xt.shape[1], scale.shape[0] * n_features)
 
 
 def forward_into(xt: Tensor, params: Tensor, out: Tensor, *tables) -> None:
@@ -109,7 +110,7 @@ def scatter_add(grad: Tensor, idx: Tensor, contrib: Tensor) -> None:
     """grad[idx * F + f] += contrib[..., f] for idx [...], contrib [..., F] and flat grad [entries * F].
     On the CPU index_add_ is a serial loop that releases the GIL: threads may scatter disjoint levels."""
     n_features = contrib.shape[-1]
-    if n_features == 2:  # both features in one add: a pair of floats is one complex number
+    if n_features == 2 and grad.device.type == "cpu":  # both features in one add: a float pair is a complex
         target = torch.view_as_complex(grad.view(-1, 2))
         target.index_add_(0, idx.reshape(-1), torch.view_as_complex(contrib).reshape(-1))
     else:
