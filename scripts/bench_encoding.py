@@ -62,7 +62,7 @@ def main() -> None:
     fwd, bwd = zip(*(_step(encoding, x, grad_out) for _ in range(args.repeats)))
     best_fwd, best_total = min(fwd), min(f + b for f, b in zip(fwd, bwd))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    compiled = encoding.backend == "torch" and encoding._use_compiled(x)
+    compiled = bool(encoding._kernels_seen)
     print(f"hash grid: {encoding.n_levels} levels x {encoding.n_features_per_level} features, "
           f"T=2^{encoding.log2_hashmap_size}, {encoding.params.numel():,} params; backend {encoding.backend}"
           f"{' (compiled)' if compiled else ''}; {where}; torch {torch.__version__}")

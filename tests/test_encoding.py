@@ -30,7 +30,10 @@ def expected_geometry(n_levels, n_features_per_level, log2_hashmap_size, base_re
         scale = float(scale * np.float32(base_resolution) - np.float32(1.0))
         res = math.ceil(scale) + 1
         size = min(-(-res ** 3 // 8) * 8, 2 ** log2_hashmap_size)
-        scales.append(scale), resolutions.append(res), sizes.append(size), offsets.append(offsets[-1] + size)
+        scales.append(scale)
+        resolutions.append(res)
+        sizes.append(size)
+        offsets.append(offsets[-1] + size)
     return scales, resolutions, sizes, offsets
 
 
