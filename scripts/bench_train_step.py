@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from sdsbridge.cameras import sample_cameras
-from sdsbridge.config import Config, load_config
+from sdsbridge.config import Config
+from sdsbridge.config_loader import load_config
 from sdsbridge.errors import UserError
 from sdsbridge.guidance import distill, guidance_config_for_image, guidance_step
 from sdsbridge.image2d import latent_shape

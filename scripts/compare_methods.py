@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sdsbridge.config import load_config
+from sdsbridge.config_loader import load_config
 from sdsbridge.export.evaluation import evaluate_run
 from sdsbridge.priors.shapes import SHAPES
 from sdsbridge.rundir import create_run_dir

@@ -40,7 +40,7 @@ def config_show(
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
     """Print the fully resolved config (defaults <- method preset <- FILE <- overrides) as YAML."""
-    from sdsbridge.config import load_config, to_yaml
+    from sdsbridge.config_loader import load_config, to_yaml
 
     typer.echo(to_yaml(load_config(file, overrides or [])), nl=False)
 
@@ -51,7 +51,7 @@ def config_check(
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
     """Validate FILE (and overrides); print OK or the first problem."""
-    from sdsbridge.config import load_config
+    from sdsbridge.config_loader import load_config
 
     config = load_config(file, overrides or [])
     typer.echo(f"OK: {file} ({config.method}, {config.prior.kind} prior, {config.train.steps} steps)")
@@ -76,7 +76,7 @@ def train(
 ) -> None:
     """Train a NeRF from a prompt by score distillation, then export the mesh and turntable video."""
     from sdsbridge import checkpoint as ckpt
-    from sdsbridge.config import config_from_dict, load_config
+    from sdsbridge.config_loader import config_from_dict, load_config
     from sdsbridge.rundir import create_run_dir, run_slug
     from sdsbridge.train import resolve_device, train as train_run
 
@@ -216,7 +216,7 @@ def image(
 ) -> None:
     """2D score distillation: optimise an image (SD latent or reference-prior pixels) with bridge/sds/nfsd
     and the official 2D settings (image.* keys)."""
-    from sdsbridge.config import load_config
+    from sdsbridge.config_loader import load_config
     from sdsbridge.image2d import parse_seeds, run_image, run_image_batch
     from sdsbridge.rundir import create_run_dir, run_slug
     from sdsbridge.train import resolve_device

@@ -31,7 +31,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from sdsbridge.config import Config, config_from_dict, config_to_dict, to_yaml
+from sdsbridge.config import Config
+from sdsbridge.config_loader import config_from_dict, config_to_dict, to_yaml
 from sdsbridge.errors import UserError
 from sdsbridge.guidance import distill, guidance_config_for_image
 from sdsbridge.image_io import rewrite_metrics, write_png, write_video

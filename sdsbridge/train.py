@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from sdsbridge import checkpoint as ckpt
 from sdsbridge.cameras import orbit_cameras, sample_cameras
-from sdsbridge.config import Config, config_to_dict, to_yaml
+from sdsbridge.config import Config
+from sdsbridge.config_loader import config_to_dict, to_yaml
 from sdsbridge.errors import UserError
 from sdsbridge.guidance import current_stage, guidance_step
 from sdsbridge.images import image_row, save_png
@@ -284,7 +285,7 @@ def train(config: Config, run_dir: Path, device: torch.device, resume_from: Opti
 
 def load_trained_scene(run_or_checkpoint: Path, device: torch.device) -> tuple[Scene, Config, int]:
     """Rebuild the scene of a run (or checkpoint) for export/eval: (scene in eval mode, config, step)."""
-    from sdsbridge.config import config_from_dict
+    from sdsbridge.config_loader import config_from_dict
 
     path = ckpt.find_checkpoint(run_or_checkpoint)
     checkpoint = ckpt.load_checkpoint(path, map_location=device)

@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 
-from sdsbridge.config import Config, load_config, presets_dir, to_yaml
+from sdsbridge.config import Config
+from sdsbridge.config_loader import load_config, presets_dir, to_yaml
 from sdsbridge.errors import UserError
 from sdsbridge.schedules import is_schedule, schedule_value
 

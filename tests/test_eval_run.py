@@ -69,7 +69,7 @@ def test_stable_diffusion_run_is_reported_unscorable():
 
 @pytest.fixture(scope="module")
 def tiny_reference_run(tmp_path_factory):
-    from sdsbridge.config import load_config
+    from sdsbridge.config_loader import load_config
     from sdsbridge.train import train
 
     tmp = tmp_path_factory.mktemp("eval-run")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdsbridge.config import load_config
+from sdsbridge.config_loader import load_config
 from sdsbridge.errors import UserError
 from sdsbridge.guidance import guidance_config_for_image
 from sdsbridge.image2d import (

@@ -7,7 +7,7 @@ import torch
 
 import sdsbridge.train as train_module
 from sdsbridge.checkpoint import find_checkpoint, load_checkpoint
-from sdsbridge.config import load_config
+from sdsbridge.config_loader import load_config
 from sdsbridge.guidance import GuidanceResult
 from sdsbridge.train import TrainingDiverged, load_trained_scene, train
 
