@@ -125,9 +125,9 @@ def compiled(kernel):
     Single-threaded code: on a shared 2-core machine 2-thread OpenMP kernels ran 20x slower than one thread
     while other processes were busy (5 s instead of 0.26 s for a 2^19-point forward: each parallel region
     waits for a descheduled thread); parallelism comes from our own threads in the backward pass, where the
-    scatter releases the GIL (compiled kernels hold it). No bounds checks on
-    gathers/scatters (25% faster): ``corners`` keeps indices in range by construction, and the eager kernels,
-    which the tests compare against a reference, keep PyTorch's checks.
+    scatter releases the GIL (compiled kernels hold it).
+    No bounds checks on gathers/scatters (25% faster): ``corners`` keeps indices in range by construction, and
+    the eager kernels, which the tests compare against a reference, keep PyTorch's checks.
     """
     return torch.compile(kernel, dynamic=False, options={"cpp.threads": 1, "assert_indirect_indexing": False})
 
