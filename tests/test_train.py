@@ -117,3 +117,42 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
     checkpoint = load_checkpoint(find_checkpoint(run_dir))
     assert checkpoint["step"] == 2
     assert all(torch.isfinite(v).all() for v in checkpoint["field"].values() if v.is_floating_point())
+
+
+def test_sigterm_checkpoints_and_stops_cleanly(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    real = train_module.guidance_step
+    calls = {"n": 0}
+
+    def signalling(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # as if `kill` arrived during step 3
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "guidance_step", signalling)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    result = train(small_config(tmp_path, "train.steps=10"), run_dir, torch.device("cpu"), show_progress=False)
+    assert result.interrupted and result.step == 3
+    assert load_checkpoint(find_checkpoint(run_dir))["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored, process still alive
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fifty_steps_on_cuda_with_stable_diffusion(tmp_path, tiny_sd_dir):
+    config = small_config(tmp_path, "train.steps=50", "prior.kind=stable-diffusion", f"prior.model={tiny_sd_dir}",
+                          "prompt=a DSLR photo of a pineapple", "device=cuda", "render.resolution=32",
+                          "guidance.stage2_start_step=25", "train.batch_size=2")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    result = train(config, run_dir, torch.device("cuda"), show_progress=False)
+    metrics = read_metrics(run_dir)
+    assert result.step == 50 and result.bad_steps == 0
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+    assert {m["stage"] for m in metrics} == {1, 2}
+    scene, _, _ = load_trained_scene(run_dir, torch.device("cuda"))
+    assert scene.field.encoding.backend in ("torch", "tcnn")
