@@ -180,6 +180,19 @@ def with_random_backgrounds(out, probability: float) -> torch.Tensor:
     return torch.where(use_solid[:, None, None, None], recomposited, out.rgb)
 
 
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Resuming from an older checkpoint redoes steps past it: drop their metrics lines first, so
+    metrics.jsonl holds each step once."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+
+
 def _grads_finite(parameters: list[torch.Tensor]) -> bool:
     grads = [p.grad for p in parameters if p.grad is not None]
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
@@ -215,6 +228,7 @@ def train(config: Config, run_dir: Path, device: torch.device, resume_from: Opti
         return ckpt.save_checkpoint(make_checkpoint(scene, optimizer, step, config, bad_steps_total),
                                     ckpt_dir, config.log.keep_checkpoints)
 
+    drop_metrics_after(run_dir / "metrics.jsonl", start_step)
     metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
     bar = tqdm(total=steps, initial=start_step, disable=not show_progress, dynamic_ncols=True, unit="step")
     bad_in_row, step, last_saved, interrupted = 0, start_step, None, False

@@ -156,3 +156,13 @@ def test_fifty_steps_on_cuda_with_stable_diffusion(tmp_path, tiny_sd_dir):
     assert {m["stage"] for m in metrics} == {1, 2}
     scene, _, _ = load_trained_scene(run_dir, torch.device("cuda"))
     assert scene.field.encoding.backend in ("torch", "tcnn")
+
+
+def test_resume_from_an_older_checkpoint_keeps_each_step_once_in_metrics(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = small_config(tmp_path, "train.steps=4", "log.checkpoint_every=2", "log.keep_checkpoints=5")
+    train(config, run_dir, torch.device("cpu"), show_progress=False)
+    train(config, run_dir, torch.device("cpu"), resume_from=run_dir / "checkpoints" / "step-0000002.ckpt",
+          show_progress=False)
+    assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
