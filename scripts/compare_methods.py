@@ -48,8 +48,10 @@ def main(argv=None) -> list[dict]:
                                                "export.video=false", "log.val_every=0"])
             run_dir = create_run_dir(args.out, f"{method}-{shape}")
             started = time.time()
-            train(config, run_dir, device, show_progress=False)
+            result = train(config, run_dir, device, show_progress=False)
             seconds = time.time() - started
+            if result.interrupted:  # Ctrl-C / SIGTERM: train checkpointed; stop the whole comparison
+                raise SystemExit(130)
             scores = evaluate_run(run_dir, device)
             rows.append({"shape": shape, "method": method, "psnr_db": scores.get("psnr_db"),
                          "chamfer": scores.get("chamfer"), "saturation_error": scores.get("saturation_error"),
