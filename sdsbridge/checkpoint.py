@@ -7,7 +7,6 @@ A checkpoint is a plain dict of tensors and builtins:
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdsbridge.atomic import atomic_file
 from sdsbridge.errors import UserError
 
 FORMAT = "sdsbridge-checkpoint-v1"
@@ -54,21 +54,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then rename over ``path``.
-
-    A crash or Ctrl-C at any point leaves either the old file or the new one, never a torn file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """torch.save to ``path`` atomically: a crash or Ctrl-C at any point leaves either the old file or the
+    new one, never a torn file."""
+    with atomic_file(path) as handle:
+        torch.save(obj, handle)
 
 
 def save_checkpoint(checkpoint: dict[str, Any], directory: Path, keep: int) -> Path:
@@ -76,9 +65,8 @@ def save_checkpoint(checkpoint: dict[str, Any], directory: Path, keep: int) -> P
     ``keep`` numbered files. Returns the numbered path."""
     numbered = directory / f"step-{checkpoint['step']:07d}.ckpt"
     atomic_torch_save(checkpoint, numbered)
-    tmp_last = directory / f".{LAST}.tmp-{os.getpid()}"
-    shutil.copyfile(numbered, tmp_last)
-    os.replace(tmp_last, directory / LAST)
+    with atomic_file(directory / LAST) as handle, open(numbered, "rb") as source:
+        shutil.copyfileobj(source, handle)
     numbered_files = sorted(p for p in directory.iterdir() if _NUMBERED.match(p.name))
     for old in numbered_files[: max(0, len(numbered_files) - keep)]:
         if old != numbered:

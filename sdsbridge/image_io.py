@@ -11,21 +11,12 @@ import imageio.v2 as imageio_v2
 import imageio.v3 as iio
 import numpy as np
 
+from sdsbridge.atomic import atomic_write_bytes
+
 VIDEO_FPS = 10
 """Frames per second of the optimisation video (the official 2D code's)."""
 VIDEO_MIN_SIZE = 256
 """Small images are enlarged (nearest neighbour, integer factor) to at least this many pixels in videos."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, rename over ``path``: readers see the
-    old file or the whole new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_png(path: Path, image: np.ndarray) -> None:

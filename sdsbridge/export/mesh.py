@@ -20,9 +20,7 @@ Automatic level (``threshold="auto"``), in three steps:
 from __future__ import annotations
 
 import logging
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -33,6 +31,7 @@ import torch
 import trimesh
 from torch import nn
 
+from sdsbridge.atomic import atomic_write_bytes
 from sdsbridge.errors import UserError
 
 logger = logging.getLogger("sdsbridge")
@@ -262,17 +261,7 @@ def save_mesh(result: MeshResult, path: Path, format: Optional[str] = None) -> P
     mesh = trimesh.Trimesh(result.vertices, result.faces, vertex_colors=rgba, process=False)
     data = mesh.export(file_type=fmt, include_color=True) if fmt == "obj" else mesh.export(file_type=fmt)
     data = data.encode("utf-8") if isinstance(data, str) else data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
     return path
 
 
