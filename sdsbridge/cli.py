@@ -85,21 +85,21 @@ def train(
         overrides.append(f"device={device}")
     if resume is not None:
         checkpoint_path = ckpt.find_checkpoint(resume)
-        stored = ckpt.load_checkpoint(checkpoint_path)["config"]
-        config = config_from_dict(stored, overrides)
+        checkpoint = ckpt.load_checkpoint(checkpoint_path)  # on the CPU: RNG states must stay there
+        config = config_from_dict(checkpoint["config"], overrides)
         run_dir, fresh = ckpt.run_dir_of(checkpoint_path), False
     else:
         if path is None:
             raise UserError("train: give a prompt YAML file, or --resume RUN_DIR")
         config = load_config(path, overrides)
-        checkpoint_path = None
+        checkpoint = None
     torch_device = resolve_device(config.device)
     if resume is None:
         run_dir = create_run_dir(config.log.runs_dir, run_slug(config.method, config.prompt, config.log.name))
         fresh = True
     typer.echo(f"run directory: {run_dir}")
     try:
-        result = train_run(config, run_dir, torch_device, resume_from=checkpoint_path, show_progress=progress)
+        result = train_run(config, run_dir, torch_device, checkpoint=checkpoint, show_progress=progress)
     except UserError:
         if fresh and not any(run_dir.iterdir()):
             run_dir.rmdir()  # failed before writing anything (e.g. the prior did not load): leave no trace

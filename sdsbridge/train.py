@@ -198,11 +198,11 @@ def _grads_finite(parameters: list[torch.Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
 
-def train(config: Config, run_dir: Path, device: torch.device, resume_from: Optional[Path] = None,
+def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optional[dict] = None,
           show_progress: bool = True) -> TrainResult:
-    """Train (or continue training) the scene for ``config.train.steps`` steps in ``run_dir``."""
+    """Train (or continue training, from a ``checkpoint`` dict as ``load_checkpoint`` returns it) the scene
+    for ``config.train.steps`` steps in ``run_dir``."""
     started = time.time()
-    checkpoint = ckpt.load_checkpoint(resume_from, map_location=device) if resume_from else None
     seed_everything(config.train.seed)
     scene = build_scene(config, device)
     optimizer = build_optimizer(scene, config)

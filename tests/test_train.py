@@ -73,7 +73,7 @@ def test_resume_is_bit_identical_and_switches_stage(tmp_path):
     halves.mkdir()
     train(small_config(tmp_path, "train.steps=4", *extra), halves, torch.device("cpu"), show_progress=False)
     config = small_config(tmp_path, "train.steps=6", *extra)
-    train(config, halves, torch.device("cpu"), resume_from=find_checkpoint(halves), show_progress=False)
+    train(config, halves, torch.device("cpu"), checkpoint=load_checkpoint(find_checkpoint(halves)), show_progress=False)
 
     expected, expected_ckpt = parameters_of(straight)
     got, got_ckpt = parameters_of(halves)
@@ -163,6 +163,6 @@ def test_resume_from_an_older_checkpoint_keeps_each_step_once_in_metrics(tmp_pat
     run_dir.mkdir()
     config = small_config(tmp_path, "train.steps=4", "log.checkpoint_every=2", "log.keep_checkpoints=5")
     train(config, run_dir, torch.device("cpu"), show_progress=False)
-    train(config, run_dir, torch.device("cpu"), resume_from=run_dir / "checkpoints" / "step-0000002.ckpt",
+    train(config, run_dir, torch.device("cpu"), checkpoint=load_checkpoint(run_dir / "checkpoints" / "step-0000002.ckpt"),
           show_progress=False)
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
