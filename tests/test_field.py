@@ -41,7 +41,7 @@ def test_blob_sets_density_at_origin():
     cfg = small_scene(blob_density=10.0, blob_radius=0.5)
     field = NeRFField(cfg)
     x = torch.tensor([[0.0, 0.0, 0.0], [0.25, 0.0, 0.0], [0.0, 0.0, 0.75]])
-    raw, _ = field._raw(x)
+    raw = field.density_mlp(field._features(x))[:, 0]
     expected = F.softplus(raw + torch.tensor([10.0, 5.0, -5.0]))
     assert torch.allclose(field.density(x), expected, rtol=1e-5)
     blob_only(field)
@@ -87,7 +87,7 @@ def test_finite_difference_normals_of_a_smooth_ball():
 def test_param_groups_partition_parameters():
     field = NeRFField(small_scene())
     groups = field.param_groups()
-    assert set(groups) == {"grid", "mlp"}
+    assert set(groups) == {"grid", "density", "color"}
     ids = [id(p) for ps in groups.values() for p in ps]
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in field.parameters()}
@@ -103,3 +103,16 @@ def test_background_shapes_and_gradients():
     assert torch.allclose(bg(dirs * 3.0), out, atol=1e-6)  # only the direction matters
     out.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in bg.parameters())
+
+
+def test_colour_head_is_parallel_to_density_head():
+    """Colour gradients reach the grid and the colour MLP only: they never reshape the density head."""
+    torch.manual_seed(0)
+    field = NeRFField(small_scene())
+    x = torch.rand(64, 3) - 0.5
+    _, rgb = field(x)
+    rgb.sum().backward()
+    assert all(p.grad is None for p in field.density_mlp.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in field.color_mlp.parameters())
+    assert field.density_mlp[0].in_features == field.color_mlp[0].in_features == field.encoding.n_output_dims
+    assert field.density_mlp[-1].out_features == 1 and field.color_mlp[-1].out_features == 3

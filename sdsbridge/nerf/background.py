@@ -1,34 +1,35 @@
-"""The background: a colour per viewing direction, as seen at infinity (no parallax)."""
+"""The background: a colour per viewing direction, as seen at infinity (no parallax).
+
+As threestudio's NeuralEnvironmentMapBackground: the unit direction d is mapped to (d + 1) / 2 and encoded by
+tinycudann's SphericalHarmonics (which maps its [0, 1] input back to [-1, 1], so the coefficients are those
+of d itself), then a bias-free MLP (``background_width`` wide, 2 hidden layers) and a sigmoid.
+"""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdsbridge.config import SceneConfig
+from sdsbridge.nerf.networks import mlp, spherical_harmonics
 
 
 class Background(nn.Module):
-    """Small MLP from the unit view direction to an RGB colour in [0, 1].
+    """View direction -> RGB colour in [0, 1].
 
     Args:
-        cfg: scene settings (``background_width`` is the hidden width).
+        cfg: scene settings (``background_width``, ``background_sh_degree``, ``background_color``).
         device: where the parameters live (default: the CPU).
         hidden_layers: hidden layers of the MLP.
     """
 
     def __init__(self, cfg: SceneConfig, device: Optional[torch.device | str] = None, hidden_layers: int = 2):
         super().__init__()
-        width = cfg.background_width
-        dims = [3] + [width] * hidden_layers + [3]
-        layers: list[nn.Module] = []
-        for i in range(len(dims) - 1):
-            layers.append(nn.Linear(dims[i], dims[i + 1]))
-            if i < len(dims) - 2:
-                layers.append(nn.ReLU(inplace=True))
-        self.mlp = nn.Sequential(*layers).to(device)
+        self.sh_degree = cfg.background_sh_degree
+        self.mlp = mlp(self.sh_degree ** 2, 3, cfg.background_width, hidden_layers).to(device)
         fixed = None if cfg.background_color is None else torch.tensor(cfg.background_color, dtype=torch.float32)
         self.register_buffer("fixed_color", fixed, persistent=False)
 
@@ -37,5 +38,7 @@ class Background(nn.Module):
         ``SceneConfig.background_color`` is set; the MLP then gets no gradient)."""
         if self.fixed_color is not None:
             return self.fixed_color.to(dirs).expand(*dirs.shape[:-1], 3)
-        dirs = torch.nn.functional.normalize(dirs, dim=-1)
-        return torch.sigmoid(self.mlp(dirs.reshape(-1, 3))).reshape(*dirs.shape[:-1], 3)
+        unit = F.normalize(dirs.reshape(-1, 3), dim=-1)
+        # (d + 1) / 2 into tcnn's encoding and back to [-1, 1] inside it: a no-op pair kept implicit here.
+        encoded = spherical_harmonics(unit, self.sh_degree)
+        return torch.sigmoid(self.mlp(encoded)).reshape(*dirs.shape[:-1], 3)

@@ -1,4 +1,5 @@
-"""The radiance field: hash-grid features -> density (with the Magic3D blob) and a view-independent colour.
+"""The radiance field: hash-grid features -> two parallel heads, density (with the Magic3D blob) and a
+view-independent colour, as threestudio's ImplicitVolume (its "density network" and "feature network").
 
 World coordinates live in the cube [-radius, radius]^3; the hash grid sees them mapped to [0, 1]^3.
 Density is softplus(raw + blob), blob = blob_density * (1 - |x| / blob_radius), and zero outside the cube.
@@ -14,20 +15,7 @@ from torch import Tensor, nn
 
 from sdsbridge.config import SceneConfig
 from sdsbridge.nerf.encoding import HashGridEncoding
-
-
-def mlp(in_dims: int, out_dims: int, width: int, hidden_layers: int) -> nn.Sequential:
-    """Linear/ReLU stack with ``hidden_layers`` hidden layers of ``width``; no output activation.
-
-    No biases, as in tcnn's fully fused MLP (and threestudio), so an untrained field is the blob alone.
-    """
-    dims = [in_dims] + [width] * hidden_layers + [out_dims]
-    layers: list[nn.Module] = []
-    for i in range(len(dims) - 1):
-        layers.append(nn.Linear(dims[i], dims[i + 1], bias=False))
-        if i < len(dims) - 2:
-            layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+from sdsbridge.nerf.networks import mlp
 
 
 def blob_density(x: Tensor, peak: float, radius: float) -> Tensor:
@@ -41,15 +29,15 @@ def inside_cube(x: Tensor, radius: float) -> Tensor:
 
 
 class NeRFField(nn.Module):
-    """Density and colour of the scene.
+    """Density and colour of the scene: two bias-free MLPs side by side on the hash-grid features, density
+    enc -> width -> 1 and colour enc -> width -> 3 (sigmoid), so colour gradients never reshape density.
 
     Args:
         cfg: scene settings (grid shape, MLP width/depth, blob, radius).
         device: where the parameters live (default: the CPU).
-        n_geo_features: features the density MLP passes to the colour head besides the raw density.
     """
 
-    def __init__(self, cfg: SceneConfig, device: Optional[torch.device | str] = None, n_geo_features: int = 15):
+    def __init__(self, cfg: SceneConfig, device: Optional[torch.device | str] = None):
         super().__init__()
         self.radius = float(cfg.radius)
         self.blob_peak = float(cfg.blob_density)
@@ -58,15 +46,14 @@ class NeRFField(nn.Module):
             n_levels=cfg.n_levels, n_features_per_level=cfg.n_features_per_level,
             log2_hashmap_size=cfg.log2_hashmap_size, base_resolution=cfg.base_resolution,
             per_level_scale=cfg.per_level_scale, backend=cfg.backend, device=device)
-        self.density_mlp = mlp(self.encoding.n_output_dims, 1 + n_geo_features, cfg.mlp_width,
-                               cfg.mlp_hidden_layers).to(device)
-        self.color_mlp = mlp(n_geo_features, 3, cfg.mlp_width, cfg.mlp_hidden_layers).to(device)
+        features = self.encoding.n_output_dims
+        self.density_mlp = mlp(features, 1, cfg.mlp_width, cfg.mlp_hidden_layers).to(device)
+        self.color_mlp = mlp(features, 3, cfg.mlp_width, cfg.mlp_hidden_layers).to(device)
 
-    def _raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """[N, 3] world points -> (raw density [N] before blob/softplus, geometry features [N, F])."""
+    def _features(self, x: Tensor) -> Tensor:
+        """[N, 3] world points -> [N, F] hash-grid features of the points mapped to [0, 1]^3."""
         unit = ((x + self.radius) / (2.0 * self.radius)).clamp(0.0, 1.0)
-        h = self.density_mlp(self.encoding(unit))
-        return h[:, 0], h[:, 1:]
+        return self.encoding(unit)
 
     def _activate(self, x: Tensor, raw: Tensor) -> Tensor:
         sigma = F.softplus(raw + blob_density(x, self.blob_peak, self.blob_radius))
@@ -74,14 +61,13 @@ class NeRFField(nn.Module):
 
     def density(self, x: Tensor) -> Tensor:
         """[N, 3] world points -> [N] density (per unit length, >= 0; 0 outside the cube)."""
-        raw, _ = self._raw(x)
-        return self._activate(x, raw)
+        return self._activate(x, self.density_mlp(self._features(x))[:, 0])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """[N, 3] world points -> (density [N], rgb [N, 3] in [0, 1])."""
-        raw, features = self._raw(x)
-        rgb = torch.sigmoid(self.color_mlp(features))
-        return self._activate(x, raw), rgb
+        h = self._features(x)
+        rgb = torch.sigmoid(self.color_mlp(h))
+        return self._activate(x, self.density_mlp(h)[:, 0]), rgb
 
     def normals(self, x: Tensor, eps: float = 1e-2) -> Tensor:
         """[N, 3] world points -> [N, 3] unit outward normals, -grad(density) by central differences.
@@ -91,9 +77,9 @@ class NeRFField(nn.Module):
         return finite_difference_normals(self.density, x, eps)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by learning-rate group: 'grid' (hash table) and 'mlp' (density and colour MLPs)."""
-        return {"grid": list(self.encoding.parameters()),
-                "mlp": list(self.density_mlp.parameters()) + list(self.color_mlp.parameters())}
+        """Parameters by optimizer group: 'grid' (hash table), 'density' and 'color' (the two heads)."""
+        return {"grid": list(self.encoding.parameters()), "density": list(self.density_mlp.parameters()),
+                "color": list(self.color_mlp.parameters())}
 
 
 def finite_difference_normals(density_fn, x: Tensor, eps: float) -> Tensor:
