@@ -100,12 +100,23 @@ def _uniform(n: int, bounds: list[float], generator: Optional[torch.Generator]) 
     return bounds[0] + (bounds[1] - bounds[0]) * torch.rand(n, generator=generator)
 
 
+def sample_elevation(bounds: list[float], n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """[n] elevations in degrees within ``bounds`` = [low, high], as threestudio's training cameras: one coin
+    per batch picks either uniform in angle, or "uniform on the sphere" in threestudio's form, where
+    sin(elevation) is uniform between low / 90 and high / 90 (their inverse-transform sampling maps the
+    range linearly to [-1, 1] before the arcsine; for [-10, 45] that is [-6.4, 30] degrees)."""
+    if torch.rand((), generator=generator) < 0.5:
+        return _uniform(n, bounds, generator)
+    sine = _uniform(n, [bounds[0] / 90.0, bounds[1] / 90.0], generator)
+    return torch.rad2deg(torch.asin(sine))
+
+
 def sample_cameras(cfg: CameraConfig, n: int, generator: Optional[torch.Generator] = None) -> Cameras:
     """N random training cameras from the configured ranges (on the CPU; use ``.to(device)``).
 
-    Elevation is sampled uniformly in angle, azimuth, distance and fovy uniformly.
+    Elevation as ``sample_elevation``; azimuth, distance and fovy uniformly.
     """
-    elevation = _uniform(n, cfg.elevation_range, generator)
+    elevation = sample_elevation(cfg.elevation_range, n, generator)
     azimuth = _uniform(n, cfg.azimuth_range, generator)
     distance = _uniform(n, cfg.distance_range, generator)
     fovy = _uniform(n, cfg.fovy_range, generator)

@@ -37,7 +37,7 @@ SUPERSAMPLE = 2
 """Rays per pixel per axis for the reference renders (anti-aliased edges, like a NeRF's soft ones)."""
 SATURATION_FACTOR = 2.5
 """Over-saturated copies: colour = grey + factor * (colour - grey), clipped."""
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bump when the renderer changes, so stale disk caches are not used."""
 
 
