@@ -15,7 +15,6 @@ Distances ``t`` are in world units along unit-length ray directions.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -133,6 +132,13 @@ def choose_sampler(requested: str, device: torch.device) -> tuple[str, str]:
     return "occupancy", "CUDA device with nerfacc kernels"
 
 
+def occupancy_grid(radius: float, cfg: RenderConfig) -> nerfacc.OccGridEstimator:
+    """nerfacc's occupancy grid as threestudio builds it: one level of ``cfg.occupancy_resolution``^3 cells
+    over the cube [-radius, radius]^3 (a plain module; its kernels run only in ``sampling``/updates)."""
+    r = float(radius)
+    return nerfacc.OccGridEstimator(roi_aabb=[-r, -r, -r, r, r, r], resolution=cfg.occupancy_resolution, levels=1)
+
+
 def _module_device(module: nn.Module) -> torch.device:
     for tensor in list(module.parameters()) + list(module.buffers()):
         return tensor.device
@@ -159,12 +165,11 @@ class Renderer:
         self.sampler, reason = choose_sampler(cfg.sampler, device)
         logger.info("renderer: %s sampler (%s)", self.sampler, reason)
         self.estimator: Optional[nerfacc.OccGridEstimator] = None
-        self.step_size = 2.0 * math.sqrt(3.0) * self.radius / cfg.num_samples_occupancy
+        # threestudio's render_step_size, with its 1.732 for sqrt(3): the cube's diagonal / num_samples.
+        self.step_size = 1.732 * 2.0 * self.radius / cfg.num_samples_occupancy
         self._grid_ready = False
         if self.sampler == "occupancy":
-            r = self.radius
-            self.estimator = nerfacc.OccGridEstimator(roi_aabb=[-r, -r, -r, r, r, r],
-                                                      resolution=cfg.occupancy_resolution, levels=1).to(device)
+            self.estimator = occupancy_grid(self.radius, cfg).to(device)
 
     def train(self, mode: bool = True) -> "Renderer":
         """Jittered samples (True) or deterministic ones (False)."""
@@ -183,9 +188,10 @@ class Renderer:
 
     @torch.no_grad()
     def update_occupancy(self, step: int) -> None:
-        """Refresh the occupancy grid from the field every ``cfg.occupancy_update_every`` steps (EMA of
-        density * step_size, threshold ``cfg.occupancy_threshold``; all cells during the first 256 steps).
-        Call once per training step, before rendering. No-op for the stratified sampler."""
+        """Refresh the occupancy grid from the field every ``cfg.occupancy_update_every`` steps with nerfacc's
+        ``update_every_n_steps`` and its defaults (EMA decay 0.95, all cells during the first 256 steps) on
+        density * step_size (threestudio's first-order alpha), threshold ``cfg.occupancy_threshold``.
+        Call once per training step. No-op for the stratified sampler."""
         if self.estimator is None:
             return
         every = self.cfg.occupancy_update_every
@@ -242,9 +248,13 @@ class Renderer:
             t = 0.5 * (t_starts + t_ends)[:, None]
             return self.field.density(origins[ray_indices] + t * dirs[ray_indices])
 
+        # Deliberate difference from threestudio: rays are clipped to the scene sphere (t_min/t_max) as in the
+        # stratified sampler, so both samplers see the same segment and nothing is sampled in the cube's
+        # corners, where the blob keeps the density near zero anyway. Everything else is threestudio's call.
         ray_indices, t_starts, t_ends = self.estimator.sampling(
             origins, dirs, sigma_fn=sigma_fn, t_min=t_near, t_max=t_far, render_step_size=self.step_size,
-            stratified=self.training, early_stop_eps=1e-4, alpha_thre=0.0)
+            stratified=self.training, cone_angle=0.0, early_stop_eps=1e-4,
+            alpha_thre=self.cfg.occupancy_alpha_threshold)
         if t_starts.numel() == 0:
             zeros = origins.new_zeros(n_rays, 1)
             return zeros.expand(n_rays, 3), zeros, zeros, 0
