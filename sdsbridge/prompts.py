@@ -2,9 +2,10 @@
 
 Roles (which text each prior evaluation is conditioned on):
 
-- ``cond``: the prompt y. SDS, NFSD and the bridge's stage one use CFG between ``cond`` and ``uncond``
-  (as the official 2D code does; in 3D the official target modifier is empty/".", so this equals y_tgt).
-- ``target``: y_tgt = prompt + target modifier (bridge stage two).
+- ``cond``: what SDS, NFSD and the bridge's stage one condition on, with CFG against ``uncond``: y_tgt when
+  ``cfg_on_target`` (the official 3D code: "a pineapple, ., front view"), else the plain prompt (the
+  official 2D code).
+- ``target``: y_tgt = prompt + ", " + target modifier (bridge stage two).
 - ``source``: y_src = prompt + source modifier (bridge stage two).
 - ``uncond``: the empty prompt (never gets a view suffix).
 - ``negative``: NFSD's negative prompt.
@@ -34,12 +35,17 @@ ROLES_BY_METHOD = {
 
 
 def join_prompt(prompt: str, modifier: str) -> str:
-    """``prompt`` and ``modifier`` joined with ", ": leading separators of the modifier (",", ";", ".")
-    and trailing ones of the prompt are dropped, so ", sharp" and "sharp" give the same text."""
+    """``prompt + ", " + modifier`` as the official code joins them ("a pineapple" and "." give
+    "a pineapple, ."); a modifier that already starts with "," or ";" (the 2D code's ", sharp") is appended
+    as it is, and an empty modifier leaves the prompt alone. Trailing separators of the prompt are dropped."""
     prompt = prompt.strip().rstrip(",;").strip()
-    modifier = modifier.strip().lstrip(",;.").strip()
+    modifier = modifier.strip()
     if not modifier:
         return prompt
+    if modifier[0] in ",;":
+        modifier = modifier[1:].strip()
+        if not modifier:
+            return prompt
     if not prompt:
         return modifier
     return f"{prompt}, {modifier}"
@@ -55,10 +61,11 @@ def role_prompts(prompt: str, method: str, cfg: GuidanceConfig) -> dict[str, dic
 
     Without ``cfg.view_dependent`` every view label maps to the same text.
     """
+    target = join_prompt(prompt, cfg.target_modifier)
     base = {
-        "cond": prompt.strip(),
+        "cond": target if cfg.cfg_on_target else prompt.strip(),
         "uncond": "",
-        "target": join_prompt(prompt, cfg.target_modifier),
+        "target": target,
         "source": join_prompt(prompt, cfg.source_modifier),
         "negative": cfg.nfsd_negative.strip(),
     }

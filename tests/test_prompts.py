@@ -20,15 +20,17 @@ def test_join_prompt():
     assert join_prompt("a pineapple", ", detailed, sharp") == "a pineapple, detailed, sharp"
     assert join_prompt("a pineapple", "blurry, noisy") == "a pineapple, blurry, noisy"
     assert join_prompt("a pineapple,", "") == "a pineapple"
-    assert join_prompt("a pineapple", ".") == "a pineapple"
+    assert join_prompt("a pineapple", ".") == "a pineapple, ."  # the official 3D target text
     assert join_prompt("", "blurry") == "blurry"
 
 
 def test_role_texts_for_the_bridge():
-    cfg = GuidanceConfig(target_modifier=", sharp")
+    cfg = GuidanceConfig(target_modifier=", sharp", cfg_on_target=False)
     texts = role_prompts("a red torus", "bridge", cfg)
     assert set(texts) == {"cond", "uncond", "target", "source"}
     assert texts["cond"]["front"] == "a red torus, front view"
+    assert role_prompts("a red torus", "bridge", GuidanceConfig(target_modifier=", sharp"))["cond"]["front"] == (
+        "a red torus, sharp, front view")
     assert texts["target"]["back"] == "a red torus, sharp, back view"
     assert texts["source"]["overhead"] == f"a red torus, {SOURCE_MODIFIER}, overhead view"
     assert texts["uncond"] == {"front": "", "side": "", "back": "", "overhead": ""}
@@ -45,7 +47,7 @@ def test_one_embedding_call_with_distinct_texts(prior, monkeypatch):
     monkeypatch.setattr(prior, "embed_prompts", lambda prompts: calls.append(list(prompts)) or real(prompts))
     prompts = PromptEmbeddings(prior, "a red torus", GuidanceConfig(), "bridge")
     assert len(calls) == 1
-    # cond == target (empty target modifier) -> 4 view texts + 4 source texts + the empty prompt
+    # cond == target (CFG on the target text) -> 4 view texts + 4 source texts + the empty prompt
     assert len(calls[0]) == len(set(calls[0])) == 9
     assert prompts.embeddings.shape == (9, 128, 32)
 
@@ -59,7 +61,7 @@ def test_conditions_follow_the_cameras_view_labels(prior):
     conditions = prompts.conditions(cameras.labels)
     assert set(conditions) == {"cond", "uncond", "target", "source"}
     texts = prompts.texts(cameras.labels)
-    assert texts["cond"][3] == "a red torus, overhead view" and texts["source"][2].endswith("back view")
+    assert texts["cond"][3] == "a red torus, ., overhead view" and texts["source"][2].endswith("back view")
     for role in ("cond", "source"):
         expected = prior.embed_prompts(texts[role])
         assert conditions[role].shape == (5, 128, 32)

@@ -57,7 +57,8 @@ def _check_local_folder(model: str) -> Optional[Path]:
 
 
 def load_pipeline(model: str, dtype: torch.dtype) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion pipeline (hub id or local folder) on the CPU without its safety checker.
+    """Load a Stable Diffusion pipeline (hub id or local folder) on the CPU without its safety checker; UNet
+    and VAE in ``dtype``, the text encoder in fp32.
 
     Honours HF_HUB_OFFLINE=1 (no network; only the local cache). Raises UserError when the model cannot
     be found or loaded.
@@ -87,7 +88,12 @@ def load_pipeline(model: str, dtype: torch.dtype) -> StableDiffusionPipeline:
                         f"{KNOWN_MIRRORS}; or set prior.model to a local folder") from None
     # Cast after loading, always: the keyword for the load dtype changed across diffusers versions, and
     # transformers 5 keeps a text encoder in its stored dtype (an fp16 folder would stay fp16 under fp32).
-    return pipe.to(dtype=dtype)
+    # The CLIP text encoder stays fp32 whatever ``dtype`` is: the official code embeds prompts in fp32 and
+    # casts the embeddings for the fp16 UNet (embeddings are computed once, so this costs nothing per step).
+    pipe.unet.to(dtype=dtype)
+    pipe.vae.to(dtype=dtype)
+    pipe.text_encoder.to(dtype=torch.float32)
+    return pipe
 
 
 class StableDiffusionPrior:
