@@ -7,6 +7,7 @@ A checkpoint is a plain dict of tensors and builtins:
 
 from __future__ import annotations
 
+import logging
 import pickle
 import random
 import re
@@ -50,7 +51,20 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        restore_cuda_rng_states(list(state["cuda"]))
+
+
+def restore_cuda_rng_states(states: list[torch.Tensor]) -> None:
+    """Restore per-GPU RNG states saved on a machine with possibly more or fewer GPUs: devices present in
+    both get their state back; extra saved states are dropped with a warning (a run resumed on fewer GPUs
+    draws the same numbers on the devices it still has)."""
+    count = torch.cuda.device_count()
+    if len(states) > count:
+        logging.getLogger("sdsbridge").warning(
+            "checkpoint holds CUDA RNG states of %d GPUs, this machine has %d: restoring the first %d",
+            len(states), count, count)
+    for index, rng in enumerate(states[:count]):
+        torch.cuda.set_rng_state(rng, index)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -78,3 +78,22 @@ def test_find_checkpoint_and_run_dir(tmp_path):
     assert ckpt.run_dir_of(found) == run.resolve()
     with pytest.raises(UserError, match="no checkpoints/last.ckpt"):
         ckpt.find_checkpoint(tmp_path)
+
+
+def test_cuda_rng_states_of_more_gpus_restore_on_fewer(monkeypatch, caplog):
+    """A run saved on 4 GPUs resumes on a 1-GPU machine: device 0 gets its state back, the rest is dropped
+    with a warning (torch.cuda.set_rng_state_all would fail on the missing devices)."""
+    from sdsbridge.checkpoint import restore_cuda_rng_states
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((device, state)))
+    states = [torch.full((4,), i, dtype=torch.uint8) for i in range(4)]
+    with caplog.at_level("WARNING", logger="sdsbridge"):
+        restore_cuda_rng_states(states)
+    assert [d for d, _ in restored] == [0] and torch.equal(restored[0][1], states[0])
+    assert "4 GPUs" in caplog.text
+    restored.clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    restore_cuda_rng_states(states)
+    assert [d for d, _ in restored] == [0, 1, 2, 3]
