@@ -37,8 +37,9 @@ class GuidanceResult:
 
     loss: torch.Tensor
     """Scalar; backpropagating it puts grad / N on the latents (and through the VAE on the images)."""
-    grad_norm: float
-    """L2 norm of the injected gradient g over the whole batch (after clipping)."""
+    grad_norm: torch.Tensor
+    """Scalar tensor on the prior's device: L2 norm of the injected gradient g over the whole batch (after
+    clipping). A tensor, so reading it (``.item()``) is the caller's choice of when to sync."""
     t: torch.Tensor
     """[N] integer timesteps used."""
     stage: int
@@ -180,7 +181,7 @@ def distill(prior: Prior, latents: torch.Tensor, conditions: dict[str, torch.Ten
     grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
     if cfg.grad_clip is not None:
         grad = grad.clamp(-cfg.grad_clip, cfg.grad_clip)
-    return GuidanceResult(loss=injected_loss(latents, grad), grad_norm=float(grad.norm()), t=t, stage=stage)
+    return GuidanceResult(loss=injected_loss(latents, grad), grad_norm=grad.norm().detach(), t=t, stage=stage)
 
 
 def guidance_step(prior: Prior, images: torch.Tensor, conditions: dict[str, torch.Tensor], method: str,
@@ -211,5 +212,6 @@ def guidance_config_for_image(cfg: Config) -> GuidanceConfig:
         min_step_percent=im.min_step_percent,
         max_step_percent=im.max_step_percent,
         target_modifier=im.target_modifier,
+        cfg_on_target=False,
         view_dependent=False,
     )

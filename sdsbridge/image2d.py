@@ -175,11 +175,11 @@ def optimise_image(prior: Prior, embeddings: PromptEmbeddings, config: Config, s
         optimizer.zero_grad(set_to_none=True)
         result.loss.backward()
         optimizer.step()
-        t = int(result.t[0])
         if step % config.log.log_every == 0 or step == im.steps - 1:
-            rows.append({"seed": seed, "step": step, "loss": result.loss.item(), "grad_norm": result.grad_norm,
+            t, grad_norm = int(result.t[0]), result.grad_norm.item()
+            rows.append({"seed": seed, "step": step, "loss": result.loss.item(), "grad_norm": grad_norm,
                          "t": t, "stage": result.stage})
-            bar.set_postfix(stage=result.stage, t=t, grad=f"{result.grad_norm:.3g}", refresh=False)
+            bar.set_postfix(stage=result.stage, t=t, grad=f"{grad_norm:.3g}", refresh=False)
         if im.video_every and (step + 1) % im.video_every == 0:
             frames.append(to_hwc_uint8(decode_latents(prior, latents)[0]))
     bar.close()

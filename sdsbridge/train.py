@@ -98,12 +98,14 @@ def build_scene(config: Config, device: torch.device) -> Scene:
 
 
 def build_optimizer(scene: Scene, config: Config) -> torch.optim.AdamW:
-    """AdamW with one parameter group per learning rate: hash grid, MLPs, background."""
+    """AdamW with one named parameter group per part (the official run's): hash grid, density head, colour
+    head, background; betas, eps and weight decay shared."""
     t = config.train
     groups = scene.field.param_groups()
     return torch.optim.AdamW(
         [{"params": groups["grid"], "lr": t.lr_grid, "name": "grid"},
-         {"params": groups["mlp"], "lr": t.lr_mlp, "name": "mlp"},
+         {"params": groups["density"], "lr": t.lr_density, "name": "density"},
+         {"params": groups["color"], "lr": t.lr_color, "name": "color"},
          {"params": list(scene.background.parameters()), "lr": t.lr_background, "name": "background"}],
         betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
 
@@ -193,9 +195,11 @@ def drop_metrics_after(path: Path, step: int) -> None:
         tmp.replace(path)
 
 
-def _grads_finite(parameters: list[torch.Tensor]) -> bool:
-    grads = [p.grad for p in parameters if p.grad is not None]
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+def loss_and_grads_finite(loss: torch.Tensor, parameters: list[torch.Tensor]) -> bool:
+    """Whether the loss and every gradient are finite: one reduction on the device, one host sync."""
+    checks = [torch.isfinite(loss).reshape(1)]
+    checks += [torch.isfinite(p.grad).all().reshape(1) for p in parameters if p.grad is not None]
+    return bool(torch.cat(checks).all())
 
 
 def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optional[dict] = None,
@@ -247,11 +251,8 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
             loss = sum(losses.values())
 
             optimizer.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
-                finite = _grads_finite(parameters)
-            if finite:
+            loss.backward()  # a non-finite loss gives non-finite gradients: checked together below
+            if loss_and_grads_finite(loss, parameters):
                 optimizer.step()
                 bad_in_row = 0
             else:
@@ -269,11 +270,13 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
             done = step + 1
 
             # --- progress, metrics, validation, checkpoints ----------------------------------------
+            # Scalars reach the host only on logging steps (each .item() waits for the device).
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4g}", stage=result.stage, t=int(result.t.float().mean()))
             if done % config.log.log_every == 0 or done == steps:
+                bar.set_postfix(loss=f"{loss.item():.4g}", stage=result.stage, t=int(result.t.float().mean()))
                 record = {"step": done, "loss": loss.item(), "stage": result.stage,
-                          "t": result.t.float().mean().item(), "grad_norm": result.grad_norm, "resolution": res,
+                          "t": result.t.float().mean().item(), "grad_norm": result.grad_norm.item(),
+                          "resolution": res,
                           "bad_steps": bad_steps_total, "elapsed_s": round(time.time() - started, 3),
                           **{f"loss_{k}": v.item() for k, v in losses.items()}}
                 metrics_file.write(json.dumps(record) + "\n")

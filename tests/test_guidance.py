@@ -91,7 +91,7 @@ def test_distill_injects_gradient_over_batch(prior, conditions):
     assert torch.equal(result.t, t) and result.stage == 1
     grad = guidance_gradient(prior, latents.detach(), t, noise, conditions, "sds", 1, cfg)
     assert torch.allclose(latents.grad, grad / 2, atol=1e-6)
-    assert result.grad_norm == pytest.approx(float(grad.norm()), rel=1e-5)
+    assert result.grad_norm.item() == pytest.approx(float(grad.norm()), rel=1e-5)
     assert result.loss.item() == pytest.approx(0.5 * grad.square().sum().item() / 2, rel=1e-5)
 
 
@@ -110,7 +110,7 @@ def test_grad_clip_and_nan_handling(prior, conditions, monkeypatch):
     assert latents.grad.abs().max() <= 0.01 / 2 + 1e-6  # (x - sg(x - g)) rounds at the scale of x
     monkeypatch.setattr(prior, "predict_noise", lambda x, t, c, p=None: torch.full_like(x, float("nan")))
     result = distill(prior, latents.detach().requires_grad_(True), conditions, "sds", 0, GuidanceConfig())
-    assert torch.isfinite(result.loss) and result.grad_norm == 0.0
+    assert torch.isfinite(result.loss) and result.grad_norm.item() == 0.0
 
 
 def test_stage_is_derived_from_the_step():
