@@ -48,8 +48,12 @@ class GuidanceConfig:
     """Lower end of t ~ U[min, max] * num_train_timesteps."""
     max_step_percent: Any = field(default_factory=lambda: [5000, 0.98, 0.5, 5001])
     """Scheduled upper end of t / T: 0.98 until step 5000, then 0.5."""
-    target_modifier: str = ""
-    """Appended to the prompt for the target (y_tgt)."""
+    target_modifier: str = "."
+    """Appended to the prompt for the target: y_tgt = prompt + ", " + modifier (the official 3D run's ".", so
+    "a pineapple, ., front view"); a modifier that starts with "," is appended as it is."""
+    cfg_on_target: bool = True
+    """SDS, NFSD and the bridge's stage one use CFG between y_tgt and the empty prompt (the official 3D code);
+    False: between the plain prompt and the empty prompt (the official 2D code)."""
     source_modifier: str = SOURCE_MODIFIER
     """Appended to the prompt for the bridge's source (y_src): describes today's artifacts."""
     nfsd_negative: str = NFSD_NEGATIVE
@@ -105,15 +109,18 @@ class SceneConfig:
     per_level_scale: float = 1.447269237440378
     """Resolution growth factor between levels."""
     mlp_width: int = 64
-    """Hidden width of the density and colour MLPs."""
+    """Hidden width of the density and colour MLPs (two parallel heads on the grid features)."""
     mlp_hidden_layers: int = 1
-    """Hidden layers of the density and colour MLPs."""
+    """Hidden layers of each of the density and colour MLPs."""
     blob_density: float = 10.0
     """Magic3D density blob peak: blob = blob_density * (1 - |x| / blob_radius)."""
     blob_radius: float = 0.5
     """Magic3D density blob radius."""
     background_width: int = 16
-    """Hidden width of the background (view-direction) MLP."""
+    """Hidden width of the background MLP (2 hidden layers, no biases)."""
+    background_sh_degree: int = 3
+    """Spherical-harmonics encoding of the background's view direction, tcnn's convention: ``degree`` bands,
+    degree^2 coefficients (3 -> 9, as threestudio's NeuralEnvironmentMapBackground)."""
     random_background_prob: float = 0.5
     """Probability of a random solid background colour per training image."""
     background_color: Optional[list[float]] = None
@@ -129,7 +136,8 @@ class CameraConfig:
     fovy_range: list[float] = field(default_factory=lambda: [40.0, 70.0])
     """Vertical field of view."""
     elevation_range: list[float] = field(default_factory=lambda: [-10.0, 45.0])
-    """Elevation above the xy-plane."""
+    """Elevation above the xy-plane; per batch, half the time uniform in angle, half the time uniform on the
+    sphere (threestudio's RandomCameraIterableDataset)."""
     azimuth_range: list[float] = field(default_factory=lambda: [-180.0, 180.0])
     """Azimuth; 0 is the front."""
     front_half_angle: float = 30.0
@@ -158,12 +166,14 @@ class RenderConfig:
     """Stratified samples per ray."""
     num_samples_occupancy: int = 512
     """Samples per ray (along the diagonal) with the occupancy grid."""
-    occupancy_resolution: int = 128
-    """Occupancy grid resolution."""
+    occupancy_resolution: int = 32
+    """Occupancy grid resolution (one level over the cube [-radius, radius]^3)."""
     occupancy_update_every: int = 16
     """Occupancy grid update interval in steps."""
     occupancy_threshold: float = 0.01
-    """Occupancy grid density threshold."""
+    """Occupancy grid threshold on density * step size (nerfacc's occ_thre)."""
+    occupancy_alpha_threshold: float = 0.01
+    """Skip samples whose alpha (from the field's density) is below this while marching (nerfacc's alpha_thre)."""
     chunk_rays: int = 16384
     """Rays per chunk when rendering without gradients (bounds memory at 512x512)."""
 
@@ -190,16 +200,18 @@ class TrainConfig:
     """Seed for torch, numpy and python RNGs."""
     lr_grid: float = 1e-2
     """Learning rate of the hash grid."""
-    lr_mlp: float = 1e-3
-    """Learning rate of the density/colour MLPs."""
+    lr_density: float = 1e-3
+    """Learning rate of the density MLP."""
+    lr_color: float = 1e-3
+    """Learning rate of the colour MLP (threestudio's "feature network")."""
     lr_background: float = 1e-3
     """Learning rate of the background MLP."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     """AdamW betas."""
     eps: float = 1e-15
     """AdamW epsilon."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (torch's default, which the official run gets by passing none)."""
     max_bad_steps: int = 20
     """Abort after this many non-finite losses/gradients in a row."""
 

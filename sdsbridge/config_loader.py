@@ -222,6 +222,7 @@ def validate(c: Config, require_prompt: bool = True) -> None:
     _check(s.mlp_width > 0, "scene.mlp_width", "must be positive")
     _check(s.mlp_hidden_layers >= 0, "scene.mlp_hidden_layers", "must be >= 0")
     _check(s.background_width > 0, "scene.background_width", "must be positive")
+    _check(1 <= s.background_sh_degree <= 4, "scene.background_sh_degree", "must lie in [1, 4]")
     _check(0.0 <= s.random_background_prob <= 1.0, "scene.random_background_prob", "must lie in [0, 1]")
     _check(s.background_color is None or (len(s.background_color) == 3 and all(0 <= v <= 1 for v in s.background_color)),
            "scene.background_color", "expected null or [r, g, b] with values in [0, 1]")
@@ -240,13 +241,15 @@ def validate(c: Config, require_prompt: bool = True) -> None:
     _check(r.num_samples_occupancy > 0, "render.num_samples_occupancy", "must be positive")
     _check(r.occupancy_resolution > 0, "render.occupancy_resolution", "must be positive")
     _check(r.occupancy_update_every > 0, "render.occupancy_update_every", "must be positive")
+    _check(0.0 <= r.occupancy_threshold <= 1.0, "render.occupancy_threshold", "must lie in [0, 1]")
+    _check(0.0 <= r.occupancy_alpha_threshold < 1.0, "render.occupancy_alpha_threshold", "must lie in [0, 1)")
     _check(r.chunk_rays > 0, "render.chunk_rays", "must be positive")
     _check_schedule(c.loss.sparsity, "loss.sparsity", 0.0, float("inf"))
     _check_schedule(c.loss.opacity, "loss.opacity", 0.0, float("inf"))
     t = c.train
     _check(t.steps >= 0, "train.steps", "must be >= 0")
     _check(t.batch_size > 0, "train.batch_size", "must be positive")
-    for key in ("lr_grid", "lr_mlp", "lr_background", "eps", "weight_decay"):
+    for key in ("lr_grid", "lr_density", "lr_color", "lr_background", "eps", "weight_decay"):
         _check(getattr(t, key) >= 0, f"train.{key}", "must be >= 0")
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas", "expected [b1, b2] in [0, 1)")
     _check(t.max_bad_steps > 0, "train.max_bad_steps", "must be positive")

