@@ -9,7 +9,7 @@ from sdsbridge.errors import UserError
 from sdsbridge.priors import load_prior
 from sdsbridge.priors import reference as reference_module
 from sdsbridge.priors.denoiser import add_noise, noise_from_denoised, optimal_denoiser, sd_alphas_cumprod
-from sdsbridge.priors.reference import ReferencePrior, blur_images, reference_cameras
+from sdsbridge.priors.reference import ReferencePrior, blur_within_silhouette, reference_cameras
 from sdsbridge.priors.reference_prompts import parse_prompt
 from sdsbridge.priors.shapes import SHAPES
 
@@ -155,7 +155,8 @@ def test_embed_prompts_ids_and_sets(prior):
     blurry, _ = prior.reference_set(int(ids[2]))
     assert blurry.shape == (8, 3, 16, 16)
     assert torch.allclose(blurry[:4], clean)  # the union: clean images stay in the 'blurry' set
-    assert torch.allclose(blurry[4:], blur_images(clean, 16 / 32), atol=1e-6)
+    masks = prior.clean_masks("torus")[cams]
+    assert torch.allclose(blurry[4:], blur_within_silhouette(clean, masks, 16 / 32), atol=1e-6)
     everything, _ = prior.reference_set(int(ids[3]))
     assert everything.shape == (len(SHAPES) * 4 * 4, 3, 16, 16)
     with pytest.raises(UserError):
@@ -171,6 +172,24 @@ def test_degraded_copies_differ_as_named(prior):
 
     assert torch.equal(saturated[:4], clean)
     assert spread(saturated[4:]) > 1.2 * spread(clean)
+
+
+def test_degraded_copies_keep_brightness_and_silhouette(prior):
+    """Stage two pushes renders away from the degraded copies; copies that were also brighter, darker or
+    larger than the clean image would push colours and shapes off the truth (the demo's dark torus)."""
+    ids = prior.embed_prompts(["a red torus, front view", "a red torus, front view, oversaturated, blurry"])
+    clean, cams = prior.reference_set(int(ids[0]))
+    copies, _ = prior.reference_set(int(ids[1]))
+    masks = prior.clean_masks("torus")[cams]
+    blurred, saturated = copies[4:8], copies[8:12]
+    # saturation at constant HSV value: each pixel's brightest channel is unchanged, some others drop
+    assert torch.allclose(saturated.max(dim=1).values, clean.max(dim=1).values, atol=1e-6)
+    assert (saturated < clean - 0.01).any()
+    # blur inside the silhouette: uncovered pixels stay white, the covered colour keeps its mean
+    assert torch.equal(blurred[masks.expand_as(blurred) == 0], clean[masks.expand_as(clean) == 0])
+    premultiplied = lambda images: (images - (1 - masks)).sum(dim=(2, 3))  # noqa: E731
+    assert torch.allclose(premultiplied(blurred), premultiplied(clean), rtol=0.05)
+    assert not torch.allclose(blurred, clean, atol=0.02)
 
 
 def test_encode_images_resizes_to_minus_one_one_with_gradient(prior):

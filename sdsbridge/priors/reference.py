@@ -36,9 +36,9 @@ REFERENCE_SEED = 1234
 SUPERSAMPLE = 2
 """Rays per pixel per axis for the reference renders (anti-aliased edges, like a NeRF's soft ones)."""
 SATURATION_FACTOR = 2.5
-"""Over-saturated copies: colour = grey + factor * (colour - grey), clipped."""
-CACHE_VERSION = 2
-"""Bump when the renderer changes, so stale disk caches are not used."""
+"""Over-saturated copies: HSV saturation times this (capped at 1), HSV value unchanged (``oversaturate``)."""
+CACHE_VERSION = 3
+"""Bump when the renderer or the cached content changes, so stale disk caches are not used."""
 
 
 def reference_cameras(cfg: CameraConfig, views_per_label: int, seed: int = REFERENCE_SEED) -> Cameras:
@@ -104,16 +104,27 @@ def blur_images(images: torch.Tensor, sigma_px: float) -> torch.Tensor:
 
 
 def oversaturate(images: torch.Tensor, factor: float = SATURATION_FACTOR) -> torch.Tensor:
-    """Push [N, 3, H, W] colours in [0, 1] away from their luma (white stays white)."""
-    luma = torch.tensor([0.299, 0.587, 0.114], dtype=images.dtype, device=images.device)
-    grey = (images * luma[None, :, None, None]).sum(1, keepdim=True)
-    return (grey + factor * (images - grey)).clamp(0.0, 1.0)
+    """Scale the HSV saturation of [N, 3, H, W] colours in [0, 1] by ``factor`` (capped at 1) at constant HSV
+    value: each channel moves away from the brightest one, so brightness and white stay as they are."""
+    value = images.max(dim=1, keepdim=True).values
+    return (value - factor * (value - images)).clamp(0.0, 1.0)
 
 
-def degrade(images: torch.Tensor, kind: str) -> torch.Tensor:
-    """A degraded copy of [N, 3, R, R] images in [0, 1]: 'blur' (sigma R/32 px) or 'saturate'."""
+def blur_within_silhouette(images: torch.Tensor, masks: torch.Tensor, sigma_px: float) -> torch.Tensor:
+    """Blur the colours of [N, 3, H, W] renders over white inside their coverage ``masks`` [N, 1, H, W] in [0, 1],
+    keeping the silhouette: the colour premultiplied by coverage is blurred, divided by the blurred coverage,
+    and put back over white with the clean coverage. The object neither grows a halo nor mixes with the
+    background, so the copy differs from the clean image in sharpness only, not in brightness or shape."""
+    premultiplied = images - (1.0 - masks)  # rgb = m * colour + (1 - m) * white
+    colour = blur_images(premultiplied, sigma_px) / blur_images(masks, sigma_px).clamp_min(1e-6)
+    return masks * colour.clamp(0.0, 1.0) + (1.0 - masks)
+
+
+def degrade(images: torch.Tensor, masks: torch.Tensor, kind: str) -> torch.Tensor:
+    """A degraded copy of [N, 3, R, R] renders in [0, 1] with coverage [N, 1, R, R]: 'blur' (sigma R/32 px,
+    within the silhouette) or 'saturate' (HSV saturation x SATURATION_FACTOR at constant value)."""
     if kind == "blur":
-        return blur_images(images, images.shape[-1] / 32.0)
+        return blur_within_silhouette(images, masks, images.shape[-1] / 32.0)
     if kind == "saturate":
         return oversaturate(images)
     raise ValueError(f"unknown degradation {kind!r}")
@@ -143,6 +154,7 @@ class ReferencePrior:
         self._conditions: list[Condition] = []
         self._condition_ids: dict[Condition, int] = {}
         self._banks: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_config(cls, cfg: PriorConfig, camera_cfg: CameraConfig, device: torch.device | str) -> "ReferencePrior":
@@ -181,14 +193,21 @@ class ReferencePrior:
         r = self.image_resolution
         return (self._bank(shape_name, "clean")[0].reshape(-1, 3, r, r) + 1.0) / 2.0
 
+    def clean_masks(self, shape_name: str) -> torch.Tensor:
+        """[L*V, 1, R, R] coverage in [0, 1] of ``clean_renders(shape_name)`` (the fraction of each pixel the
+        shape covers)."""
+        self._bank(shape_name, "clean")
+        return self._masks[shape_name]
+
     def _bank(self, shape_name: str, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(images [L*V, 3*R*R] float32 in [-1, 1], squared norms [L*V] float64) of one kind of copy."""
         key = (shape_name, kind)
         if key not in self._banks:
             if kind == "clean":
-                images = self._load_or_render(shape_name).to(self.device)
+                images, masks = self._load_or_render(shape_name)
+                images, self._masks[shape_name] = images.to(self.device), masks.to(self.device)
             else:
-                images = degrade(self.clean_renders(shape_name), kind)
+                images = degrade(self.clean_renders(shape_name), self.clean_masks(shape_name), kind)
             flat = (images * 2.0 - 1.0).reshape(images.shape[0], -1).contiguous()
             self._banks[key] = (flat, flat.to(torch.float64).pow(2).sum(-1))
         return self._banks[key]
@@ -261,23 +280,27 @@ class ReferencePrior:
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
-    def _load_or_render(self, shape_name: str) -> torch.Tensor:
+    def _load_or_render(self, shape_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(renders [L*V, 3, R, R], coverage masks [L*V, 1, R, R]) float32 on the CPU, from the disk cache
+        when it holds them."""
         expected = (len(self.cameras), 3, self.image_resolution, self.image_resolution)
         path = None
         if self.cache_dir is not None:
             path = self.cache_dir / f"reference-{shape_name}-{self._cache_key(shape_name)}.pt"
             if path.is_file():
                 try:
-                    images = torch.load(path, map_location="cpu", weights_only=True)["images"]
-                    if tuple(images.shape) == expected and images.dtype == torch.float32:
-                        return images
+                    cached = torch.load(path, map_location="cpu", weights_only=True)
+                    images, masks = cached["images"], cached["masks"]
+                    if (tuple(images.shape) == expected and images.dtype == masks.dtype == torch.float32
+                            and tuple(masks.shape) == (expected[0], 1, *expected[2:])):
+                        return images, masks
                 except Exception:  # a corrupt or foreign file: render again and overwrite it
                     pass
-        images, _ = render_shape(shape_name, self.cameras.to(self.device), self.image_resolution, SUPERSAMPLE)
-        images = images.to(torch.float32).cpu()
+        images, masks = render_shape(shape_name, self.cameras.to(self.device), self.image_resolution, SUPERSAMPLE)
+        images, masks = images.to(torch.float32).cpu(), masks.to(torch.float32).cpu()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"images": images}, tmp)
+            torch.save({"images": images, "masks": masks}, tmp)
             os.replace(tmp, path)
-        return images
+        return images, masks
