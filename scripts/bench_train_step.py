@@ -52,8 +52,8 @@ from sdsbridge.nerf.renderer import choose_sampler
 from sdsbridge.priors import load_prior
 from sdsbridge.priors.random_sd import build_random_pipeline
 from sdsbridge.prompts import PromptEmbeddings
-from sdsbridge.train import (build_optimizer, build_scene, regularizer_losses, resolve_device, seed_everything,
-                             with_random_backgrounds)
+from sdsbridge.devices import resolve_device, seed_everything
+from sdsbridge.train import build_optimizer, build_scene, regularizer_losses, with_random_backgrounds
 
 SECTIONS = ("render", "vae encode", "unet", "backward", "optimizer", "occupancy", "other")
 """Breakdown columns, in step order; 'other' is the step's time outside the named sections."""
@@ -239,7 +239,7 @@ def set_attention(prior, mode: str) -> None:
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="diffusers pipeline folder or hub id (default: tiny random pipeline)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp16", "fp32"),
                         help="prior dtype (auto: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last UNet and VAE")
@@ -271,7 +271,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def run(args: argparse.Namespace, model: str) -> tuple[str, list[dict]]:
     """Load everything, run every case; returns (header line, rows)."""
     device = resolve_device(args.device)
-    overrides = [f"prompt={args.prompt}", f"method={args.method}", f"device={device.type}",
+    overrides = [f"prompt={args.prompt}", f"method={args.method}", f"device={device}",
                  f"prior.model={model}", f"prior.dtype={args.dtype}", f"prior.channels_last={args.channels_last}",
                  f"prior.attention_slicing={args.attention == 'slicing'}", f"train.seed={args.seed}", *args.set]
     config = load_config(None, overrides)

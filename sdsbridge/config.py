@@ -26,6 +26,8 @@ REMOVED_SD_MODELS = ("stabilityai/stable-diffusion-2-1-base",)
 """Hub ids Stability AI removed in Nov 2025 (the official code's and threestudio's defaults)."""
 HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$"
 """What a Hugging Face hub id ("owner/name") looks like."""
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+"""What ``device:`` accepts: auto, cpu, cuda or cuda:N."""
 
 
 @dataclass
@@ -301,7 +303,7 @@ class Config:
     method: str = "bridge"
     """'bridge' (SDS-Bridge, two stages), 'sds' or 'nfsd'."""
     device: str = "auto"
-    """'auto' (CUDA when available), 'cuda' or 'cpu'."""
+    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N' (GPU number N)."""
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     scene: SceneConfig = field(default_factory=SceneConfig)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import signal
 import time
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from sdsbridge import checkpoint as ckpt
 from sdsbridge.cameras import orbit_cameras, sample_cameras
 from sdsbridge.config import Config
 from sdsbridge.config_loader import config_to_dict, to_yaml
+from sdsbridge.devices import seed_everything
 from sdsbridge.errors import UserError
 from sdsbridge.guidance import current_stage, guidance_step
 from sdsbridge.images import image_row, save_png
@@ -71,22 +71,6 @@ class TrainResult:
     interrupted: bool
     bad_steps: int
     seconds: float
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> CUDA when available, else CPU; 'cuda' without CUDA -> UserError."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device: 'cuda' was asked for but torch sees no CUDA device (use --device cpu or auto)")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), numpy and python RNGs."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def build_scene(config: Config, device: torch.device) -> Scene:

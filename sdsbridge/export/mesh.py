@@ -32,6 +32,7 @@ import trimesh
 from torch import nn
 
 from sdsbridge.atomic import atomic_write_bytes
+from sdsbridge.devices import module_device
 from sdsbridge.errors import UserError
 
 logger = logging.getLogger("sdsbridge")
@@ -59,12 +60,6 @@ class MeshResult:
     """(min, max) density over the grid points inside the scene sphere."""
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 def sphere_mask(radius: float, resolution: int) -> np.ndarray:
     """[R, R, R] bool: the corner-grid points inside the closed scene sphere of ``radius``."""
     squared = np.linspace(-radius, radius, resolution) ** 2
@@ -81,7 +76,7 @@ def density_grid(field: nn.Module, radius: float, resolution: int, chunk: int = 
     """
     if resolution < 2:
         raise UserError(f"mesh resolution must be at least 2, got {resolution}")
-    device = _module_device(field)
+    device = module_device(field)
     axis = torch.linspace(-radius, radius, resolution, dtype=torch.float64)
     inside = torch.from_numpy(sphere_mask(radius, resolution).reshape(-1))
     grid = np.zeros(resolution ** 3, dtype=np.float32)
@@ -182,7 +177,7 @@ def _decimate(vertices: np.ndarray, faces: np.ndarray, target_faces: int) -> tup
 @torch.no_grad()
 def vertex_colors(field: nn.Module, vertices: np.ndarray, chunk: int = 2 ** 18) -> np.ndarray:
     """[V, 3] world points -> [V, 3] uint8 colours from ``field.forward`` (rgb in [0, 1])."""
-    device = _module_device(field)
+    device = module_device(field)
     points = torch.from_numpy(np.ascontiguousarray(vertices, dtype=np.float32))
     colors = [field(part.to(device))[1].float().clamp(0, 1).cpu() for part in points.split(chunk)]
     rgb = torch.cat(colors) if colors else torch.zeros(0, 3)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from sdsbridge.cameras import Cameras, orbit_cameras
 from sdsbridge.config import CameraConfig
+from sdsbridge.devices import module_device
 from sdsbridge.errors import UserError
 from sdsbridge.images import to_uint8
 from sdsbridge.nerf.renderer import RenderOutput, Renderer
@@ -49,12 +50,6 @@ def turntable_frame(out: RenderOutput, index: int, near: float, far: float) -> n
     return np.pad(frame, pad, mode="edge") if any(p[1] for p in pad) else frame
 
 
-def _field_device(renderer: Renderer) -> torch.device:
-    for tensor in list(renderer.field.parameters()) + list(renderer.field.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 120, resolution: int = 512,
                      fps: int = 30, chunk_rays: Optional[int] = None,
@@ -75,7 +70,7 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
         raise UserError(f"video: frames, fps must be >= 1 and resolution >= 2 (got frames={frames}, "
                         f"resolution={resolution}, fps={fps})")
     renderer: Renderer = scene.renderer
-    device = _field_device(renderer)
+    device = module_device(renderer.field)
     cameras = orbit_cameras(camera_cfg, frames).to(device)
     background = None if background_color is None else torch.tensor(background_color, dtype=torch.float32,
                                                                       device=device)
