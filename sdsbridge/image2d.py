@@ -18,7 +18,6 @@ Batch mode writes one such folder per prompt, ``out_dir/<index>-<slug>/``, and s
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -31,16 +30,20 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from sdsbridge.atomic import atomic_write_bytes
 from sdsbridge.config import Config
 from sdsbridge.config_loader import config_from_dict, config_to_dict, to_yaml
 from sdsbridge.errors import UserError
 from sdsbridge.guidance import distill, guidance_config_for_image
-from sdsbridge.image_io import rewrite_metrics, write_png, write_video
+from sdsbridge.jsonl import append_rows, keep_rows
+from sdsbridge.media import to_uint8, video_frame, write_png, write_video
 from sdsbridge.priors import load_prior
 from sdsbridge.priors.base import Prior
 from sdsbridge.prompts import PromptEmbeddings
 from sdsbridge.rundir import slugify
 
+VIDEO_FPS = 10
+"""Frames per second of the optimisation video (the official 2D code's)."""
 MAX_SEEDS = 100_000
 """Most seeds one spec may name."""
 _SEED_ITEM = re.compile(r"^(\d+)(?:-(\d+))?$")
@@ -132,7 +135,7 @@ def decode_latents(prior: Prior, latents: torch.Tensor) -> torch.Tensor:
 
 def to_hwc_uint8(image: torch.Tensor) -> np.ndarray:
     """[3, H, W] float in [0, 1] -> [H, W, 3] uint8."""
-    return (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+    return to_uint8(image.permute(1, 2, 0))
 
 
 # --- the optimisation --------------------------------------------------------------------------------
@@ -244,18 +247,17 @@ def run_image(config: Config, out_dir: Path, device: torch.device | str, seeds: 
     todo = [s for s in seeds if not (skip_done and image_path(out_dir, s).is_file())]
 
     config_path = out_dir / "config.yaml"
-    config_path.write_text(to_yaml(config))
+    atomic_write_bytes(config_path, to_yaml(config).encode("utf-8"))
     metrics_path = out_dir / "metrics.jsonl"
-    rewrite_metrics(metrics_path, set(todo))
+    keep_rows(metrics_path, lambda row: row.get("seed") not in todo)  # seeds about to run again start afresh
     result = ImageResult(out_dir=out_dir, images={s: image_path(out_dir, s) for s in seeds}, videos={},
                          grid=None, metrics=metrics_path, config=config_path, optimised=todo)
     for seed in todo:
         trace = optimise_image(prior, embeddings, config, seed, progress, desc=f"{desc}seed {seed}")
-        with open(metrics_path, "a") as f:
-            f.writelines(json.dumps(row) + "\n" for row in trace.metrics)
+        append_rows(metrics_path, trace.metrics)
         if trace.frames:
             result.videos[seed] = out_dir / f"seed-{seed}.mp4"
-            write_video(result.videos[seed], trace.frames)
+            write_video(result.videos[seed], (video_frame(frame) for frame in trace.frames), VIDEO_FPS)
         write_png(image_path(out_dir, seed), trace.image)  # last: its presence marks the seed done
         result.seconds += trace.seconds
         result.steps += config.image.steps

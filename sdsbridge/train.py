@@ -6,7 +6,6 @@ run behaves exactly like an uninterrupted one (bit-identical on CPU).
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import time
@@ -22,12 +21,14 @@ from tqdm import tqdm
 
 from sdsbridge import checkpoint as ckpt
 from sdsbridge.cameras import orbit_cameras, sample_cameras
+from sdsbridge.atomic import atomic_write_bytes
 from sdsbridge.config import Config
 from sdsbridge.config_loader import config_to_dict, to_yaml
 from sdsbridge.devices import seed_everything
 from sdsbridge.errors import UserError
 from sdsbridge.guidance import current_stage, guidance_step
-from sdsbridge.images import image_row, save_png
+from sdsbridge.jsonl import append_rows, keep_rows
+from sdsbridge.media import image_row, write_png
 from sdsbridge.nerf.background import Background
 from sdsbridge.nerf.field import NeRFField
 from sdsbridge.nerf.renderer import Renderer
@@ -133,7 +134,7 @@ def save_validation(scene: Scene, config: Config, step: int, path: Path, device:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         out = scene.renderer.render(cameras, res, res, chunk_rays=config.render.chunk_rays)
     rows = [image_row(out.rgb[i], out.opacity[i], out.depth[i]) for i in range(len(cameras))]
-    save_png(path, np.concatenate(rows, axis=0))
+    write_png(path, np.concatenate(rows, axis=0))
 
 
 @contextmanager
@@ -166,19 +167,6 @@ def with_random_backgrounds(out, probability: float) -> torch.Tensor:
     return torch.where(use_solid[:, None, None, None], recomposited, out.rgb)
 
 
-def drop_metrics_after(path: Path, step: int) -> None:
-    """Resuming from an older checkpoint redoes steps past it: drop their metrics lines first, so
-    metrics.jsonl holds each step once."""
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        tmp.replace(path)
-
-
 def loss_and_grads_finite(loss: torch.Tensor, parameters: list[torch.Tensor]) -> bool:
     """Whether the loss and every gradient are finite: one reduction on the device, one host sync."""
     checks = [torch.isfinite(loss).reshape(1)]
@@ -205,7 +193,7 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
         ckpt.restore_rng_state(checkpoint["rng"])
         start_step, bad_steps_total = checkpoint["step"], checkpoint.get("bad_steps", 0)
         log.info(f"resuming {run_dir} at step {start_step} (stage {current_stage(config.method, start_step, config.guidance)})")
-    (run_dir / "config.yaml").write_text(to_yaml(config))
+    atomic_write_bytes(run_dir / "config.yaml", to_yaml(config).encode("utf-8"))
     ckpt_dir = run_dir / "checkpoints"
     steps = config.train.steps
     if start_step >= steps:
@@ -216,12 +204,12 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
         return ckpt.save_checkpoint(make_checkpoint(scene, optimizer, step, config, bad_steps_total),
                                     ckpt_dir, config.log.keep_checkpoints)
 
-    drop_metrics_after(run_dir / "metrics.jsonl", start_step)
-    metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+    metrics_path = run_dir / "metrics.jsonl"
+    keep_rows(metrics_path, lambda row: row.get("step", 0) <= start_step)  # a resumed run redoes later steps
     bar = tqdm(total=steps, initial=start_step, disable=not show_progress, dynamic_ncols=True, unit="step")
     bad_in_row, step, last_saved, interrupted = 0, start_step, None, False
     scene.train()
-    with stop_requests() as stop, metrics_file:
+    with stop_requests() as stop:
         for step in range(start_step, steps):
             # --- one optimisation step -------------------------------------------------------------
             cameras = sample_cameras(config.cameras, config.train.batch_size).to(device)
@@ -263,8 +251,7 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
                           "resolution": res,
                           "bad_steps": bad_steps_total, "elapsed_s": round(time.time() - started, 3),
                           **{f"loss_{k}": v.item() for k, v in losses.items()}}
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                append_rows(metrics_path, [record])
             if config.log.val_every and done % config.log.val_every == 0:
                 scene.eval()
                 save_validation(scene, config, done, run_dir / "validation" / f"step-{done:07d}.png", device)

@@ -8,13 +8,10 @@ near = bright), so it does not flicker, and fades to black with opacity.
 from __future__ import annotations
 
 import logging
-import os
 import time
-import uuid
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import imageio_ffmpeg
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -23,13 +20,10 @@ from sdsbridge.cameras import Cameras, orbit_cameras
 from sdsbridge.config import CameraConfig
 from sdsbridge.devices import module_device
 from sdsbridge.errors import UserError
-from sdsbridge.images import to_uint8
+from sdsbridge.media import pad_to_even, to_uint8, write_video
 from sdsbridge.nerf.renderer import RenderOutput, Renderer
 
 logger = logging.getLogger("sdsbridge")
-
-VIDEO_QUALITY = 8
-"""imageio-ffmpeg quality, 0 (worst) to 10 (best)."""
 
 
 def depth_panel(depth: torch.Tensor, opacity: torch.Tensor, near: float, far: float) -> torch.Tensor:
@@ -44,10 +38,8 @@ def depth_panel(depth: torch.Tensor, opacity: torch.Tensor, near: float, far: fl
 
 def turntable_frame(out: RenderOutput, index: int, near: float, far: float) -> np.ndarray:
     """View ``index`` of a render as [H, 2W, 3] uint8 (rgb | depth), padded to even height and width."""
-    frame = np.concatenate([to_uint8(out.rgb[index]),
-                            to_uint8(depth_panel(out.depth[index], out.opacity[index], near, far))], axis=1)
-    pad = ((0, frame.shape[0] % 2), (0, frame.shape[1] % 2), (0, 0))
-    return np.pad(frame, pad, mode="edge") if any(p[1] for p in pad) else frame
+    return pad_to_even(np.concatenate([to_uint8(out.rgb[index]),
+                                       to_uint8(depth_panel(out.depth[index], out.opacity[index], near, far))], axis=1))
 
 
 @torch.no_grad()
@@ -56,7 +48,7 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
                      background_color: Optional[Sequence[float]] = None, progress: bool = True) -> Path:
     """Render ``frames`` views of the eval orbit (``camera_cfg.eval_elevation`` / ``eval_distance`` /
     ``eval_fovy``, azimuth from 0 in equal steps) one at a time and write an mp4 (libx264, yuv420p) at
-    ``fps`` to ``path``, atomically (temporary file in the same directory, then rename).
+    ``fps`` to ``path``, atomically (``media.write_video``).
 
     Args:
         scene: anything with a ``renderer`` (a ``Renderer``), e.g. ``sdsbridge.train.Scene``.
@@ -76,33 +68,18 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
                                                                       device=device)
     near = camera_cfg.eval_distance - renderer.radius
     far = camera_cfg.eval_distance + renderer.radius
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.mp4")  # ffmpeg creates it
     was_training = renderer.training
     renderer.eval()
     started = time.time()
-    writer = None
-    try:
+
+    def rendered_frames():
         for i in tqdm(range(frames), disable=not progress, desc="turntable", unit="frame", dynamic_ncols=True):
             out = renderer.render(_one(cameras, i), resolution, resolution, background_color=background,
                                   chunk_rays=chunk_rays or renderer.cfg.chunk_rays)
-            frame = turntable_frame(out, 0, near, far)
-            if writer is None:
-                writer = imageio_ffmpeg.write_frames(
-                    tmp, (frame.shape[1], frame.shape[0]), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
-                    quality=VIDEO_QUALITY, macro_block_size=2, ffmpeg_log_level="error")
-                writer.send(None)  # start ffmpeg
-            writer.send(np.ascontiguousarray(frame))
-        if writer is not None:
-            writer.close()
-            writer = None
-        os.replace(tmp, path)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            yield turntable_frame(out, 0, near, far)
+
+    try:
+        write_video(path, rendered_frames(), fps)
     finally:
         renderer.train(was_training)
     logger.info("video: %d frames of %dx%d at %d fps in %.1f s -> %s", frames, 2 * resolution, resolution, fps,

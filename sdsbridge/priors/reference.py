@@ -17,13 +17,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from sdsbridge.atomic import atomic_file
 from sdsbridge.cameras import VIEW_LABELS, Cameras, cameras_from_angles, sample_cameras
 from sdsbridge.config import CameraConfig, PriorConfig
 from sdsbridge.priors import shapes as shapes_module
@@ -276,8 +276,6 @@ class ReferencePrior:
         images, _ = render_shape(shape_name, self.cameras.to(self.device), self.image_resolution, SUPERSAMPLE)
         images = images.to(torch.float32).cpu()
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"images": images}, tmp)
-            os.replace(tmp, path)
+            with atomic_file(path) as handle:
+                torch.save({"images": images}, handle)
         return images
