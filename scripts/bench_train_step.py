@@ -50,7 +50,7 @@ from sdsbridge.guidance import distill, guidance_config_for_image, guidance_step
 from sdsbridge.image2d import latent_shape
 from sdsbridge.nerf.renderer import choose_sampler
 from sdsbridge.priors import load_prior
-from sdsbridge.priors.random_sd import build_random_pipeline
+from sdsbridge.random_sd import build_random_pipeline
 from sdsbridge.prompts import PromptEmbeddings
 from sdsbridge.devices import resolve_device, seed_everything
 from sdsbridge.train import build_optimizer, build_scene, regularizer_losses, with_random_backgrounds

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from sdsbridge.config_loader import load_config
-from sdsbridge.export.evaluation import evaluate_run
+from sdsbridge.evaluation import evaluate_run
 from sdsbridge.priors.shapes import SHAPES
 from sdsbridge.rundir import create_run_dir
 from sdsbridge.train import train

@@ -192,7 +192,7 @@ def evaluate(
     saturation error (reference-prior runs); Stable Diffusion runs have no ground truth to score."""
     import json
 
-    from sdsbridge.export.evaluation import evaluate_run
+    from sdsbridge.evaluation import evaluate_run
     from sdsbridge.devices import resolve_device
 
     scores = evaluate_run(run, resolve_device(device))

@@ -11,7 +11,7 @@ from diffusers import PNDMScheduler
 
 from sdsbridge.config import PriorConfig
 from sdsbridge.priors import load_prior
-from sdsbridge.priors.random_sd import (ARCHITECTURES, BOS_TOKEN, COMPONENTS, EOS_TOKEN, architecture_parameter_counts,
+from sdsbridge.random_sd import (ARCHITECTURES, BOS_TOKEN, COMPONENTS, EOS_TOKEN, architecture_parameter_counts,
                                         assets_dir, byte_vocabulary, read_architecture)
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_random_sd.py"

@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from sdsbridge.config import PriorConfig
 from sdsbridge.errors import UserError
 from sdsbridge.priors import load_prior
-from sdsbridge.priors.random_sd import build_random_pipeline
+from sdsbridge.random_sd import build_random_pipeline
 from sdsbridge.priors.stable_diffusion import StableDiffusionPrior
 
 

@@ -1,7 +1,7 @@
 """Score a trained run: against the built-in shape's ground truth for reference-prior runs, basic statistics
 for Stable Diffusion runs (which have no ground truth).
 
-Reference-prior scores (sdsbridge.evaluate holds the metrics):
+Reference-prior scores (the metrics are in scores.py):
 - psnr_db: PSNR of the NeRF's renders over white (rgb_fg + (1 - opacity) * 1) against the shape's own
   anti-aliased renders over white, on ``n_views`` eval-orbit cameras (eval elevation / distance / fovy,
   azimuths from 0 in equal steps) -- not the prior's reference cameras;
@@ -21,6 +21,7 @@ from typing import Optional, Union
 
 import torch
 
+from sdsbridge import scores
 from sdsbridge.cameras import orbit_cameras
 from sdsbridge.errors import UserError
 from sdsbridge.export.mesh import extract_mesh
@@ -93,21 +94,19 @@ def evaluate_scene(scene, config, step: int, device: Union[torch.device, str] = 
     reference = config.prior.kind == "reference"
     resolution = resolution or (config.prior.resolution if reference else 64)
     if reference:
-        from sdsbridge import evaluate
-
-        shape = evaluate.shape_for_prompt(config.prompt)  # UserError before any rendering if unscorable
+        shape = scores.shape_for_prompt(config.prompt)  # UserError before any rendering if unscorable
     rgb, opacity, cameras = _render_white(scene, config, n_views, resolution, device)
     mesh, mesh_meta = _mesh_stats(scene, config, mesh_resolution)
     result = {"prior": config.prior.kind, "prompt": config.prompt, "step": step, "scored": reference,
               "n_views": n_views, "resolution": resolution, "mesh_resolution": mesh_resolution,
               "mean_opacity": float(opacity.mean()), **mesh_meta}
     if reference:
-        truth, coverage = evaluate.reference_views(shape, cameras, resolution)
-        chamfer = math.inf if mesh is None else evaluate.chamfer_distance(
+        truth, coverage = scores.reference_views(shape, cameras, resolution)
+        chamfer = math.inf if mesh is None else scores.chamfer_distance(
             torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.faces), shape, n_points=n_points)
         union = float(torch.maximum(opacity, coverage).sum())
-        result.update({"shape": shape, "psnr_db": evaluate.psnr(rgb, truth), "chamfer": chamfer,
-                       "saturation_error": evaluate.saturation_error(rgb, truth, coverage),
+        result.update({"shape": shape, "psnr_db": scores.psnr(rgb, truth), "chamfer": chamfer,
+                       "saturation_error": scores.saturation_error(rgb, truth, coverage),
                        "mask_iou": float(torch.minimum(opacity, coverage).sum()) / union if union else 0.0})
     else:
         result["reason"] = (f"no ground truth for a {config.prior.kind} prior: PSNR, Chamfer and saturation "
