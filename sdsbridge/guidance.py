@@ -187,11 +187,8 @@ def distill(prior: Prior, latents: torch.Tensor, conditions: dict[str, torch.Ten
 def guidance_step(prior: Prior, images: torch.Tensor, conditions: dict[str, torch.Tensor], method: str,
                   step: int, cfg: GuidanceConfig, camera_positions: Optional[torch.Tensor] = None,
                   generator: Optional[torch.Generator] = None) -> GuidanceResult:
-    """Images [N, 3, H, W] in [0, 1] -> resized bilinearly to ``prior.image_resolution``, encoded, and
-    distilled (``distill``). The loss backpropagates to ``images``."""
-    r = prior.image_resolution
-    if images.shape[-2:] != (r, r):
-        images = F.interpolate(images, (r, r), mode="bilinear", align_corners=False)
+    """Images [N, 3, H, W] in [0, 1] -> encoded by the prior (which resizes them) and distilled
+    (``distill``). The loss backpropagates to ``images``."""
     latents = prior.encode_images(images)
     return distill(prior, latents, conditions, method, step, cfg, camera_positions, generator)
 

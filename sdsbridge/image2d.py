@@ -113,29 +113,9 @@ def latent_shape(prior: Prior, resolution: int) -> tuple[int, int, int, int]:
     return (1, z.shape[1], resolution // factor, resolution // factor)
 
 
-@torch.no_grad()
-def decode_latents(prior: Prior, latents: torch.Tensor) -> torch.Tensor:
-    """[N, C, h, w] latents -> [N, 3, H, W] float32 images in [0, 1] on the CPU.
-
-    Uses ``prior.decode_latents`` when the prior has one; else, for a prior with a VAE (Stable Diffusion),
-    ``vae.decode(latents / scaling)`` mapped from [-1, 1]; else (pixel-space priors: the reference prior)
-    the latents are images in [-1, 1].
-    """
-    decode = getattr(prior, "decode_latents", None)
-    if decode is not None:
-        return decode(latents).float().cpu()
-    vae = getattr(prior, "vae", None)
-    if vae is None:
-        images = (latents.float() + 1.0) / 2.0
-    else:
-        x = latents.to(prior.device, prior.dtype) / prior.latent_scaling
-        images = vae.decode(x).sample.float() / 2.0 + 0.5
-    return images.clamp(0.0, 1.0).cpu()
-
-
-def to_hwc_uint8(image: torch.Tensor) -> np.ndarray:
-    """[3, H, W] float in [0, 1] -> [H, W, 3] uint8."""
-    return to_uint8(image.permute(1, 2, 0))
+def first_image(prior: Prior, latents: torch.Tensor) -> np.ndarray:
+    """The first of [N, C, h, w] latents as an [H, W, 3] uint8 image (``prior.decode_latents``)."""
+    return to_uint8(prior.decode_latents(latents)[0].permute(1, 2, 0))
 
 
 # --- the optimisation --------------------------------------------------------------------------------
@@ -169,7 +149,7 @@ def optimise_image(prior: Prior, embeddings: PromptEmbeddings, config: Config, s
     optimizer = torch.optim.AdamW([latents], lr=im.lr, betas=(0.9, 0.99), eps=1e-15, weight_decay=0.01)
     conditions = embeddings.conditions(["front"])  # no view suffixes in 2D: every label has the same text
 
-    frames = [to_hwc_uint8(decode_latents(prior, latents)[0])] if im.video_every else []
+    frames = [first_image(prior, latents)] if im.video_every else []
     rows = []
     start = time.perf_counter()
     bar = tqdm(range(im.steps), desc=desc or f"seed {seed}", disable=not progress, dynamic_ncols=True)
@@ -184,10 +164,10 @@ def optimise_image(prior: Prior, embeddings: PromptEmbeddings, config: Config, s
                          "t": t, "stage": result.stage})
             bar.set_postfix(stage=result.stage, t=t, grad=f"{grad_norm:.3g}", refresh=False)
         if im.video_every and (step + 1) % im.video_every == 0:
-            frames.append(to_hwc_uint8(decode_latents(prior, latents)[0]))
+            frames.append(first_image(prior, latents))
     bar.close()
     seconds = time.perf_counter() - start
-    image = to_hwc_uint8(decode_latents(prior, latents)[0])
+    image = first_image(prior, latents)
     return Trace(image=image, frames=frames, metrics=rows, seconds=seconds)
 
 

@@ -27,6 +27,7 @@ from sdsbridge.atomic import atomic_file
 from sdsbridge.cameras import VIEW_LABELS, Cameras, cameras_from_angles, sample_cameras
 from sdsbridge.config import CameraConfig, PriorConfig
 from sdsbridge.priors import shapes as shapes_module
+from sdsbridge.priors.base import to_prior_images
 from sdsbridge.priors.denoiser import noise_from_denoised, optimal_denoiser, sd_alphas_cumprod
 from sdsbridge.priors.reference_prompts import Condition, parse_prompt
 from sdsbridge.priors.shapes import get_shape, render_shape
@@ -170,11 +171,13 @@ class ReferencePrior:
 
     # --- images -------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] in [0, 1] -> [N, 3, R, R] in [-1, 1] (bilinear resize if needed; differentiable)."""
-        r = self.image_resolution
-        if images.shape[-2:] != (r, r):
-            images = F.interpolate(images, size=(r, r), mode="bilinear", align_corners=False)
-        return images * 2.0 - 1.0
+        """[N, 3, H, W] in [0, 1] (any device) -> [N, 3, R, R] in [-1, 1] on ``device`` (moved and resized
+        by ``to_prior_images``; differentiable)."""
+        return to_prior_images(images, self.image_resolution, self.device) * 2.0 - 1.0
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """[N, 3, R, R] latents in [-1, 1] -> [N, 3, R, R] float32 images in [0, 1] on ``device``."""
+        return ((latents.detach().to(self.device, torch.float32) + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def clean_renders(self, shape_name: str) -> torch.Tensor:
         """[L*V, 3, R, R] renders in [0, 1] of a shape from ``self.cameras`` (label-sorted)."""
