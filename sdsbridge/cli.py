@@ -110,21 +110,23 @@ def train(
     if result.interrupted:
         typer.echo(f"interrupted: {summary}; resume with `sdsbridge train --resume {result.run_dir}`")
         raise typer.Exit(130)
-    outputs, failed = _export_after_training(config, result.run_dir, torch_device, progress)
+    outputs, failed = _export_after_training(config, result, progress)
     typer.echo(f"done: {summary}" + "".join(f"; {name}: {path}" for name, path in outputs))
     if failed:
         raise typer.Exit(1)
 
 
-def _export_after_training(config, run_dir: Path, device, progress: bool) -> tuple[list[tuple[str, Path]], bool]:
-    """Mesh and turntable at the end of `train` (export.mesh / export.video). A failed export is reported
-    in one line and does not hide the other output; the trained run is kept either way."""
-    from sdsbridge.export.mesh import export_run_mesh
-    from sdsbridge.export.video import render_run_video
+def _export_after_training(config, result, progress: bool) -> tuple[list[tuple[str, Path]], bool]:
+    """Mesh and turntable of the trained scene in memory at the end of `train` (export.mesh / export.video).
+    A failed export is reported in one line and does not hide the other output; the trained run is kept
+    either way."""
+    from sdsbridge.export.mesh import export_mesh
+    from sdsbridge.export.video import export_video
 
     outputs, failed = [], False
-    steps = [("mesh", config.export.mesh, lambda: export_run_mesh(run_dir, device=device)),
-             ("video", config.export.video, lambda: render_run_video(run_dir, device=device, progress=progress))]
+    steps = [("mesh", config.export.mesh, lambda: export_mesh(result.scene, config, result.run_dir)),
+             ("video", config.export.video, lambda: export_video(result.scene, config, result.run_dir,
+                                                                 progress=progress))]
     for name, wanted, make in steps:
         if not wanted:
             continue

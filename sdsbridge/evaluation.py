@@ -25,6 +25,7 @@ from sdsbridge import scores
 from sdsbridge.cameras import orbit_cameras
 from sdsbridge.errors import UserError
 from sdsbridge.export.mesh import extract_mesh
+from sdsbridge.scene import load_trained_scene
 
 logger = logging.getLogger("sdsbridge")
 
@@ -66,8 +67,6 @@ def evaluate_run(run_dir: Path, device: Union[torch.device, str] = "cpu", n_view
                  n_points: int = 20000) -> dict:
     """Evaluate a trained run (a run directory or a checkpoint file): ``evaluate_scene`` of its last
     checkpoint. Arguments and result as there."""
-    from sdsbridge.train import load_trained_scene
-
     device = torch.device(device)
     scene, config, step = load_trained_scene(Path(run_dir), device)
     return evaluate_scene(scene, config, step, device, n_views, resolution, mesh_resolution, n_points)
@@ -76,7 +75,7 @@ def evaluate_run(run_dir: Path, device: Union[torch.device, str] = "cpu", n_view
 def evaluate_scene(scene, config, step: int, device: Union[torch.device, str] = "cpu",
                    n_views: int = DEFAULT_VIEWS, resolution: Optional[int] = None,
                    mesh_resolution: int = DEFAULT_MESH_RESOLUTION, n_points: int = 20000) -> dict:
-    """Evaluate a scene (``field`` + ``renderer``, e.g. ``sdsbridge.train.Scene``) trained with ``config``.
+    """Evaluate a scene (``field`` + ``renderer``, e.g. ``scene.Scene``) trained with ``config``.
 
     Args:
         n_views: eval-orbit views to render and score.

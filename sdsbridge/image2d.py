@@ -4,9 +4,10 @@ SDS-Bridge 2D code does, for one or more seeds, or for every prompt of a text fi
 What is optimised is the prior's latent x [1, C, h, w] itself: for Stable Diffusion a VAE latent
 [1, 4, R/8, R/8] (R = ``image.resolution``), initialised like the official code with x ~ N(0, I); for the
 reference prior (built at R = ``image.resolution``) the pixel-space tensor its ``encode_images`` returns
-([1, 3, R, R] in [-1, 1] units), initialised the same way (N(0, I) is also what that prior's diffusion holds at t = T). Every step calls
-``guidance.distill`` on x (the same SDS / bridge / NFSD code as 3D) and takes an AdamW step
-(lr ``image.lr``, betas (0.9, 0.99), eps 1e-15, torch's default weight decay 0.01, as the official code).
+([1, 3, R, R] in [-1, 1] units), initialised the same way (N(0, I) is also what that prior's diffusion
+holds at t = T). Every step is ``train_step`` on x (the same methods and step as 3D): one distillation and
+one AdamW step (lr ``image.lr``, betas (0.9, 0.99), eps 1e-15, torch's default weight decay 0.01, as the
+official code).
 
 Outputs in ``out_dir`` (each seed ``s``): ``seed-<s>.png`` (the final image, written atomically and last),
 ``seed-<s>.mp4`` (the initial image and one frame every ``image.video_every`` steps), ``metrics.jsonl``
@@ -31,16 +32,17 @@ import yaml
 from tqdm import tqdm
 
 from sdsbridge.atomic import atomic_write_bytes
-from sdsbridge.config import Config
+from sdsbridge.config import Config, GuidanceConfig
 from sdsbridge.config_loader import config_from_dict, config_to_dict, to_yaml
 from sdsbridge.errors import UserError
-from sdsbridge.guidance import distill, guidance_config_for_image
 from sdsbridge.jsonl import append_rows, keep_rows
 from sdsbridge.media import to_uint8, video_frame, write_png, write_video
+from sdsbridge.methods import Method, make_method
 from sdsbridge.priors import load_prior
 from sdsbridge.priors.base import Prior
 from sdsbridge.prompts import PromptEmbeddings
 from sdsbridge.rundir import slugify
+from sdsbridge.train_step import train_step
 
 VIDEO_FPS = 10
 """Frames per second of the optimisation video (the official 2D code's)."""
@@ -90,7 +92,28 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-# --- the prior's image space -------------------------------------------------------------------------
+# --- settings and the prior's image space ------------------------------------------------------------
+def image_guidance_config(config: Config) -> GuidanceConfig:
+    """The 2D mode's method settings: ``config.image``'s scales, weighting, switch step, timestep range and
+    target modifier (the official 2D code's), CFG on the plain prompt, no view suffixes; modifiers, NFSD
+    negative and grad clip from ``config.guidance``."""
+    im = config.image
+    return dataclasses.replace(
+        config.guidance,
+        guidance_scale=im.guidance_scale,
+        weighting="sds",
+        stage2_start_step=im.stage2_start_step,
+        stage2_scale=im.stage2_scale,
+        stage2_weighting=im.stage2_weighting,
+        stage2_max_step_percent=None,
+        min_step_percent=im.min_step_percent,
+        max_step_percent=im.max_step_percent,
+        target_modifier=im.target_modifier,
+        cfg_on_target=False,
+        view_dependent=False,
+    )
+
+
 def load_image_prior(config: Config, device: torch.device | str) -> Prior:
     """``load_prior`` for the 2D mode: the reference prior is built at ``image.resolution`` (its
     ``prior.resolution`` is the 3D scoring resolution); Stable Diffusion loads as configured."""
@@ -133,20 +156,26 @@ class Trace:
     """Wall time of the loop (including video frame decoding)."""
 
 
-def optimise_image(prior: Prior, embeddings: PromptEmbeddings, config: Config, seed: int,
+def image_optimizer(latents: torch.Tensor, method: Method, lr: float) -> torch.optim.AdamW:
+    """AdamW on the image latent (lr ``lr``) and the method's own groups, with the official 2D code's
+    betas (0.9, 0.99), eps 1e-15 and torch's default weight decay 0.01."""
+    return torch.optim.AdamW([{"params": [latents], "lr": lr, "name": "image"}, *method.param_groups()],
+                             betas=(0.9, 0.99), eps=1e-15, weight_decay=0.01)
+
+
+def optimise_image(method: Method, embeddings: PromptEmbeddings, config: Config, seed: int,
                    progress: bool = True, desc: str = "") -> Trace:
-    """Run ``image.steps`` steps of ``config.method`` on a fresh latent (see the module docstring).
+    """Run ``image.steps`` steps of ``method`` (``train_step``) on a fresh latent (see the module docstring).
 
     One CPU ``torch.Generator`` seeded with ``seed`` draws the initial latent, then every step's t and
-    noise (inside ``distill``), so a seed gives the same image whatever else runs (CPU and CUDA alike, up
-    to the prior's numerics).
+    noise (inside ``Method.distill``), so a seed gives the same image whatever else runs (CPU and CUDA
+    alike, up to the prior's numerics).
     """
-    im = config.image
-    gcfg = guidance_config_for_image(config)
+    im, prior = config.image, method.prior
     generator = torch.Generator().manual_seed(seed)
     shape = latent_shape(prior, im.resolution)
     latents = torch.randn(shape, generator=generator).to(prior.device).requires_grad_(True)
-    optimizer = torch.optim.AdamW([latents], lr=im.lr, betas=(0.9, 0.99), eps=1e-15, weight_decay=0.01)
+    optimizer = image_optimizer(latents, method, im.lr)
     conditions = embeddings.conditions(["front"])  # no view suffixes in 2D: every label has the same text
 
     frames = [first_image(prior, latents)] if im.video_every else []
@@ -154,21 +183,17 @@ def optimise_image(prior: Prior, embeddings: PromptEmbeddings, config: Config, s
     start = time.perf_counter()
     bar = tqdm(range(im.steps), desc=desc or f"seed {seed}", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        result = distill(prior, latents, conditions, config.method, step, gcfg, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        optimizer.step()
+        result = train_step(method, optimizer, latents, conditions, step, generator=generator)
         if step % config.log.log_every == 0 or step == im.steps - 1:
-            t, grad_norm = int(result.t[0]), result.grad_norm.item()
+            t, grad_norm = int(result.guidance.t[0]), result.guidance.grad_norm.item()
             rows.append({"seed": seed, "step": step, "loss": result.loss.item(), "grad_norm": grad_norm,
-                         "t": t, "stage": result.stage})
-            bar.set_postfix(stage=result.stage, t=t, grad=f"{grad_norm:.3g}", refresh=False)
+                         "t": t, "stage": result.guidance.stage})
+            bar.set_postfix(stage=result.guidance.stage, t=t, grad=f"{grad_norm:.3g}", refresh=False)
         if im.video_every and (step + 1) % im.video_every == 0:
             frames.append(first_image(prior, latents))
     bar.close()
     seconds = time.perf_counter() - start
-    image = first_image(prior, latents)
-    return Trace(image=image, frames=frames, metrics=rows, seconds=seconds)
+    return Trace(image=first_image(prior, latents), frames=frames, metrics=rows, seconds=seconds)
 
 
 # --- outputs -----------------------------------------------------------------------------------------
@@ -221,7 +246,8 @@ def run_image(config: Config, out_dir: Path, device: torch.device | str, seeds: 
     if not seeds:
         raise UserError("seeds: no seed given")
     prior = prior if prior is not None else load_image_prior(config, device)
-    embeddings = PromptEmbeddings(prior, config.prompt, guidance_config_for_image(config), config.method)
+    method = make_method(config.method, image_guidance_config(config), prior)
+    embeddings = PromptEmbeddings(prior, method.role_texts(config.prompt), view_dependent=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [s for s in seeds if not (skip_done and image_path(out_dir, s).is_file())]
@@ -233,7 +259,7 @@ def run_image(config: Config, out_dir: Path, device: torch.device | str, seeds: 
     result = ImageResult(out_dir=out_dir, images={s: image_path(out_dir, s) for s in seeds}, videos={},
                          grid=None, metrics=metrics_path, config=config_path, optimised=todo)
     for seed in todo:
-        trace = optimise_image(prior, embeddings, config, seed, progress, desc=f"{desc}seed {seed}")
+        trace = optimise_image(method, embeddings, config, seed, progress, desc=f"{desc}seed {seed}")
         append_rows(metrics_path, trace.metrics)
         if trace.frames:
             result.videos[seed] = out_dir / f"seed-{seed}.mp4"

@@ -32,8 +32,10 @@ import trimesh
 from torch import nn
 
 from sdsbridge.atomic import atomic_write_bytes
+from sdsbridge.checkpoint import find_checkpoint, run_dir_of
 from sdsbridge.devices import module_device
 from sdsbridge.errors import UserError
+from sdsbridge.scene import load_trained_scene
 
 logger = logging.getLogger("sdsbridge")
 
@@ -260,18 +262,11 @@ def save_mesh(result: MeshResult, path: Path, format: Optional[str] = None) -> P
     return path
 
 
-def export_run_mesh(run_dir: Path, format: Optional[str] = None, resolution: Optional[int] = None,
-                    threshold: Union[str, float, None] = None, device: Union[torch.device, str] = "cpu") -> Path:
-    """Extract and save the mesh of a trained run (a run directory or a checkpoint file).
-
-    Unset arguments come from the run's ``export`` config (format glb, resolution 256, threshold auto).
-    Writes and returns ``<run_dir>/mesh/mesh.<format>``.
-    """
-    from sdsbridge.checkpoint import find_checkpoint, run_dir_of
-    from sdsbridge.train import load_trained_scene
-
-    checkpoint = find_checkpoint(Path(run_dir))
-    scene, config, step = load_trained_scene(checkpoint, torch.device(device))
+def export_mesh(scene, config, run_dir: Path, format: Optional[str] = None, resolution: Optional[int] = None,
+                threshold: Union[str, float, None] = None) -> Path:
+    """Extract the mesh of a trained scene (anything with a ``field``, e.g. ``scene.Scene``) and save it as
+    ``<run_dir>/mesh/mesh.<format>``. Unset arguments come from ``config.export`` (format glb, resolution
+    256, threshold auto). Returns the path."""
     export = config.export
     fmt = (format or export.format).lower()
     if fmt not in FORMATS:
@@ -280,6 +275,15 @@ def export_run_mesh(run_dir: Path, format: Optional[str] = None, resolution: Opt
                           export.threshold if threshold is None else threshold,
                           min_component_fraction=export.min_component_fraction,
                           decimate_faces=export.decimate_faces)
-    path = save_mesh(result, run_dir_of(checkpoint) / "mesh" / f"mesh.{fmt}", fmt)
+    return save_mesh(result, Path(run_dir) / "mesh" / f"mesh.{fmt}", fmt)
+
+
+def export_run_mesh(run_dir: Path, format: Optional[str] = None, resolution: Optional[int] = None,
+                    threshold: Union[str, float, None] = None, device: Union[torch.device, str] = "cpu") -> Path:
+    """``export_mesh`` of a finished run's last checkpoint (``run_dir``: a run directory or a checkpoint
+    file); writes ``<run_dir>/mesh/mesh.<format>``."""
+    checkpoint = find_checkpoint(Path(run_dir))
+    scene, config, step = load_trained_scene(checkpoint, torch.device(device))
+    path = export_mesh(scene, config, run_dir_of(checkpoint), format, resolution, threshold)
     logger.info("mesh: step %d -> %s", step, path)
     return path

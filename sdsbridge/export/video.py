@@ -17,11 +17,13 @@ import torch
 from tqdm import tqdm
 
 from sdsbridge.cameras import Cameras, orbit_cameras
+from sdsbridge.checkpoint import find_checkpoint, run_dir_of
 from sdsbridge.config import CameraConfig
 from sdsbridge.devices import module_device
 from sdsbridge.errors import UserError
 from sdsbridge.media import pad_to_even, to_uint8, write_video
 from sdsbridge.nerf.renderer import RenderOutput, Renderer
+from sdsbridge.scene import load_trained_scene
 
 logger = logging.getLogger("sdsbridge")
 
@@ -51,7 +53,7 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
     ``fps`` to ``path``, atomically (``media.write_video``).
 
     Args:
-        scene: anything with a ``renderer`` (a ``Renderer``), e.g. ``sdsbridge.train.Scene``.
+        scene: anything with a ``renderer`` (a ``Renderer``), e.g. ``scene.Scene``.
         resolution: frame height in pixels (each panel is resolution x resolution).
         chunk_rays: rays per field call (default ``renderer.cfg.chunk_rays``).
         background_color: RGB in [0, 1] behind the object (default: the scene's learnt background).
@@ -93,20 +95,21 @@ def _one(cameras: Cameras, i: int) -> Cameras:
                    cameras.azimuth[i:i + 1], cameras.distance[i:i + 1], cameras.labels[i:i + 1])
 
 
+def export_video(scene, config, run_dir: Path, frames: Optional[int] = None, resolution: Optional[int] = None,
+                 fps: Optional[int] = None, progress: bool = True) -> Path:
+    """The turntable of a trained scene as ``<run_dir>/video/turntable.mp4``. Unset arguments come from
+    ``config.export`` (120 frames, 512 px, 30 fps). Returns the path."""
+    export = config.export
+    return render_turntable(scene, config.cameras, Path(run_dir) / "video" / "turntable.mp4",
+                            frames=frames or export.video_frames, resolution=resolution or export.video_resolution,
+                            fps=fps or export.video_fps, chunk_rays=config.render.chunk_rays, progress=progress)
+
+
 def render_run_video(run_dir: Path, frames: Optional[int] = None, resolution: Optional[int] = None,
                      fps: Optional[int] = None, device: Union[torch.device, str] = "cpu",
                      progress: bool = True) -> Path:
-    """Render the turntable of a trained run (a run directory or a checkpoint file).
-
-    Unset arguments come from the run's ``export`` config (120 frames, 512 px, 30 fps).
-    Writes and returns ``<run_dir>/video/turntable.mp4``.
-    """
-    from sdsbridge.checkpoint import find_checkpoint, run_dir_of
-    from sdsbridge.train import load_trained_scene
-
+    """``export_video`` of a finished run's last checkpoint (``run_dir``: a run directory or a checkpoint
+    file); writes ``<run_dir>/video/turntable.mp4``."""
     checkpoint = find_checkpoint(Path(run_dir))
     scene, config, _ = load_trained_scene(checkpoint, torch.device(device))
-    export = config.export
-    return render_turntable(scene, config.cameras, run_dir_of(checkpoint) / "video" / "turntable.mp4",
-                            frames=frames or export.video_frames, resolution=resolution or export.video_resolution,
-                            fps=fps or export.video_fps, chunk_rays=config.render.chunk_rays, progress=progress)
+    return export_video(scene, config, run_dir_of(checkpoint), frames, resolution, fps, progress)
