@@ -220,7 +220,8 @@ def image(
     """2D score distillation: optimise an image (SD latent or reference-prior pixels) with bridge/sds/nfsd
     and the official 2D settings (image.* keys)."""
     from sdsbridge.config_loader import load_config
-    from sdsbridge.image2d import parse_seeds, run_image, run_image_batch
+    from sdsbridge.image2d import parse_seeds, run_image
+    from sdsbridge.image_batch import run_image_batch
     from sdsbridge.rundir import create_run_dir, run_slug
     from sdsbridge.devices import resolve_device
 

@@ -12,9 +12,8 @@ import torch
 
 from sdsbridge.config_loader import load_config
 from sdsbridge.errors import UserError
-from sdsbridge.image2d import (
-    image_guidance_config, load_image_prior, optimise_image, parse_seeds, read_prompts, run_image, run_image_batch,
-)
+from sdsbridge.image2d import image_guidance_config, load_image_prior, optimise_image, parse_seeds, run_image
+from sdsbridge.image_batch import read_prompts, run_image_batch
 from sdsbridge.methods import make_method
 from sdsbridge.prompts import PromptEmbeddings
 
