@@ -1,7 +1,7 @@
 """Typed configuration schema (loading and checks live in config_loader.py).
 
-Every field has a default; the defaults are the official SDS-Bridge 3D setup (Stable Diffusion 2.1-base,
-see shared DESIGN.md). YAML keys are the field names. Fields typed ``Any`` that hold a *scheduled* value
+Every field has a default; the defaults are the official SDS-Bridge 3D setup (Stable Diffusion 2.1-base;
+tests/test_official_recipe.py checks each against the official config). YAML keys are the field names. Fields typed ``Any`` that hold a *scheduled* value
 take a number or ``[start_step, start_value, end_value, end_step]`` (see schedules.py).
 """
 

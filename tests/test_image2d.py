@@ -124,7 +124,7 @@ def test_reference_prior_image_approaches_the_shape(ref_prior, method):
         assert d[-1] < 0.7 * d[0]
         if method == "sds":
             assert np.all(np.diff(d[:-1]) < 0) and d[-1] < 0.5 * d[0]
-        # (the bridge's stage two with t up to 0.98 T drifts on this prior, see DESIGN.md; not asserted)
+        # (the bridge's stage two with t up to 0.98 T drifts on this prior, see README; not asserted)
         assert d[-1] < nearest_distance([trace.image], ref_prior.clean_renders("box"))[0]
 
 

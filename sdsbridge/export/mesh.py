@@ -11,7 +11,7 @@ Automatic level (``threshold="auto"``), in three steps:
 1. split: Otsu's threshold on log10(max(density, 1e-3)) over the grid points inside the sphere, which
    separates the background mode from the high-density (object) mode;
 2. level = AUTO_LEVEL (5, the best level measured on trained demo runs' softplus density; 25 gave empty
-   meshes, see shared DESIGN.md);
+   meshes);
 3. clamped into [split, half the 90th percentile of the densities above the split] so it lies above the
    background and well inside the object's range when the field's scale differs from the demo's (when
    the two bounds cross, the split wins).
@@ -40,7 +40,7 @@ from sdsbridge.scene import load_trained_scene
 logger = logging.getLogger("sdsbridge")
 
 AUTO_LEVEL = 5.0
-"""Preferred iso-level of the softplus density (DESIGN.md: best ~5 on the demo, 25 gave empty meshes)."""
+"""Preferred iso-level of the softplus density (measured on the demo: ~5 is best, 25 gave empty meshes)."""
 LOG_FLOOR = 1e-3
 """Densities below this count as this in the log histogram of the automatic level."""
 FORMATS = ("glb", "obj", "ply")

@@ -8,7 +8,8 @@ is a bilinear resize to ``resolution`` and [0, 1] -> [-1, 1], so latents are [N,
 
 With ``nearest_views = K > 0`` and camera positions given, a sample's set is instead the images of its
 condition's shapes (and copies) at the K reference cameras whose directions are nearest the query
-camera's, whatever their view label; this keeps 3D consistency (DESIGN.md).
+camera's, whatever their view label; this keeps 3D consistency (with view-label sets the nearest image may
+come from a quite different pose).
 """
 
 from __future__ import annotations
