@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 METHODS = ("bridge", "sds", "nfsd")
+"""What ``method:`` accepts; ``methods.make_method`` builds each (one class per method in methods/)."""
 SOURCE_MODIFIER = (
     "oversaturated, smooth, pixelated, cartoon, foggy, hazy, blurry, bad structure, noisy, malformed"
 )
@@ -32,7 +33,8 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 @dataclass
 class GuidanceConfig:
-    """Score-distillation settings shared by SDS, the bridge and NFSD."""
+    """Settings of the score-distillation methods (the ``guidance:`` section); each method's class in
+    methods/ lists the fields it reads."""
 
     guidance_scale: float = 100.0
     """CFG scale omega for SDS, the bridge's stage one and NFSD."""
