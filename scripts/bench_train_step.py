@@ -7,13 +7,12 @@
 
 Cases, each timed for ``--steps`` steps after ``--warmup`` untimed ones:
 
-- ``3D RxR``: one training step of the 3D trainer with renders of R x R pixels: random cameras -> render
-  -> random backgrounds -> ``guidance_step`` (resize to the prior's resolution, VAE encode, one batched
-  UNet call) -> regularisers -> backward -> AdamW step (-> occupancy-grid refresh on CUDA), built from
-  train.py's ``build_scene`` / ``build_optimizer`` / ``with_random_backgrounds`` / ``regularizer_losses``.
+- ``3D RxR``: the 3D trainer's step (``train_step.scene_step``) with renders of R x R pixels: random
+  cameras -> render -> random backgrounds -> VAE encode (resized to the prior's resolution) -> one batched
+  UNet call -> regularisers -> backward -> finiteness check -> AdamW step -> occupancy-grid refresh (CUDA).
   Steps are numbered from ``--at-step`` (default 10000: both regularisers on, t_max 0.5).
-- ``2D``: one step of the 2D image mode: ``distill`` on a [1, C, h, w] latent at the prior's resolution
-  -> backward -> AdamW step.
+- ``2D``: the 2D image mode's step (``train_step.train_step``) on a [1, C, h, w] latent at the prior's
+  resolution: one batched UNet call -> backward -> finiteness check -> AdamW step.
 
 Reported per case: median and p90 ms/step (CUDA synchronised at the end of each step), peak memory (CUDA:
 ``torch.cuda.max_memory_allocated`` over the timed steps; CPU: the process's peak resident set size over
@@ -21,13 +20,14 @@ the timed steps, Linux VmHWM, else the lifetime ``ru_maxrss``), mean field sampl
 breakdown (median ms per section: render forward, VAE encode, UNet, backward, optimizer, occupancy,
 other = the rest). On CUDA the breakdown comes from a second pass with a synchronise around every section.
 
-The default ``--model`` is the tiny random pipeline built in a temporary folder. Not included: the
-trainer's per-step host syncs (``isfinite`` checks, logging), checkpoints and validation renders.
+The default ``--model`` is the tiny random pipeline built in a temporary folder. Included: the step's one
+host sync (the finiteness check). Not included: logging, checkpoints and validation renders.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import resource
@@ -42,18 +42,18 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from sdsbridge.cameras import sample_cameras
 from sdsbridge.config import Config
 from sdsbridge.config_loader import load_config
+from sdsbridge.devices import resolve_device, seed_everything
 from sdsbridge.errors import UserError
-from sdsbridge.guidance import distill, guidance_config_for_image, guidance_step
-from sdsbridge.image2d import latent_shape
+from sdsbridge.image2d import image_guidance_config, image_optimizer, latent_shape
+from sdsbridge.methods import Method, make_method
 from sdsbridge.nerf.renderer import choose_sampler
 from sdsbridge.priors import load_prior
-from sdsbridge.priors.random_sd import build_random_pipeline
 from sdsbridge.prompts import PromptEmbeddings
-from sdsbridge.train import (build_optimizer, build_scene, regularizer_losses, resolve_device, seed_everything,
-                             with_random_backgrounds)
+from sdsbridge.random_sd import build_random_pipeline
+from sdsbridge.scene import build_scene
+from sdsbridge.train_step import Timer, build_optimizer, scene_step, train_step, untimed
 
 SECTIONS = ("render", "vae encode", "unet", "backward", "optimizer", "occupancy", "other")
 """Breakdown columns, in step order; 'other' is the step's time outside the named sections."""
@@ -87,7 +87,7 @@ class TimedPrior:
 
     def __init__(self, prior):
         self._prior = prior
-        self.sections: Optional[Sections] = None
+        self.sections: Timer = untimed
 
     def __getattr__(self, name: str):
         return getattr(self._prior, name)
@@ -173,53 +173,36 @@ def measure(step: Callable[[int, Sections], float], steps: int, warmup: int, dev
 
 
 # --- the steps -----------------------------------------------------------------------------------------
-def make_3d_step(config: Config, prior: TimedPrior, prompts: PromptEmbeddings, device: torch.device,
-                 resolution: int, at_step: int) -> Callable[[int, Sections], float]:
-    """A fresh scene and optimizer; returns step(i, sections) -> mean samples per ray of step at_step + i."""
+def make_3d_step(config: Config, method: Method, prompts: PromptEmbeddings, device: torch.device, resolution: int,
+                 at_step: int) -> Callable[[int, Sections], float]:
+    """A fresh scene and optimizer; returns step(i, sections) -> mean samples per ray of ``scene_step`` at
+    step at_step + i with renders of ``resolution`` pixels."""
+    config = dataclasses.replace(config, render=dataclasses.replace(config.render, resolution=resolution))
     scene = build_scene(config, device)
-    optimizer = build_optimizer(scene, config)
-    scene.field.train(), scene.background.train()
+    optimizer = build_optimizer(scene, method, config.train)
+    scene.train()
 
     def step(i: int, sections: Sections) -> float:
-        prior.sections = sections
-        global_step = at_step + i
-        with sections("render"):
-            cameras = sample_cameras(config.cameras, config.train.batch_size).to(device)
-            out = scene.renderer.render(cameras, resolution, resolution)
-            images = with_random_backgrounds(out, config.scene.random_background_prob).permute(0, 3, 1, 2)
-        result = guidance_step(prior, images, prompts.conditions(cameras.labels), config.method, global_step,
-                               config.guidance, camera_positions=cameras.positions)
-        loss = result.loss + sum(regularizer_losses(out.opacity, global_step, config).values())
-        optimizer.zero_grad(set_to_none=True)
-        with sections("backward"):
-            loss.backward()
-        with sections("optimizer"):
-            optimizer.step()
-        if device.type == "cuda":
-            with sections("occupancy"):
-                scene.renderer.update_occupancy(global_step)
-        return out.samples_per_ray
+        method.prior.sections = sections
+        views, _ = scene_step(scene, method, prompts, optimizer, config, at_step + i, timer=sections)
+        return views.samples_per_ray
 
     return step
 
 
-def make_2d_step(config: Config, prior: TimedPrior, device: torch.device) -> tuple[Callable, tuple]:
-    """The 2D image mode's step on a latent of the prior's own resolution; returns (step, latent shape)."""
-    gcfg = guidance_config_for_image(config)
-    prompts = PromptEmbeddings(prior._prior, config.prompt, gcfg, config.method)
-    conditions = prompts.conditions(["front"])
-    shape = latent_shape(prior._prior, prior.image_resolution)
-    latents = torch.randn(shape, device=device).requires_grad_(True)
-    optimizer = torch.optim.AdamW([latents], lr=config.image.lr, betas=(0.9, 0.99), eps=1e-15, weight_decay=0.01)
+def make_2d_step(config: Config, prior: TimedPrior) -> tuple[Callable, tuple]:
+    """The 2D image mode's ``train_step`` on a latent of the prior's own resolution; returns (step, latent
+    shape)."""
+    prior.sections = untimed  # the set-up below calls the prior: keep it out of the last step's breakdown
+    method = make_method(config.method, image_guidance_config(config), prior)
+    conditions = PromptEmbeddings(prior, method.role_texts(config.prompt), view_dependent=False).conditions(["front"])
+    shape = latent_shape(prior, prior.image_resolution)
+    latents = torch.randn(shape, device=prior.device).requires_grad_(True)
+    optimizer = image_optimizer(latents, method, config.image.lr)
 
     def step(i: int, sections: Sections) -> float:
         prior.sections = sections
-        result = distill(prior, latents, conditions, config.method, i, gcfg)
-        optimizer.zero_grad(set_to_none=True)
-        with sections("backward"):
-            result.loss.backward()
-        with sections("optimizer"):
-            optimizer.step()
+        train_step(method, optimizer, latents, conditions, i, timer=sections)
         return 0.0
 
     return step, shape
@@ -239,7 +222,7 @@ def set_attention(prior, mode: str) -> None:
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="diffusers pipeline folder or hub id (default: tiny random pipeline)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp16", "fp32"),
                         help="prior dtype (auto: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last UNet and VAE")
@@ -271,7 +254,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def run(args: argparse.Namespace, model: str) -> tuple[str, list[dict]]:
     """Load everything, run every case; returns (header line, rows)."""
     device = resolve_device(args.device)
-    overrides = [f"prompt={args.prompt}", f"method={args.method}", f"device={device.type}",
+    overrides = [f"prompt={args.prompt}", f"method={args.method}", f"device={device}",
                  f"prior.model={model}", f"prior.dtype={args.dtype}", f"prior.channels_last={args.channels_last}",
                  f"prior.attention_slicing={args.attention == 'slicing'}", f"train.seed={args.seed}", *args.set]
     config = load_config(None, overrides)
@@ -282,15 +265,16 @@ def run(args: argparse.Namespace, model: str) -> tuple[str, list[dict]]:
     if args.compile:
         raw_prior.unet = torch.compile(raw_prior.unet)
     prior = TimedPrior(raw_prior)
-    prompts = PromptEmbeddings(raw_prior, config.prompt, config.guidance, config.method)
+    method = make_method(config.method, config.guidance, prior)
+    prompts = PromptEmbeddings(prior, method.role_texts(config.prompt), config.guidance.view_dependent)
 
     rows = []
     for resolution in args.resolutions:
-        step = make_3d_step(config, prior, prompts, device, resolution, args.at_step)
+        step = make_3d_step(config, method, prompts, device, resolution, args.at_step)
         rows.append({"case": "3D", "resolution": f"{resolution}x{resolution}",
                      **measure(step, args.steps, args.warmup, device)})
     if not args.no_2d:
-        step, shape = make_2d_step(config, prior, device)
+        step, shape = make_2d_step(config, prior)
         rows.append({"case": "2D", "resolution": f"latent {shape[-2]}x{shape[-1]}",
                      **measure(step, args.steps, args.warmup, device)})
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from sdsbridge.config_loader import load_config
-from sdsbridge.export.evaluation import evaluate_run
+from sdsbridge.evaluation import evaluate_scene
 from sdsbridge.priors.shapes import SHAPES
 from sdsbridge.rundir import create_run_dir
 from sdsbridge.train import train
@@ -52,7 +52,7 @@ def main(argv=None) -> list[dict]:
             seconds = time.time() - started
             if result.interrupted:  # Ctrl-C / SIGTERM: train checkpointed; stop the whole comparison
                 raise SystemExit(130)
-            scores = evaluate_run(run_dir, device)
+            scores = evaluate_scene(result.scene, config, result.step, device)  # the trained scene, in memory
             rows.append({"shape": shape, "method": method, "psnr_db": scores.get("psnr_db"),
                          "chamfer": scores.get("chamfer"), "saturation_error": scores.get("saturation_error"),
                          "train_s": seconds, "run": str(run_dir)})

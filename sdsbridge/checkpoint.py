@@ -1,8 +1,9 @@
 """Checkpoints: atomic save, safe load (``weights_only=True``), RNG state capture, rotation, resume lookup.
 
 A checkpoint is a plain dict of tensors and builtins:
-``{"format": FORMAT, "step": int, "field", "background", "renderer", "optimizer": state dicts,
-"rng": {...}, "config": dict, "bad_steps": int}``.
+``{"format": FORMAT, "step": int, "field", "background", "renderer" (scene.py), "method"
+(``Method.state_dict``, empty for SDS, the bridge and NFSD; absent in older files), "optimizer": state
+dicts, "rng": {...}, "config": dict, "bad_steps": int}``.
 """
 
 from __future__ import annotations

@@ -71,14 +71,15 @@ def train(
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run: its directory or a .ckpt file. "
                                           "Raise train.steps=N to extend a finished run."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cuda | cpu (overrides `device:`)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides `device:`)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Train a NeRF from a prompt by score distillation, then export the mesh and turntable video."""
     from sdsbridge import checkpoint as ckpt
     from sdsbridge.config_loader import config_from_dict, load_config
     from sdsbridge.rundir import create_run_dir, run_slug
-    from sdsbridge.train import resolve_device, train as train_run
+    from sdsbridge.devices import resolve_device
+    from sdsbridge.train import train as train_run
 
     path, overrides = _split_file_and_overrides(file, overrides)
     if device is not None:
@@ -109,21 +110,23 @@ def train(
     if result.interrupted:
         typer.echo(f"interrupted: {summary}; resume with `sdsbridge train --resume {result.run_dir}`")
         raise typer.Exit(130)
-    outputs, failed = _export_after_training(config, result.run_dir, torch_device, progress)
+    outputs, failed = _export_after_training(config, result, progress)
     typer.echo(f"done: {summary}" + "".join(f"; {name}: {path}" for name, path in outputs))
     if failed:
         raise typer.Exit(1)
 
 
-def _export_after_training(config, run_dir: Path, device, progress: bool) -> tuple[list[tuple[str, Path]], bool]:
-    """Mesh and turntable at the end of `train` (export.mesh / export.video). A failed export is reported
-    in one line and does not hide the other output; the trained run is kept either way."""
-    from sdsbridge.export.mesh import export_run_mesh
-    from sdsbridge.export.video import render_run_video
+def _export_after_training(config, result, progress: bool) -> tuple[list[tuple[str, Path]], bool]:
+    """Mesh and turntable of the trained scene in memory at the end of `train` (export.mesh / export.video).
+    A failed export is reported in one line and does not hide the other output; the trained run is kept
+    either way."""
+    from sdsbridge.export.mesh import export_mesh
+    from sdsbridge.export.video import export_video
 
     outputs, failed = [], False
-    steps = [("mesh", config.export.mesh, lambda: export_run_mesh(run_dir, device=device)),
-             ("video", config.export.video, lambda: render_run_video(run_dir, device=device, progress=progress))]
+    steps = [("mesh", config.export.mesh, lambda: export_mesh(result.scene, config, result.run_dir)),
+             ("video", config.export.video, lambda: export_video(result.scene, config, result.run_dir,
+                                                                 progress=progress))]
     for name, wanted, make in steps:
         if not wanted:
             continue
@@ -141,11 +144,11 @@ def export(
     format: Optional[str] = typer.Option(None, "--format", help="glb | obj | ply (default: export.format)."),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Marching-cubes grid size (default 256)."),
     threshold: Optional[str] = typer.Option(None, "--threshold", help="'auto' or a density level."),
-    device: str = typer.Option("auto", "--device", help="auto | cuda | cpu"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
     """Extract a coloured mesh from a trained run (marching cubes on the density) to RUN/mesh/."""
     from sdsbridge.export.mesh import export_run_mesh
-    from sdsbridge.train import resolve_device
+    from sdsbridge.devices import resolve_device
 
     if format is not None and format not in ("glb", "obj", "ply"):
         raise UserError(f"--format: '{format}' is not one of glb, obj, ply")
@@ -167,12 +170,12 @@ def video(
     frames: Optional[int] = typer.Option(None, "--frames", help="Number of frames (default 120)."),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Frame height in pixels (default 512)."),
     fps: Optional[int] = typer.Option(None, "--fps", help="Frames per second (default 30)."),
-    device: str = typer.Option("auto", "--device", help="auto | cuda | cpu"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Render a turntable video (rgb | depth) of a trained run to RUN/video/turntable.mp4."""
     from sdsbridge.export.video import render_run_video
-    from sdsbridge.train import resolve_device
+    from sdsbridge.devices import resolve_device
 
     for name, value in (("--frames", frames), ("--resolution", resolution), ("--fps", fps)):
         if value is not None and value <= 0:
@@ -185,14 +188,14 @@ def video(
 def evaluate(
     run: Path = typer.Argument(..., help="A run directory (or a .ckpt file)."),
     json_output: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
-    device: str = typer.Option("auto", "--device", help="auto | cuda | cpu"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
     """Score a run against the truth: PSNR on held-out views, Chamfer distance of the mesh and colour
     saturation error (reference-prior runs); Stable Diffusion runs have no ground truth to score."""
     import json
 
-    from sdsbridge.export.evaluation import evaluate_run
-    from sdsbridge.train import resolve_device
+    from sdsbridge.evaluation import evaluate_run
+    from sdsbridge.devices import resolve_device
 
     scores = evaluate_run(run, resolve_device(device))
     if json_output:
@@ -211,15 +214,16 @@ def image(
     batch: Optional[Path] = typer.Option(None, "--batch", help="A text file of prompts, one per line: one "
                                          "image per prompt, resumable (done prompts are skipped)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a new runs/image-...)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto | cuda | cpu"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """2D score distillation: optimise an image (SD latent or reference-prior pixels) with bridge/sds/nfsd
     and the official 2D settings (image.* keys)."""
     from sdsbridge.config_loader import load_config
-    from sdsbridge.image2d import parse_seeds, run_image, run_image_batch
+    from sdsbridge.image2d import parse_seeds, run_image
+    from sdsbridge.image_batch import run_image_batch
     from sdsbridge.rundir import create_run_dir, run_slug
-    from sdsbridge.train import resolve_device
+    from sdsbridge.devices import resolve_device
 
     path, overrides = _split_file_and_overrides(file, overrides)
     if device is not None:
@@ -245,7 +249,7 @@ def image(
 def doctor(
     model: Optional[str] = typer.Option(None, "--model", help="Prior model id or local folder to look for "
                                         "(default: prior.model's default)."),
-    device: str = typer.Option("auto", "--device", help="auto | cuda | cpu"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     json_output: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
 ) -> None:
     """Check what this machine can use: device, CUDA, tinycudann, nerfacc kernels, ffmpeg, fp16, the model."""

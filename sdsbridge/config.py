@@ -1,7 +1,7 @@
 """Typed configuration schema (loading and checks live in config_loader.py).
 
-Every field has a default; the defaults are the official SDS-Bridge 3D setup (Stable Diffusion 2.1-base,
-see shared DESIGN.md). YAML keys are the field names. Fields typed ``Any`` that hold a *scheduled* value
+Every field has a default; the defaults are the official SDS-Bridge 3D setup (Stable Diffusion 2.1-base;
+tests/test_official_recipe.py checks each against the official config). YAML keys are the field names. Fields typed ``Any`` that hold a *scheduled* value
 take a number or ``[start_step, start_value, end_value, end_step]`` (see schedules.py).
 """
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 METHODS = ("bridge", "sds", "nfsd")
+"""What ``method:`` accepts; ``methods.make_method`` builds each (one class per method in methods/)."""
 SOURCE_MODIFIER = (
     "oversaturated, smooth, pixelated, cartoon, foggy, hazy, blurry, bad structure, noisy, malformed"
 )
@@ -26,11 +27,14 @@ REMOVED_SD_MODELS = ("stabilityai/stable-diffusion-2-1-base",)
 """Hub ids Stability AI removed in Nov 2025 (the official code's and threestudio's defaults)."""
 HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$"
 """What a Hugging Face hub id ("owner/name") looks like."""
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+"""What ``device:`` accepts: auto, cpu, cuda or cuda:N."""
 
 
 @dataclass
 class GuidanceConfig:
-    """Score-distillation settings shared by SDS, the bridge and NFSD."""
+    """Settings of the score-distillation methods (the ``guidance:`` section); each method's class in
+    methods/ lists the fields it reads."""
 
     guidance_scale: float = 100.0
     """CFG scale omega for SDS, the bridge's stage one and NFSD."""
@@ -301,7 +305,7 @@ class Config:
     method: str = "bridge"
     """'bridge' (SDS-Bridge, two stages), 'sds' or 'nfsd'."""
     device: str = "auto"
-    """'auto' (CUDA when available), 'cuda' or 'cpu'."""
+    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N' (GPU number N)."""
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     scene: SceneConfig = field(default_factory=SceneConfig)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,7 +14,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdsbridge.config import METHODS, Config
+from sdsbridge.config import DEVICE_PATTERN, METHODS, Config
 from sdsbridge.errors import UserError
 from sdsbridge.schedules import is_schedule, schedule_range
 
@@ -190,7 +191,8 @@ def validate(c: Config, require_prompt: bool = True) -> None:
         _check(bool(c.prompt.strip()), "prompt", "missing: set `prompt: ...` in the YAML or prompt=... on the "
                "command line")
     _check_choice(c.method, "method", METHODS)
-    _check_choice(c.device, "device", ("auto", "cuda", "cpu"))
+    _check(re.match(DEVICE_PATTERN, c.device) is not None, "device", f"'{c.device}' is not one of auto, cpu, cuda, "
+           "cuda:N")
     g = c.guidance
     _check(g.guidance_scale >= 0, "guidance.guidance_scale", "must be >= 0")
     _check_choice(g.weighting, "guidance.weighting", ("sds", "uniform"))

@@ -64,15 +64,6 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when torch sees a CUDA device, else 'cpu' (the rule ``sdsbridge train`` uses)."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def _is_cuda(device: str) -> bool:
     """Whether ``device`` names a usable CUDA device."""
     import torch
@@ -148,7 +139,7 @@ def check_cuda_device() -> Check:
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
         props = torch.cuda.get_device_properties(0)
-        more = f" (+{count - 1} more; cuda:0 is used)" if count > 1 else ""
+        more = f" (+{count - 1} more: device=cuda:N picks one; auto uses cuda:0)" if count > 1 else ""
         return Check("CUDA device", "ok", f"{props.name}, compute capability {props.major}.{props.minor}{more}")
     if not torch.version.cuda and not getattr(torch.version, "hip", None):
         return Check("CUDA device", "info", "none: torch is a CPU-only build (install a CUDA build of torch "
@@ -160,12 +151,13 @@ def check_cuda_device() -> Check:
 
 def check_device(device: str) -> Check:
     """The device training would use for ``--device`` / ``device=`` (``auto`` picks CUDA when present)."""
-    import torch
+    from sdsbridge.devices import resolve_device
+    from sdsbridge.errors import UserError
 
-    resolved = _resolve_device(device)
-    if resolved.startswith("cuda") and not torch.cuda.is_available():
-        return Check("device", "fail", f"'{device}' was asked for but torch sees no CUDA device "
-                                       "(use device=cpu or auto)")
+    try:
+        resolved = str(resolve_device(device))
+    except UserError as exc:
+        return Check("device", "fail", str(exc).removeprefix("device: "))
     if resolved == "cpu":
         why = "no CUDA device" if device == "auto" else "asked for"
         return Check("device", "info", f"{device} -> cpu ({why}); Stable Diffusion training needs a GPU in "
@@ -342,8 +334,10 @@ def _safe(name: str, fn: Callable[..., Check], *args: str, on_error: str = "fail
 def run_checks(model: str = DEFAULT_SD_MODEL, device: str = "auto") -> list[Check]:
     """Run every check in order and return the rows. Never raises for a broken environment."""
     try:
-        resolved = _resolve_device(device)
-    except Exception:  # torch itself is broken: the torch row says why
+        from sdsbridge.devices import resolve_device
+
+        resolved = str(resolve_device(device))
+    except Exception:  # torch itself is broken (the torch row says why) or a bad name (the device row does)
         resolved = "cpu"
     return [
         _safe("python", check_python),

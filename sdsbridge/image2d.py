@@ -1,24 +1,23 @@
 """2D score distillation (`sdsbridge image`): optimise one image directly under a prior, as the official
-SDS-Bridge 2D code does, for one or more seeds, or for every prompt of a text file (batch mode).
+SDS-Bridge 2D code does, for one or more seeds (image_batch.py runs it for every prompt of a text file).
 
 What is optimised is the prior's latent x [1, C, h, w] itself: for Stable Diffusion a VAE latent
 [1, 4, R/8, R/8] (R = ``image.resolution``), initialised like the official code with x ~ N(0, I); for the
 reference prior (built at R = ``image.resolution``) the pixel-space tensor its ``encode_images`` returns
-([1, 3, R, R] in [-1, 1] units), initialised the same way (N(0, I) is also what that prior's diffusion holds at t = T). Every step calls
-``guidance.distill`` on x (the same SDS / bridge / NFSD code as 3D) and takes an AdamW step
-(lr ``image.lr``, betas (0.9, 0.99), eps 1e-15, torch's default weight decay 0.01, as the official code).
+([1, 3, R, R] in [-1, 1] units), initialised the same way (N(0, I) is also what that prior's diffusion
+holds at t = T). Every step is ``train_step`` on x (the same methods and step as 3D): one distillation and
+one AdamW step (lr ``image.lr``, betas (0.9, 0.99), eps 1e-15, torch's default weight decay 0.01, as the
+official code).
 
 Outputs in ``out_dir`` (each seed ``s``): ``seed-<s>.png`` (the final image, written atomically and last),
 ``seed-<s>.mp4`` (the initial image and one frame every ``image.video_every`` steps), ``metrics.jsonl``
 (one row every ``log.log_every`` steps and at the last step: seed, step, loss, grad_norm, t, stage),
 ``config.yaml`` (the resolved config) and, for two or more seeds, ``grid.png`` (the seeds side by side).
-Batch mode writes one such folder per prompt, ``out_dir/<index>-<slug>/``, and skips finished ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -28,19 +27,22 @@ from typing import Optional
 import imageio.v3 as iio
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
-from sdsbridge.config import Config
-from sdsbridge.config_loader import config_from_dict, config_to_dict, to_yaml
+from sdsbridge.atomic import atomic_write_bytes
+from sdsbridge.config import Config, GuidanceConfig
+from sdsbridge.config_loader import to_yaml
 from sdsbridge.errors import UserError
-from sdsbridge.guidance import distill, guidance_config_for_image
-from sdsbridge.image_io import rewrite_metrics, write_png, write_video
+from sdsbridge.jsonl import append_rows, keep_rows
+from sdsbridge.media import to_uint8, video_frame, write_png, write_video
+from sdsbridge.methods import Method, make_method
 from sdsbridge.priors import load_prior
 from sdsbridge.priors.base import Prior
 from sdsbridge.prompts import PromptEmbeddings
-from sdsbridge.rundir import slugify
+from sdsbridge.train_step import train_step
 
+VIDEO_FPS = 10
+"""Frames per second of the optimisation video (the official 2D code's)."""
 MAX_SEEDS = 100_000
 """Most seeds one spec may name."""
 _SEED_ITEM = re.compile(r"^(\d+)(?:-(\d+))?$")
@@ -71,23 +73,28 @@ def parse_seeds(spec: str) -> list[int]:
     return seeds
 
 
-def read_prompts(path: Path) -> list[str]:
-    """The prompts of a text file: one per line, surrounding whitespace stripped; blank lines and lines
-    starting with '#' skipped. UserError if the file is missing, not UTF-8 text, or holds no prompt."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: prompts file not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a UTF-8 text file") from None
-    prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    if not prompts:
-        raise UserError(f"{path}: no prompts (one per line; blank lines and # comments are skipped)")
-    return prompts
+# --- settings and the prior's image space ------------------------------------------------------------
+def image_guidance_config(config: Config) -> GuidanceConfig:
+    """The 2D mode's method settings: ``config.image``'s scales, weighting, switch step, timestep range and
+    target modifier (the official 2D code's), CFG on the plain prompt, no view suffixes; modifiers, NFSD
+    negative and grad clip from ``config.guidance``."""
+    im = config.image
+    return dataclasses.replace(
+        config.guidance,
+        guidance_scale=im.guidance_scale,
+        weighting="sds",
+        stage2_start_step=im.stage2_start_step,
+        stage2_scale=im.stage2_scale,
+        stage2_weighting=im.stage2_weighting,
+        stage2_max_step_percent=None,
+        min_step_percent=im.min_step_percent,
+        max_step_percent=im.max_step_percent,
+        target_modifier=im.target_modifier,
+        cfg_on_target=False,
+        view_dependent=False,
+    )
 
 
-# --- the prior's image space -------------------------------------------------------------------------
 def load_image_prior(config: Config, device: torch.device | str) -> Prior:
     """``load_prior`` for the 2D mode: the reference prior is built at ``image.resolution`` (its
     ``prior.resolution`` is the 3D scoring resolution); Stable Diffusion loads as configured."""
@@ -110,29 +117,9 @@ def latent_shape(prior: Prior, resolution: int) -> tuple[int, int, int, int]:
     return (1, z.shape[1], resolution // factor, resolution // factor)
 
 
-@torch.no_grad()
-def decode_latents(prior: Prior, latents: torch.Tensor) -> torch.Tensor:
-    """[N, C, h, w] latents -> [N, 3, H, W] float32 images in [0, 1] on the CPU.
-
-    Uses ``prior.decode_latents`` when the prior has one; else, for a prior with a VAE (Stable Diffusion),
-    ``vae.decode(latents / scaling)`` mapped from [-1, 1]; else (pixel-space priors: the reference prior)
-    the latents are images in [-1, 1].
-    """
-    decode = getattr(prior, "decode_latents", None)
-    if decode is not None:
-        return decode(latents).float().cpu()
-    vae = getattr(prior, "vae", None)
-    if vae is None:
-        images = (latents.float() + 1.0) / 2.0
-    else:
-        x = latents.to(prior.device, prior.dtype) / prior.latent_scaling
-        images = vae.decode(x).sample.float() / 2.0 + 0.5
-    return images.clamp(0.0, 1.0).cpu()
-
-
-def to_hwc_uint8(image: torch.Tensor) -> np.ndarray:
-    """[3, H, W] float in [0, 1] -> [H, W, 3] uint8."""
-    return (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255.0 + 0.5).astype(np.uint8)
+def first_image(prior: Prior, latents: torch.Tensor) -> np.ndarray:
+    """The first of [N, C, h, w] latents as an [H, W, 3] uint8 image (``prior.decode_latents``)."""
+    return to_uint8(prior.decode_latents(latents)[0].permute(1, 2, 0))
 
 
 # --- the optimisation --------------------------------------------------------------------------------
@@ -150,42 +137,44 @@ class Trace:
     """Wall time of the loop (including video frame decoding)."""
 
 
-def optimise_image(prior: Prior, embeddings: PromptEmbeddings, config: Config, seed: int,
+def image_optimizer(latents: torch.Tensor, method: Method, lr: float) -> torch.optim.AdamW:
+    """AdamW on the image latent (lr ``lr``) and the method's own groups, with the official 2D code's
+    betas (0.9, 0.99), eps 1e-15 and torch's default weight decay 0.01."""
+    return torch.optim.AdamW([{"params": [latents], "lr": lr, "name": "image"}, *method.param_groups()],
+                             betas=(0.9, 0.99), eps=1e-15, weight_decay=0.01)
+
+
+def optimise_image(method: Method, embeddings: PromptEmbeddings, config: Config, seed: int,
                    progress: bool = True, desc: str = "") -> Trace:
-    """Run ``image.steps`` steps of ``config.method`` on a fresh latent (see the module docstring).
+    """Run ``image.steps`` steps of ``method`` (``train_step``) on a fresh latent (see the module docstring).
 
     One CPU ``torch.Generator`` seeded with ``seed`` draws the initial latent, then every step's t and
-    noise (inside ``distill``), so a seed gives the same image whatever else runs (CPU and CUDA alike, up
-    to the prior's numerics).
+    noise (inside ``Method.distill``), so a seed gives the same image whatever else runs (CPU and CUDA
+    alike, up to the prior's numerics).
     """
-    im = config.image
-    gcfg = guidance_config_for_image(config)
+    im, prior = config.image, method.prior
     generator = torch.Generator().manual_seed(seed)
     shape = latent_shape(prior, im.resolution)
     latents = torch.randn(shape, generator=generator).to(prior.device).requires_grad_(True)
-    optimizer = torch.optim.AdamW([latents], lr=im.lr, betas=(0.9, 0.99), eps=1e-15, weight_decay=0.01)
+    optimizer = image_optimizer(latents, method, im.lr)
     conditions = embeddings.conditions(["front"])  # no view suffixes in 2D: every label has the same text
 
-    frames = [to_hwc_uint8(decode_latents(prior, latents)[0])] if im.video_every else []
+    frames = [first_image(prior, latents)] if im.video_every else []
     rows = []
     start = time.perf_counter()
     bar = tqdm(range(im.steps), desc=desc or f"seed {seed}", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        result = distill(prior, latents, conditions, config.method, step, gcfg, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        optimizer.step()
+        result = train_step(method, optimizer, latents, conditions, step, generator=generator)
         if step % config.log.log_every == 0 or step == im.steps - 1:
-            t, grad_norm = int(result.t[0]), result.grad_norm.item()
+            t, grad_norm = int(result.guidance.t[0]), result.guidance.grad_norm.item()
             rows.append({"seed": seed, "step": step, "loss": result.loss.item(), "grad_norm": grad_norm,
-                         "t": t, "stage": result.stage})
-            bar.set_postfix(stage=result.stage, t=t, grad=f"{grad_norm:.3g}", refresh=False)
+                         "t": t, "stage": result.guidance.stage})
+            bar.set_postfix(stage=result.guidance.stage, t=t, grad=f"{grad_norm:.3g}", refresh=False)
         if im.video_every and (step + 1) % im.video_every == 0:
-            frames.append(to_hwc_uint8(decode_latents(prior, latents)[0]))
+            frames.append(first_image(prior, latents))
     bar.close()
     seconds = time.perf_counter() - start
-    image = to_hwc_uint8(decode_latents(prior, latents)[0])
-    return Trace(image=image, frames=frames, metrics=rows, seconds=seconds)
+    return Trace(image=first_image(prior, latents), frames=frames, metrics=rows, seconds=seconds)
 
 
 # --- outputs -----------------------------------------------------------------------------------------
@@ -238,24 +227,24 @@ def run_image(config: Config, out_dir: Path, device: torch.device | str, seeds: 
     if not seeds:
         raise UserError("seeds: no seed given")
     prior = prior if prior is not None else load_image_prior(config, device)
-    embeddings = PromptEmbeddings(prior, config.prompt, guidance_config_for_image(config), config.method)
+    method = make_method(config.method, image_guidance_config(config), prior)
+    embeddings = PromptEmbeddings(prior, method.role_texts(config.prompt), view_dependent=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [s for s in seeds if not (skip_done and image_path(out_dir, s).is_file())]
 
     config_path = out_dir / "config.yaml"
-    config_path.write_text(to_yaml(config))
+    atomic_write_bytes(config_path, to_yaml(config).encode("utf-8"))
     metrics_path = out_dir / "metrics.jsonl"
-    rewrite_metrics(metrics_path, set(todo))
+    keep_rows(metrics_path, lambda row: row.get("seed") not in todo)  # seeds about to run again start afresh
     result = ImageResult(out_dir=out_dir, images={s: image_path(out_dir, s) for s in seeds}, videos={},
                          grid=None, metrics=metrics_path, config=config_path, optimised=todo)
     for seed in todo:
-        trace = optimise_image(prior, embeddings, config, seed, progress, desc=f"{desc}seed {seed}")
-        with open(metrics_path, "a") as f:
-            f.writelines(json.dumps(row) + "\n" for row in trace.metrics)
+        trace = optimise_image(method, embeddings, config, seed, progress, desc=f"{desc}seed {seed}")
+        append_rows(metrics_path, trace.metrics)
         if trace.frames:
             result.videos[seed] = out_dir / f"seed-{seed}.mp4"
-            write_video(result.videos[seed], trace.frames)
+            write_video(result.videos[seed], (video_frame(frame) for frame in trace.frames), VIDEO_FPS)
         write_png(image_path(out_dir, seed), trace.image)  # last: its presence marks the seed done
         result.seconds += trace.seconds
         result.steps += config.image.steps
@@ -263,91 +252,3 @@ def run_image(config: Config, out_dir: Path, device: torch.device | str, seeds: 
         result.grid = out_dir / "grid.png"
         write_png(result.grid, np.concatenate([iio.imread(image_path(out_dir, s)) for s in seeds], axis=1))
     return result
-
-
-# --- batch mode --------------------------------------------------------------------------------------
-@dataclass
-class BatchItem:
-    """One prompt of a batch."""
-
-    index: int
-    """Position among the file's prompts (0-based; comments and blank lines not counted)."""
-    prompt: str
-    out_dir: Path
-    status: str
-    """'done' (made now), 'skipped' (finished earlier) or 'failed' (a user error; see ``error``)."""
-    error: Optional[str] = None
-    result: Optional[ImageResult] = None
-
-
-RUN_ONLY_KEYS = {"device": None, "log": None,
-                 "prior": ("attention_slicing", "channels_last", "cpu_offload", "cache_dir")}
-"""Config keys that do not change the images (top-level sections: None = all of it); ignored when a batch
-compares a folder's config.yaml with the current settings."""
-
-
-def recipe(config: Config) -> dict:
-    """The config as plain builtins without RUN_ONLY_KEYS: what decides the images."""
-    data = config_to_dict(config)
-    for key, sub in RUN_ONLY_KEYS.items():
-        if sub is None:
-            data.pop(key, None)
-        else:
-            for name in sub:
-                data.get(key, {}).pop(name, None)
-    return data
-
-
-def stored_recipe(path: Path) -> Optional[dict]:
-    """``recipe`` of a folder's config.yaml (None if it does not load)."""
-    try:
-        return recipe(config_from_dict(yaml.safe_load(path.read_text())))
-    except (UserError, yaml.YAMLError, TypeError, AttributeError):
-        return None
-
-
-def prompt_dir(out_dir: Path, index: int, prompt: str, count: int) -> Path:
-    """``out_dir/<index>-<slug>``: the index zero-padded to the width of the largest (>= 4 digits)."""
-    width = max(4, len(str(count - 1)))
-    return Path(out_dir) / f"{index:0{width}d}-{slugify(prompt, 48)}"
-
-
-def run_image_batch(config: Config, prompts_file: Path, out_dir: Path, device: torch.device | str, seeds: list[int],
-                    progress: bool = True) -> list[BatchItem]:
-    """One ``run_image`` per prompt of ``prompts_file`` (see ``read_prompts``) into ``prompt_dir(...)``,
-    loading the prior once. Resumable: prompts whose outputs are complete (``is_done``) are skipped, and
-    in a half-done folder only the seeds without a final PNG are optimised again. A folder made with a
-    different config is a UserError (so images of different settings never mix). Prompts the prior
-    rejects (UserError) are reported as failed and the batch goes on. Prints a summary line (and one line
-    per failure)."""
-    prompts = read_prompts(prompts_file)
-    out_dir = Path(out_dir)
-    jobs = [(i, p, prompt_dir(out_dir, i, p, len(prompts)), dataclasses.replace(config, prompt=p))
-            for i, p in enumerate(prompts)]
-    for _, _, folder, cfg in jobs:
-        stored = folder / "config.yaml"
-        if stored.is_file() and stored_recipe(stored) != recipe(cfg):
-            raise UserError(f"{folder}: made with different settings (see its config.yaml); use another output "
-                            "folder or the same settings")
-    items: list[BatchItem] = []
-    prior = None
-    start = time.perf_counter()
-    for i, prompt, folder, cfg in jobs:
-        if is_done(folder, seeds):
-            items.append(BatchItem(i, prompt, folder, "skipped"))
-            continue
-        prior = prior if prior is not None else load_image_prior(config, device)
-        try:
-            result = run_image(cfg, folder, device, seeds, progress, prior=prior, skip_done=True,
-                               desc=f"[{i + 1}/{len(prompts)}] ")
-        except UserError as exc:
-            items.append(BatchItem(i, prompt, folder, "failed", error=str(exc)))
-            continue
-        items.append(BatchItem(i, prompt, folder, "done", result=result))
-    counts = {s: sum(item.status == s for item in items) for s in ("done", "skipped", "failed")}
-    print(f"batch: {len(items)} prompts x {len(seeds)} seed(s): {counts['done']} made, {counts['skipped']} "
-          f"skipped (already done), {counts['failed']} failed, {time.perf_counter() - start:.1f} s -> {out_dir}")
-    for item in items:
-        if item.status == "failed":
-            print(f"  failed [{item.index}] {item.prompt!r}: {item.error}")
-    return items

@@ -1,16 +1,9 @@
 """View-dependent prompts and their embeddings, computed once per run.
 
-Roles (which text each prior evaluation is conditioned on):
-
-- ``cond``: what SDS, NFSD and the bridge's stage one condition on, with CFG against ``uncond``: y_tgt when
-  ``cfg_on_target`` (the official 3D code: "a pineapple, ., front view"), else the plain prompt (the
-  official 2D code).
-- ``target``: y_tgt = prompt + ", " + target modifier (bridge stage two).
-- ``source``: y_src = prompt + source modifier (bridge stage two).
-- ``uncond``: the empty prompt (never gets a view suffix).
-- ``negative``: NFSD's negative prompt.
-
-With ``view_dependent`` every role but ``uncond`` gets the camera's view suffix (", front view", ...).
+A method names the texts it conditions on by role (``Method.role_texts``): 'cond' and 'uncond' (the empty
+prompt) for classifier-free guidance, 'target' and 'source' for the bridge's stage two, 'negative' for NFSD.
+With ``view_dependent`` every non-empty text gets the camera's view suffix (", front view", ...), so each
+role has one text per view label.
 """
 
 from __future__ import annotations
@@ -20,18 +13,10 @@ from typing import Optional
 import torch
 
 from sdsbridge.cameras import VIEW_LABELS
-from sdsbridge.config import GuidanceConfig
 from sdsbridge.priors.base import Prior
 
 VIEW_SUFFIXES = {label: f", {label} view" for label in VIEW_LABELS}
 """View label -> suffix appended to the prompt: ', front view', ', side view', ', back view', ', overhead view'."""
-
-ROLES_BY_METHOD = {
-    "sds": ("cond", "uncond"),
-    "nfsd": ("cond", "uncond", "negative"),
-    "bridge": ("cond", "uncond", "target", "source"),
-}
-"""The roles each method evaluates the prior with."""
 
 
 def join_prompt(prompt: str, modifier: str) -> str:
@@ -56,36 +41,24 @@ def with_view(text: str, label: str) -> str:
     return text + VIEW_SUFFIXES[label] if text else text
 
 
-def role_prompts(prompt: str, method: str, cfg: GuidanceConfig) -> dict[str, dict[str, str]]:
-    """role -> view label -> prompt text, for the roles ``method`` needs (see ROLES_BY_METHOD).
-
-    Without ``cfg.view_dependent`` every view label maps to the same text.
-    """
-    target = join_prompt(prompt, cfg.target_modifier)
-    base = {
-        "cond": target if cfg.cfg_on_target else prompt.strip(),
-        "uncond": "",
-        "target": target,
-        "source": join_prompt(prompt, cfg.source_modifier),
-        "negative": cfg.nfsd_negative.strip(),
-    }
-    texts = {}
-    for role in ROLES_BY_METHOD[method]:
-        text = base[role]
-        texts[role] = {label: with_view(text, label) if cfg.view_dependent else text for label in VIEW_LABELS}
-    return texts
+def role_prompts(texts: dict[str, str], view_dependent: bool = True) -> dict[str, dict[str, str]]:
+    """role -> text (``Method.role_texts``) to role -> view label -> text: with ``view_dependent`` each text
+    gets the label's suffix (the empty prompt stays empty), else every label maps to the same text."""
+    return {role: {label: with_view(text, label) if view_dependent else text for label in VIEW_LABELS}
+            for role, text in texts.items()}
 
 
 class PromptEmbeddings:
-    """The embeddings of every (role, view) prompt ``method`` needs, from one ``prior.embed_prompts`` call.
+    """The embeddings of every (role, view) prompt of ``texts`` (role -> text, ``Method.role_texts``), from
+    one ``prior.embed_prompts`` call.
 
-    ``prompts[role][label]`` holds the texts (role -> view label -> text); identical texts are embedded
-    once into ``embeddings`` [P, ...] (on the prior's device), and ``rows[role]`` [4] gives each view
-    label's row (in ``VIEW_LABELS`` order).
+    ``prompts[role][label]`` holds the texts (role -> view label -> text, ``role_prompts``); identical texts
+    are embedded once into ``embeddings`` [P, ...] (on the prior's device), and ``rows[role]`` [4] gives each
+    view label's row (in ``VIEW_LABELS`` order).
     """
 
-    def __init__(self, prior: Prior, prompt: str, cfg: GuidanceConfig, method: str):
-        self.prompts = role_prompts(prompt, method, cfg)
+    def __init__(self, prior: Prior, texts: dict[str, str], view_dependent: bool = True):
+        self.prompts = role_prompts(texts, view_dependent)
         unique = list(dict.fromkeys(text for by_label in self.prompts.values() for text in by_label.values()))
         self.embeddings = prior.embed_prompts(unique)
         row = {text: i for i, text in enumerate(unique)}

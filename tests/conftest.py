@@ -2,7 +2,7 @@
 
 import pytest
 
-from sdsbridge.priors.random_sd import build_random_pipeline
+from sdsbridge.random_sd import build_random_pipeline
 
 
 @pytest.fixture(scope="session")

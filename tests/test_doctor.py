@@ -84,7 +84,8 @@ def test_torch_row_has_version(checks):
 def test_cpu_rows(checks):
     rows = by_name(checks)
     assert rows["device"].detail.startswith("auto -> cpu")
-    assert rows["CUDA device"].status in ("info", "warn")
+    cuda_build = bool(torch.version.cuda or getattr(torch.version, "hip", None))
+    assert rows["CUDA device"].status == ("warn" if cuda_build else "info")
     assert rows["GPU memory"].status == "info"
     assert rows["nerfacc CUDA extension"].status == "info"
     assert "not needed on CPU" in rows["nerfacc CUDA extension"].detail
@@ -136,7 +137,7 @@ def test_local_pipeline_folder_ok(tmp_path):
 def test_local_folder_problems_named(tmp_path):
     missing = tmp_path / "does-not-exist"
     row = doctor.check_prior_model(str(missing))
-    assert row.status in ("fail", "warn") and str(missing) in row.detail
+    assert row.status == "fail" and str(missing) in row.detail  # a path, not a hub id: nothing to download
     row = doctor.check_prior_model(str(tmp_path))  # exists, no model_index.json
     assert row.status == "fail" and "model_index.json" in row.detail
     write_pipeline(tmp_path / "partial", weights=False)

@@ -10,7 +10,7 @@ import trimesh
 from torch import nn
 
 from sdsbridge.config import Config
-from sdsbridge.export.evaluation import evaluate_scene
+from sdsbridge.evaluation import evaluate_scene
 from sdsbridge.nerf.background import Background
 from sdsbridge.nerf.renderer import Renderer
 from sdsbridge.priors.shapes import get_shape, shade
@@ -86,7 +86,7 @@ def tiny_reference_run(tmp_path_factory):
 
 
 def test_real_run_evaluates_to_finite_numbers(tiny_reference_run):
-    from sdsbridge.export.evaluation import evaluate_run
+    from sdsbridge.evaluation import evaluate_run
 
     result = evaluate_run(tiny_reference_run, "cpu", n_views=2, mesh_resolution=32, n_points=2000)
     assert result["step"] == 2 and result["resolution"] == 16

@@ -12,10 +12,9 @@ import torch
 
 from sdsbridge.config_loader import load_config
 from sdsbridge.errors import UserError
-from sdsbridge.guidance import guidance_config_for_image
-from sdsbridge.image2d import (
-    load_image_prior, optimise_image, parse_seeds, read_prompts, run_image, run_image_batch,
-)
+from sdsbridge.image2d import image_guidance_config, load_image_prior, optimise_image, parse_seeds, run_image
+from sdsbridge.image_batch import read_prompts, run_image_batch
+from sdsbridge.methods import make_method
 from sdsbridge.prompts import PromptEmbeddings
 
 
@@ -113,10 +112,11 @@ def nearest_distance(frames, references):
 @pytest.mark.parametrize("method", ["sds", "bridge"])
 def test_reference_prior_image_approaches_the_shape(ref_prior, method):
     config = ref_config(method)
-    embeddings = PromptEmbeddings(ref_prior, config.prompt, guidance_config_for_image(config), method)
+    distiller = make_method(method, image_guidance_config(config), ref_prior)
+    embeddings = PromptEmbeddings(ref_prior, distiller.role_texts(config.prompt), view_dependent=False)
     torus = ref_prior.clean_renders("torus")
     for seed in (0, 1):
-        trace = optimise_image(ref_prior, embeddings, config, seed, progress=False)
+        trace = optimise_image(distiller, embeddings, config, seed, progress=False)
         d = nearest_distance(trace.frames + [trace.image], torus)  # frames at steps 0, 10, ..., 80
         assert d[0] > 0.45  # N(0, I) init: far from every torus render
         assert np.all(np.diff(d[:5]) < 0)  # stage one / SDS: steadily closer
@@ -124,7 +124,7 @@ def test_reference_prior_image_approaches_the_shape(ref_prior, method):
         assert d[-1] < 0.7 * d[0]
         if method == "sds":
             assert np.all(np.diff(d[:-1]) < 0) and d[-1] < 0.5 * d[0]
-        # (the bridge's stage two with t up to 0.98 T drifts on this prior, see DESIGN.md; not asserted)
+        # (the bridge's stage two with t up to 0.98 T drifts on this prior, see README; not asserted)
         assert d[-1] < nearest_distance([trace.image], ref_prior.clean_renders("box"))[0]
 
 

@@ -19,9 +19,11 @@ from sdsbridge.cameras import sample_cameras
 from sdsbridge.config import SOURCE_MODIFIER
 from sdsbridge.config_loader import load_config
 from sdsbridge.nerf.renderer import Renderer, occupancy_grid
+from sdsbridge.methods import make_method
 from sdsbridge.prompts import role_prompts
+from sdsbridge.scene import build_scene
 from sdsbridge.schedules import schedule_value
-from sdsbridge.train import build_optimizer, build_scene
+from sdsbridge.train_step import build_optimizer
 
 SDS_BRIDGE_YAML = "configs/sds-bridge.yaml"
 GUIDANCE = "guidance/sds_bridge_guidance.py"
@@ -131,7 +133,7 @@ def test_background_is_sh_encoded_bias_free_mlp(scene):
 
 
 def test_optimizer_groups_match_the_official_params_block(config, scene):
-    optimizer = build_optimizer(scene, config)
+    optimizer = build_optimizer(scene, make_method(config.method, config.guidance, None), config.train)
     groups = {g["name"]: g for g in optimizer.param_groups}
     assert list(groups) == ["grid", "density", "color", "background"]
     assert {k: g["lr"] for k, g in groups.items()} == {"grid": 0.01, "density": 0.001, "color": 0.001,
@@ -155,7 +157,7 @@ def test_occupancy_grid_and_step_size_match_threestudio(config):
 
 
 def test_official_prompt_strings(config):
-    texts = role_prompts("a pineapple", "bridge", config.guidance)
+    texts = role_prompts(make_method("bridge", config.guidance, None).role_texts("a pineapple"))
     assert texts["target"] == {v: f"a pineapple, ., {v} view" for v in ("front", "side", "back", "overhead")}
     assert texts["source"]["front"] == f"a pineapple, {SOURCE_MODIFIER}, front view"
     assert texts["source"]["overhead"] == f"a pineapple, {SOURCE_MODIFIER}, overhead view"

@@ -11,7 +11,8 @@ from diffusers import PNDMScheduler
 
 from sdsbridge.config import PriorConfig
 from sdsbridge.priors import load_prior
-from sdsbridge.priors.random_sd import (ARCHITECTURES, BOS_TOKEN, COMPONENTS, EOS_TOKEN, architecture_parameter_counts,
+from sdsbridge.priors.denoiser import sd_alphas_cumprod
+from sdsbridge.random_sd import (ARCHITECTURES, BOS_TOKEN, COMPONENTS, EOS_TOKEN, architecture_parameter_counts,
                                         assets_dir, byte_vocabulary, read_architecture)
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_random_sd.py"
@@ -88,7 +89,9 @@ def test_make_random_sd_small_loads_through_load_prior_and_predicts(tmp_path, ca
     assert prior.image_resolution == 64 and prior.latent_scaling == 0.18215
     assert len(prior.tokenizer) == 49408 and prior.text_encoder.config.vocab_size == 49408
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "PNDMScheduler"
-    assert isinstance(PNDMScheduler.from_pretrained(out / "scheduler"), PNDMScheduler)
+    scheduler = PNDMScheduler.from_pretrained(out / "scheduler")  # SD's training schedule, as the prior reads it
+    assert torch.allclose(scheduler.alphas_cumprod, sd_alphas_cumprod()) and torch.equal(
+        prior.alphas_cumprod, scheduler.alphas_cumprod.float())
 
     ids = prior.tokenizer(["ünïcødé ☃ text, front view", ""]).input_ids
     assert all(0 <= i < 49408 for row in ids for i in row) and ids[1] == [49406, 49407]

@@ -202,6 +202,12 @@ def test_encode_images_resizes_to_minus_one_one_with_gradient(prior):
     assert torch.allclose(prior.encode_images(same), same * 2 - 1)
 
 
+def test_decode_latents_inverts_encode_and_clamps(prior):
+    images = torch.rand(2, 3, 16, 16)
+    assert torch.allclose(prior.decode_latents(prior.encode_images(images)), images, atol=1e-6)
+    assert prior.decode_latents(torch.full((1, 3, 16, 16), 3.0)).max() == 1.0
+
+
 def test_predict_noise_recovers_reference_image_at_small_t(prior):
     ids = prior.embed_prompts(["a blue box, front view", ""])
     images, _ = prior.reference_set(int(ids[0]))

@@ -7,8 +7,8 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from sdsbridge.config import PriorConfig
 from sdsbridge.errors import UserError
 from sdsbridge.priors import load_prior
-from sdsbridge.priors.random_sd import build_random_pipeline
 from sdsbridge.priors.stable_diffusion import StableDiffusionPrior
+from sdsbridge.random_sd import build_random_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,16 @@ def test_shapes_and_differentiable_encoding(prior):
 
     eps = prior.predict_noise(latents.detach(), torch.tensor([10, 900]), embeddings[:2])
     assert eps.shape == latents.shape and eps.dtype == torch.float32 and not eps.requires_grad
+
+
+def test_decode_latents_is_the_vae_decoder_in_zero_one(prior):
+    latents = torch.randn(2, 4, 32, 32)
+    images = prior.decode_latents(latents)
+    assert images.shape == (2, 3, 64, 64) and images.dtype == torch.float32 and not images.requires_grad
+    assert images.min() >= 0 and images.max() <= 1
+    with torch.no_grad():
+        raw = prior.vae.decode(latents / prior.latent_scaling).sample / 2 + 0.5
+    assert torch.allclose(images, raw.clamp(0, 1))
 
 
 def test_builder_is_deterministic(tmp_path, tiny_sd_dir):

@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-import sdsbridge.train as train_module
+from sdsbridge.cameras import orbit_cameras
 from sdsbridge.checkpoint import find_checkpoint, load_checkpoint
 from sdsbridge.config_loader import load_config
-from sdsbridge.guidance import GuidanceResult
-from sdsbridge.train import TrainingDiverged, load_trained_scene, train
+from sdsbridge.methods import SDS, GuidanceResult, Method
+from sdsbridge.scene import load_trained_scene
+from sdsbridge.train import TrainingDiverged, train
 
 SMALL = [
     "scene.n_levels=4", "scene.log2_hashmap_size=12", "scene.base_resolution=8", "scene.mlp_width=16",
@@ -87,7 +88,7 @@ def test_resume_is_bit_identical_and_switches_stage(tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
-    real = train_module.guidance_step
+    real = Method.distill
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -97,7 +98,7 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
             return GuidanceResult(result.loss * float("nan"), result.grad_norm, result.t, result.stage)
         return result
 
-    monkeypatch.setattr(train_module, "guidance_step", flaky)
+    monkeypatch.setattr(Method, "distill", flaky)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     result = train(small_config(tmp_path, "train.steps=5"), run_dir, torch.device("cpu"), show_progress=False)
@@ -108,7 +109,7 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
         result = real(*args, **kwargs)
         return GuidanceResult(result.loss * float("inf"), result.grad_norm, result.t, result.stage)
 
-    monkeypatch.setattr(train_module, "guidance_step", always_nan)
+    monkeypatch.setattr(Method, "distill", always_nan)
     run_dir = tmp_path / "diverged"
     run_dir.mkdir()
     with pytest.raises(TrainingDiverged, match="3 non-finite steps in a row"):
@@ -123,7 +124,7 @@ def test_sigterm_checkpoints_and_stops_cleanly(tmp_path, monkeypatch):
     import os
     import signal
 
-    real = train_module.guidance_step
+    real = Method.distill
     calls = {"n": 0}
 
     def signalling(*args, **kwargs):
@@ -132,7 +133,7 @@ def test_sigterm_checkpoints_and_stops_cleanly(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)  # as if `kill` arrived during step 3
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "guidance_step", signalling)
+    monkeypatch.setattr(Method, "distill", signalling)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     result = train(small_config(tmp_path, "train.steps=10"), run_dir, torch.device("cpu"), show_progress=False)
@@ -154,8 +155,11 @@ def test_fifty_steps_on_cuda_with_stable_diffusion(tmp_path, tiny_sd_dir):
     assert result.step == 50 and result.bad_steps == 0
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
     assert {m["stage"] for m in metrics} == {1, 2}
-    scene, _, _ = load_trained_scene(run_dir, torch.device("cuda"))
-    assert scene.field.encoding.backend in ("torch", "tcnn")
+    loaded, _, _ = load_trained_scene(run_dir, torch.device("cuda"))
+    cameras = orbit_cameras(config.cameras, 2).to("cuda")
+    with torch.no_grad():  # the checkpoint holds the scene as trained (field, background, occupancy grid)
+        expected = result.scene.renderer.render(cameras, 16, 16).rgb
+        assert torch.allclose(loaded.renderer.render(cameras, 16, 16).rgb, expected, atol=1e-5)
 
 
 def test_resume_from_an_older_checkpoint_keeps_each_step_once_in_metrics(tmp_path):
@@ -166,3 +170,65 @@ def test_resume_from_an_older_checkpoint_keeps_each_step_once_in_metrics(tmp_pat
     train(config, run_dir, torch.device("cpu"), checkpoint=load_checkpoint(run_dir / "checkpoints" / "step-0000002.ckpt"),
           show_progress=False)
     assert [m["step"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
+
+
+class MethodWithItsOwnParameter(SDS):
+    """A stand-in for a method that trains something of its own (as VSD trains a LoRA): one parameter in its
+    own optimizer group, a loss of its own, and a step counter that goes into checkpoints."""
+
+    name = "sds"
+
+    def __init__(self, settings, prior):
+        super().__init__(settings, prior)
+        self.offset = torch.nn.Parameter(torch.ones(3))
+        self.calls = 0
+
+    def distill(self, latents, conditions, step, cameras=None, generator=None):
+        self.calls += 1
+        result = super().distill(latents, conditions, step, cameras, generator)
+        result.extra_losses["offset"] = self.offset.square().sum()
+        return result
+
+    def param_groups(self):
+        return [{"params": [self.offset], "lr": 0.1, "name": "offset"}]
+
+    def state_dict(self):
+        return {"calls": self.calls, "offset": self.offset.detach().clone()}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+        with torch.no_grad():
+            self.offset.copy_(state["offset"])
+
+
+def test_a_method_with_parameters_and_state_trains_and_resumes_without_trainer_changes(tmp_path, monkeypatch):
+    import sdsbridge.train as train_module
+
+    made = []
+    monkeypatch.setattr(train_module, "make_method",
+                        lambda name, settings, prior: made.append(MethodWithItsOwnParameter(settings, prior)) or made[-1])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    train(small_config(tmp_path, "train.steps=3", "method=sds"), run_dir, torch.device("cpu"), show_progress=False)
+    checkpoint = load_checkpoint(find_checkpoint(run_dir))
+    assert checkpoint["method"]["calls"] == 3
+    assert [g["name"] for g in checkpoint["optimizer"]["param_groups"]][-1] == "offset"
+    assert torch.all(checkpoint["method"]["offset"] < 1.0)  # AdamW pulled it towards 0 at lr 0.1
+    assert all("loss_offset" in row for row in read_metrics(run_dir))
+
+    train(small_config(tmp_path, "train.steps=5", "method=sds"), run_dir, torch.device("cpu"), checkpoint=checkpoint,
+          show_progress=False)
+    assert made[-1].calls == 5  # restored at 3, then two more steps
+    assert load_checkpoint(find_checkpoint(run_dir))["method"]["calls"] == 5
+
+
+def test_checkpoints_of_methods_without_state(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    train(small_config(tmp_path, "train.steps=2"), run_dir, torch.device("cpu"), show_progress=False)
+    checkpoint = load_checkpoint(find_checkpoint(run_dir))
+    assert checkpoint["method"] == {}
+    del checkpoint["method"]  # as written before methods had state: still resumes
+    train(small_config(tmp_path, "train.steps=3"), run_dir, torch.device("cpu"), checkpoint=checkpoint,
+          show_progress=False)
+    assert load_checkpoint(find_checkpoint(run_dir))["step"] == 3

@@ -11,7 +11,7 @@ Automatic level (``threshold="auto"``), in three steps:
 1. split: Otsu's threshold on log10(max(density, 1e-3)) over the grid points inside the sphere, which
    separates the background mode from the high-density (object) mode;
 2. level = AUTO_LEVEL (5, the best level measured on trained demo runs' softplus density; 25 gave empty
-   meshes, see shared DESIGN.md);
+   meshes);
 3. clamped into [split, half the 90th percentile of the densities above the split] so it lies above the
    background and well inside the object's range when the field's scale differs from the demo's (when
    the two bounds cross, the split wins).
@@ -32,12 +32,15 @@ import trimesh
 from torch import nn
 
 from sdsbridge.atomic import atomic_write_bytes
+from sdsbridge.checkpoint import find_checkpoint, run_dir_of
+from sdsbridge.devices import module_device
 from sdsbridge.errors import UserError
+from sdsbridge.scene import load_trained_scene
 
 logger = logging.getLogger("sdsbridge")
 
 AUTO_LEVEL = 5.0
-"""Preferred iso-level of the softplus density (DESIGN.md: best ~5 on the demo, 25 gave empty meshes)."""
+"""Preferred iso-level of the softplus density (measured on the demo: ~5 is best, 25 gave empty meshes)."""
 LOG_FLOOR = 1e-3
 """Densities below this count as this in the log histogram of the automatic level."""
 FORMATS = ("glb", "obj", "ply")
@@ -59,12 +62,6 @@ class MeshResult:
     """(min, max) density over the grid points inside the scene sphere."""
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 def sphere_mask(radius: float, resolution: int) -> np.ndarray:
     """[R, R, R] bool: the corner-grid points inside the closed scene sphere of ``radius``."""
     squared = np.linspace(-radius, radius, resolution) ** 2
@@ -81,7 +78,7 @@ def density_grid(field: nn.Module, radius: float, resolution: int, chunk: int = 
     """
     if resolution < 2:
         raise UserError(f"mesh resolution must be at least 2, got {resolution}")
-    device = _module_device(field)
+    device = module_device(field)
     axis = torch.linspace(-radius, radius, resolution, dtype=torch.float64)
     inside = torch.from_numpy(sphere_mask(radius, resolution).reshape(-1))
     grid = np.zeros(resolution ** 3, dtype=np.float32)
@@ -182,7 +179,7 @@ def _decimate(vertices: np.ndarray, faces: np.ndarray, target_faces: int) -> tup
 @torch.no_grad()
 def vertex_colors(field: nn.Module, vertices: np.ndarray, chunk: int = 2 ** 18) -> np.ndarray:
     """[V, 3] world points -> [V, 3] uint8 colours from ``field.forward`` (rgb in [0, 1])."""
-    device = _module_device(field)
+    device = module_device(field)
     points = torch.from_numpy(np.ascontiguousarray(vertices, dtype=np.float32))
     colors = [field(part.to(device))[1].float().clamp(0, 1).cpu() for part in points.split(chunk)]
     rgb = torch.cat(colors) if colors else torch.zeros(0, 3)
@@ -265,18 +262,11 @@ def save_mesh(result: MeshResult, path: Path, format: Optional[str] = None) -> P
     return path
 
 
-def export_run_mesh(run_dir: Path, format: Optional[str] = None, resolution: Optional[int] = None,
-                    threshold: Union[str, float, None] = None, device: Union[torch.device, str] = "cpu") -> Path:
-    """Extract and save the mesh of a trained run (a run directory or a checkpoint file).
-
-    Unset arguments come from the run's ``export`` config (format glb, resolution 256, threshold auto).
-    Writes and returns ``<run_dir>/mesh/mesh.<format>``.
-    """
-    from sdsbridge.checkpoint import find_checkpoint, run_dir_of
-    from sdsbridge.train import load_trained_scene
-
-    checkpoint = find_checkpoint(Path(run_dir))
-    scene, config, step = load_trained_scene(checkpoint, torch.device(device))
+def export_mesh(scene, config, run_dir: Path, format: Optional[str] = None, resolution: Optional[int] = None,
+                threshold: Union[str, float, None] = None) -> Path:
+    """Extract the mesh of a trained scene (anything with a ``field``, e.g. ``scene.Scene``) and save it as
+    ``<run_dir>/mesh/mesh.<format>``. Unset arguments come from ``config.export`` (format glb, resolution
+    256, threshold auto). Returns the path."""
     export = config.export
     fmt = (format or export.format).lower()
     if fmt not in FORMATS:
@@ -285,6 +275,15 @@ def export_run_mesh(run_dir: Path, format: Optional[str] = None, resolution: Opt
                           export.threshold if threshold is None else threshold,
                           min_component_fraction=export.min_component_fraction,
                           decimate_faces=export.decimate_faces)
-    path = save_mesh(result, run_dir_of(checkpoint) / "mesh" / f"mesh.{fmt}", fmt)
+    return save_mesh(result, Path(run_dir) / "mesh" / f"mesh.{fmt}", fmt)
+
+
+def export_run_mesh(run_dir: Path, format: Optional[str] = None, resolution: Optional[int] = None,
+                    threshold: Union[str, float, None] = None, device: Union[torch.device, str] = "cpu") -> Path:
+    """``export_mesh`` of a finished run's last checkpoint (``run_dir``: a run directory or a checkpoint
+    file); writes ``<run_dir>/mesh/mesh.<format>``."""
+    checkpoint = find_checkpoint(Path(run_dir))
+    scene, config, step = load_trained_scene(checkpoint, torch.device(device))
+    path = export_mesh(scene, config, run_dir_of(checkpoint), format, resolution, threshold)
     logger.info("mesh: step %d -> %s", step, path)
     return path

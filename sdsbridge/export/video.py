@@ -8,27 +8,24 @@ near = bright), so it does not flicker, and fades to black with opacity.
 from __future__ import annotations
 
 import logging
-import os
 import time
-import uuid
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import imageio_ffmpeg
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from sdsbridge.cameras import Cameras, orbit_cameras
+from sdsbridge.checkpoint import find_checkpoint, run_dir_of
 from sdsbridge.config import CameraConfig
+from sdsbridge.devices import module_device
 from sdsbridge.errors import UserError
-from sdsbridge.images import to_uint8
+from sdsbridge.media import pad_to_even, to_uint8, write_video
 from sdsbridge.nerf.renderer import RenderOutput, Renderer
+from sdsbridge.scene import load_trained_scene
 
 logger = logging.getLogger("sdsbridge")
-
-VIDEO_QUALITY = 8
-"""imageio-ffmpeg quality, 0 (worst) to 10 (best)."""
 
 
 def depth_panel(depth: torch.Tensor, opacity: torch.Tensor, near: float, far: float) -> torch.Tensor:
@@ -43,16 +40,8 @@ def depth_panel(depth: torch.Tensor, opacity: torch.Tensor, near: float, far: fl
 
 def turntable_frame(out: RenderOutput, index: int, near: float, far: float) -> np.ndarray:
     """View ``index`` of a render as [H, 2W, 3] uint8 (rgb | depth), padded to even height and width."""
-    frame = np.concatenate([to_uint8(out.rgb[index]),
-                            to_uint8(depth_panel(out.depth[index], out.opacity[index], near, far))], axis=1)
-    pad = ((0, frame.shape[0] % 2), (0, frame.shape[1] % 2), (0, 0))
-    return np.pad(frame, pad, mode="edge") if any(p[1] for p in pad) else frame
-
-
-def _field_device(renderer: Renderer) -> torch.device:
-    for tensor in list(renderer.field.parameters()) + list(renderer.field.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    return pad_to_even(np.concatenate([to_uint8(out.rgb[index]),
+                                       to_uint8(depth_panel(out.depth[index], out.opacity[index], near, far))], axis=1))
 
 
 @torch.no_grad()
@@ -61,10 +50,10 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
                      background_color: Optional[Sequence[float]] = None, progress: bool = True) -> Path:
     """Render ``frames`` views of the eval orbit (``camera_cfg.eval_elevation`` / ``eval_distance`` /
     ``eval_fovy``, azimuth from 0 in equal steps) one at a time and write an mp4 (libx264, yuv420p) at
-    ``fps`` to ``path``, atomically (temporary file in the same directory, then rename).
+    ``fps`` to ``path``, atomically (``media.write_video``).
 
     Args:
-        scene: anything with a ``renderer`` (a ``Renderer``), e.g. ``sdsbridge.train.Scene``.
+        scene: anything with a ``renderer`` (a ``Renderer``), e.g. ``scene.Scene``.
         resolution: frame height in pixels (each panel is resolution x resolution).
         chunk_rays: rays per field call (default ``renderer.cfg.chunk_rays``).
         background_color: RGB in [0, 1] behind the object (default: the scene's learnt background).
@@ -75,39 +64,24 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
         raise UserError(f"video: frames, fps must be >= 1 and resolution >= 2 (got frames={frames}, "
                         f"resolution={resolution}, fps={fps})")
     renderer: Renderer = scene.renderer
-    device = _field_device(renderer)
+    device = module_device(renderer.field)
     cameras = orbit_cameras(camera_cfg, frames).to(device)
     background = None if background_color is None else torch.tensor(background_color, dtype=torch.float32,
                                                                       device=device)
     near = camera_cfg.eval_distance - renderer.radius
     far = camera_cfg.eval_distance + renderer.radius
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.mp4")  # ffmpeg creates it
     was_training = renderer.training
     renderer.eval()
     started = time.time()
-    writer = None
-    try:
+
+    def rendered_frames():
         for i in tqdm(range(frames), disable=not progress, desc="turntable", unit="frame", dynamic_ncols=True):
             out = renderer.render(_one(cameras, i), resolution, resolution, background_color=background,
                                   chunk_rays=chunk_rays or renderer.cfg.chunk_rays)
-            frame = turntable_frame(out, 0, near, far)
-            if writer is None:
-                writer = imageio_ffmpeg.write_frames(
-                    tmp, (frame.shape[1], frame.shape[0]), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
-                    quality=VIDEO_QUALITY, macro_block_size=2, ffmpeg_log_level="error")
-                writer.send(None)  # start ffmpeg
-            writer.send(np.ascontiguousarray(frame))
-        if writer is not None:
-            writer.close()
-            writer = None
-        os.replace(tmp, path)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            yield turntable_frame(out, 0, near, far)
+
+    try:
+        write_video(path, rendered_frames(), fps)
     finally:
         renderer.train(was_training)
     logger.info("video: %d frames of %dx%d at %d fps in %.1f s -> %s", frames, 2 * resolution, resolution, fps,
@@ -121,20 +95,21 @@ def _one(cameras: Cameras, i: int) -> Cameras:
                    cameras.azimuth[i:i + 1], cameras.distance[i:i + 1], cameras.labels[i:i + 1])
 
 
+def export_video(scene, config, run_dir: Path, frames: Optional[int] = None, resolution: Optional[int] = None,
+                 fps: Optional[int] = None, progress: bool = True) -> Path:
+    """The turntable of a trained scene as ``<run_dir>/video/turntable.mp4``. Unset arguments come from
+    ``config.export`` (120 frames, 512 px, 30 fps). Returns the path."""
+    export = config.export
+    return render_turntable(scene, config.cameras, Path(run_dir) / "video" / "turntable.mp4",
+                            frames=frames or export.video_frames, resolution=resolution or export.video_resolution,
+                            fps=fps or export.video_fps, chunk_rays=config.render.chunk_rays, progress=progress)
+
+
 def render_run_video(run_dir: Path, frames: Optional[int] = None, resolution: Optional[int] = None,
                      fps: Optional[int] = None, device: Union[torch.device, str] = "cpu",
                      progress: bool = True) -> Path:
-    """Render the turntable of a trained run (a run directory or a checkpoint file).
-
-    Unset arguments come from the run's ``export`` config (120 frames, 512 px, 30 fps).
-    Writes and returns ``<run_dir>/video/turntable.mp4``.
-    """
-    from sdsbridge.checkpoint import find_checkpoint, run_dir_of
-    from sdsbridge.train import load_trained_scene
-
+    """``export_video`` of a finished run's last checkpoint (``run_dir``: a run directory or a checkpoint
+    file); writes ``<run_dir>/video/turntable.mp4``."""
     checkpoint = find_checkpoint(Path(run_dir))
     scene, config, _ = load_trained_scene(checkpoint, torch.device(device))
-    export = config.export
-    return render_turntable(scene, config.cameras, run_dir_of(checkpoint) / "video" / "turntable.mp4",
-                            frames=frames or export.video_frames, resolution=resolution or export.video_resolution,
-                            fps=fps or export.video_fps, chunk_rays=config.render.chunk_rays, progress=progress)
+    return export_video(scene, config, run_dir_of(checkpoint), frames, resolution, fps, progress)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from sdsbridge.cameras import Cameras, camera_rays
 from sdsbridge.config import RenderConfig
+from sdsbridge.devices import module_device
 from sdsbridge.errors import UserError
 
 logger = logging.getLogger("sdsbridge")
@@ -139,12 +140,6 @@ def occupancy_grid(radius: float, cfg: RenderConfig) -> nerfacc.OccGridEstimator
     return nerfacc.OccGridEstimator(roi_aabb=[-r, -r, -r, r, r, r], resolution=cfg.occupancy_resolution, levels=1)
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 class Renderer:
     """Renders a field (``density(x [M,3]) -> [M]``, ``forward(x) -> (sigma [M], rgb [M,3])``) in world
     units inside the sphere of ``radius``, over a ``background`` (``forward(dirs [...,3]) -> [...,3]``).
@@ -161,7 +156,7 @@ class Renderer:
         self.radius = float(radius)
         self.near = float(near)
         self.training = True
-        device = _module_device(field)
+        device = module_device(field)
         self.sampler, reason = choose_sampler(cfg.sampler, device)
         logger.info("renderer: %s sampler (%s)", self.sampler, reason)
         self.estimator: Optional[nerfacc.OccGridEstimator] = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional, Protocol
 
 import torch
+import torch.nn.functional as F
 
 
 class Prior(Protocol):
@@ -20,7 +21,7 @@ class Prior(Protocol):
     """
 
     image_resolution: int
-    """Renders are resized (bilinearly) to this square size before ``encode_images``."""
+    """R: ``encode_images`` resizes images (bilinearly) to R x R first."""
     num_train_timesteps: int
     """T, usually 1000."""
     alphas_cumprod: torch.Tensor
@@ -31,10 +32,25 @@ class Prior(Protocol):
         """P prompts -> [P, ...] conditions (no gradient)."""
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, R, R] images in [0, 1] (R = image_resolution) -> [N, C, h, w] latents, differentiable."""
+        """[N, 3, H, W] images in [0, 1] on any device -> [N, C, h, w] latents on ``device``, differentiable
+        with respect to ``images`` (which are moved to ``device`` and resized to R x R by ``to_prior_images``)."""
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """[N, C, h, w] latents -> [N, 3, R, R] float32 images in [0, 1] on ``device`` (no gradient)."""
 
     def predict_noise(self, latents_noisy: torch.Tensor, t: torch.Tensor, conditions: torch.Tensor,
                       camera_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One batched evaluation: [M, C, h, w] noisy latents, [M] integer timesteps, [M, ...] conditions
         -> [M, C, h, w] predicted noise (float32, no gradient). ``camera_positions`` ([M, 3], world
         space) is used only by the reference prior's nearest-view conditioning; others ignore it."""
+
+
+def to_prior_images(images: torch.Tensor, resolution: int, device: torch.device) -> torch.Tensor:
+    """[N, 3, H, W] images -> [N, 3, R, R] on ``device`` (R = ``resolution``), resized bilinearly (corners
+    not aligned) only if H x W differs. Differentiable, so gradients flow back to the images' own device:
+    the one place renders are resized for a prior, and what lets the prior live on another GPU than the
+    scene."""
+    images = images.to(device)
+    if images.shape[-2:] != (resolution, resolution):
+        images = F.interpolate(images, (resolution, resolution), mode="bilinear", align_corners=False)
+    return images

@@ -8,7 +8,8 @@ is a bilinear resize to ``resolution`` and [0, 1] -> [-1, 1], so latents are [N,
 
 With ``nearest_views = K > 0`` and camera positions given, a sample's set is instead the images of its
 condition's shapes (and copies) at the K reference cameras whose directions are nearest the query
-camera's, whatever their view label; this keeps 3D consistency (DESIGN.md).
+camera's, whatever their view label; this keeps 3D consistency (with view-label sets the nearest image may
+come from a quite different pose).
 """
 
 from __future__ import annotations
@@ -17,16 +18,17 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from sdsbridge.atomic import atomic_file
 from sdsbridge.cameras import VIEW_LABELS, Cameras, cameras_from_angles, sample_cameras
 from sdsbridge.config import CameraConfig, PriorConfig
 from sdsbridge.priors import shapes as shapes_module
+from sdsbridge.priors.base import to_prior_images
 from sdsbridge.priors.denoiser import noise_from_denoised, optimal_denoiser, sd_alphas_cumprod
 from sdsbridge.priors.reference_prompts import Condition, parse_prompt
 from sdsbridge.priors.shapes import get_shape, render_shape
@@ -182,11 +184,13 @@ class ReferencePrior:
 
     # --- images -------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] in [0, 1] -> [N, 3, R, R] in [-1, 1] (bilinear resize if needed; differentiable)."""
-        r = self.image_resolution
-        if images.shape[-2:] != (r, r):
-            images = F.interpolate(images, size=(r, r), mode="bilinear", align_corners=False)
-        return images * 2.0 - 1.0
+        """[N, 3, H, W] in [0, 1] (any device) -> [N, 3, R, R] in [-1, 1] on ``device`` (moved and resized
+        by ``to_prior_images``; differentiable)."""
+        return to_prior_images(images, self.image_resolution, self.device) * 2.0 - 1.0
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """[N, 3, R, R] latents in [-1, 1] -> [N, 3, R, R] float32 images in [0, 1] on ``device``."""
+        return ((latents.detach().to(self.device, torch.float32) + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def clean_renders(self, shape_name: str) -> torch.Tensor:
         """[L*V, 3, R, R] renders in [0, 1] of a shape from ``self.cameras`` (label-sorted)."""
@@ -299,8 +303,6 @@ class ReferencePrior:
         images, masks = render_shape(shape_name, self.cameras.to(self.device), self.image_resolution, SUPERSAMPLE)
         images, masks = images.to(torch.float32).cpu(), masks.to(torch.float32).cpu()
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"images": images, "masks": masks}, tmp)
-            os.replace(tmp, path)
+            with atomic_file(path) as handle:
+                torch.save({"images": images, "masks": masks}, handle)
         return images, masks

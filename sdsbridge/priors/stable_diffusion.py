@@ -17,13 +17,13 @@ from typing import Optional
 
 import huggingface_hub.constants
 import torch
-import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 from diffusers.utils import is_accelerate_available
 from huggingface_hub.errors import GatedRepoError
 
 from sdsbridge.config import HUB_ID_PATTERN, KNOWN_MIRRORS, REMOVED_SD_MODELS, PriorConfig
 from sdsbridge.errors import UserError
+from sdsbridge.priors.base import to_prior_images
 
 _HUB_ID = re.compile(HUB_ID_PATTERN)
 
@@ -168,18 +168,24 @@ class StableDiffusionPrior:
         return hidden.to(torch.float32)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] images in [0, 1] -> [N, 4, R/f, R/f] float32 latents (f = VAE scale factor).
+        """[N, 3, H, W] images in [0, 1] (any device) -> [N, 4, R/f, R/f] float32 latents on ``device``
+        (f = VAE scale factor).
 
-        Resized bilinearly to R = ``image_resolution`` if needed, mapped to [-1, 1], encoded by the VAE
-        (a sample of the latent distribution, as the official code and threestudio do) and multiplied by
-        the VAE scaling factor. Differentiable with respect to ``images``.
+        Moved to ``device`` and resized bilinearly to R = ``image_resolution`` if needed
+        (``to_prior_images``), mapped to [-1, 1], encoded by the VAE (a sample of the latent distribution,
+        as the official code and threestudio do) and multiplied by the VAE scaling factor. Differentiable
+        with respect to ``images``.
         """
-        if images.shape[-2:] != (self.image_resolution, self.image_resolution):
-            images = F.interpolate(images, (self.image_resolution, self.image_resolution), mode="bilinear",
-                                   align_corners=False)
-        x = images * 2.0 - 1.0
+        x = to_prior_images(images, self.image_resolution, self.device) * 2.0 - 1.0
         posterior = self.vae.encode(x.to(self.dtype)).latent_dist
         return (posterior.sample() * self.latent_scaling).to(torch.float32)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """[N, 4, h, w] latents -> [N, 3, R, R] float32 images in [0, 1] on ``device``: the VAE decoder on
+        latents / scaling factor, mapped from [-1, 1]."""
+        x = latents.to(self.device, self.dtype) / self.latent_scaling
+        return (self.vae.decode(x).sample.float() / 2.0 + 0.5).clamp(0.0, 1.0)
 
     @torch.no_grad()
     def predict_noise(self, latents_noisy: torch.Tensor, t: torch.Tensor, conditions: torch.Tensor,

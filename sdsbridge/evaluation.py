@@ -1,7 +1,7 @@
 """Score a trained run: against the built-in shape's ground truth for reference-prior runs, basic statistics
 for Stable Diffusion runs (which have no ground truth).
 
-Reference-prior scores (sdsbridge.evaluate holds the metrics):
+Reference-prior scores (the metrics are in scores.py):
 - psnr_db: PSNR of the NeRF's renders over white (rgb_fg + (1 - opacity) * 1) against the shape's own
   anti-aliased renders over white, on ``n_views`` eval-orbit cameras (eval elevation / distance / fovy,
   azimuths from 0 in equal steps) -- not the prior's reference cameras;
@@ -21,9 +21,11 @@ from typing import Optional, Union
 
 import torch
 
+from sdsbridge import scores
 from sdsbridge.cameras import orbit_cameras
 from sdsbridge.errors import UserError
 from sdsbridge.export.mesh import extract_mesh
+from sdsbridge.scene import load_trained_scene
 
 logger = logging.getLogger("sdsbridge")
 
@@ -65,8 +67,6 @@ def evaluate_run(run_dir: Path, device: Union[torch.device, str] = "cpu", n_view
                  n_points: int = 20000) -> dict:
     """Evaluate a trained run (a run directory or a checkpoint file): ``evaluate_scene`` of its last
     checkpoint. Arguments and result as there."""
-    from sdsbridge.train import load_trained_scene
-
     device = torch.device(device)
     scene, config, step = load_trained_scene(Path(run_dir), device)
     return evaluate_scene(scene, config, step, device, n_views, resolution, mesh_resolution, n_points)
@@ -75,7 +75,7 @@ def evaluate_run(run_dir: Path, device: Union[torch.device, str] = "cpu", n_view
 def evaluate_scene(scene, config, step: int, device: Union[torch.device, str] = "cpu",
                    n_views: int = DEFAULT_VIEWS, resolution: Optional[int] = None,
                    mesh_resolution: int = DEFAULT_MESH_RESOLUTION, n_points: int = 20000) -> dict:
-    """Evaluate a scene (``field`` + ``renderer``, e.g. ``sdsbridge.train.Scene``) trained with ``config``.
+    """Evaluate a scene (``field`` + ``renderer``, e.g. ``scene.Scene``) trained with ``config``.
 
     Args:
         n_views: eval-orbit views to render and score.
@@ -93,21 +93,19 @@ def evaluate_scene(scene, config, step: int, device: Union[torch.device, str] = 
     reference = config.prior.kind == "reference"
     resolution = resolution or (config.prior.resolution if reference else 64)
     if reference:
-        from sdsbridge import evaluate
-
-        shape = evaluate.shape_for_prompt(config.prompt)  # UserError before any rendering if unscorable
+        shape = scores.shape_for_prompt(config.prompt)  # UserError before any rendering if unscorable
     rgb, opacity, cameras = _render_white(scene, config, n_views, resolution, device)
     mesh, mesh_meta = _mesh_stats(scene, config, mesh_resolution)
     result = {"prior": config.prior.kind, "prompt": config.prompt, "step": step, "scored": reference,
               "n_views": n_views, "resolution": resolution, "mesh_resolution": mesh_resolution,
               "mean_opacity": float(opacity.mean()), **mesh_meta}
     if reference:
-        truth, coverage = evaluate.reference_views(shape, cameras, resolution)
-        chamfer = math.inf if mesh is None else evaluate.chamfer_distance(
+        truth, coverage = scores.reference_views(shape, cameras, resolution)
+        chamfer = math.inf if mesh is None else scores.chamfer_distance(
             torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.faces), shape, n_points=n_points)
         union = float(torch.maximum(opacity, coverage).sum())
-        result.update({"shape": shape, "psnr_db": evaluate.psnr(rgb, truth), "chamfer": chamfer,
-                       "saturation_error": evaluate.saturation_error(rgb, truth, coverage),
+        result.update({"shape": shape, "psnr_db": scores.psnr(rgb, truth), "chamfer": chamfer,
+                       "saturation_error": scores.saturation_error(rgb, truth, coverage),
                        "mask_iou": float(torch.minimum(opacity, coverage).sum()) / union if union else 0.0})
     else:
         result["reason"] = (f"no ground truth for a {config.prior.kind} prior: PSNR, Chamfer and saturation "

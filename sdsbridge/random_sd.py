@@ -1,10 +1,16 @@
-"""Random-initialised Stable Diffusion pipelines, built offline.
+"""Random-initialised Stable Diffusion pipelines, built offline: a fixture for tests and benchmarks.
 
 Tests, CPU demos and GPU benchmarks need a real diffusers pipeline (the same loader, the same UNet/VAE/CLIP
-code paths as Stable Diffusion) without downloading weights. ``build_random_pipeline`` creates one from
-component configs with random weights, a byte-level CLIP tokenizer vocabulary written by us (no merges:
-every character is a token) and SD's noise schedule, then ``save_pretrained``s it so that
-``StableDiffusionPipeline.from_pretrained(out_dir)`` loads it like any downloaded model.
+code paths as Stable Diffusion) without downloading weights. This module is not a prior (the pipelines it
+writes load through ``priors.stable_diffusion`` like any downloaded model) and nothing in training imports
+it; it is part of the installed package, beside ``priors/`` rather than in ``tests/``, because the
+scripts (``make_random_sd.py``, ``bench_train_step.py``) and users' own offline tests import it from an
+installed copy, and its ``sd21-base`` architecture reads the JSON configs shipped in ``sdsbridge/assets``.
+
+``build_random_pipeline`` creates one from component configs with random weights, a byte-level CLIP
+tokenizer vocabulary written by us (no merges: every character is a token) and SD's noise schedule, then
+``save_pretrained``s it so that ``StableDiffusionPipeline.from_pretrained(out_dir)`` loads it like any
+downloaded model.
 
 Architectures (``ARCHITECTURES``, one dict of component configs per name):
 
@@ -97,7 +103,7 @@ training schedule, the only part the prior uses."""
 
 def assets_dir() -> Path:
     """The package's assets (sdsbridge/assets when installed, assets/ in a checkout)."""
-    package = Path(__file__).resolve().parent.parent
+    package = Path(__file__).resolve().parent
     installed = package / "assets"
     return installed if installed.is_dir() else package.parent / "assets"
 

@@ -1,6 +1,6 @@
 """Scores against the ground truth of the reference prior's built-in shapes: PSNR, Chamfer, saturation.
 
-Used by ``sdsbridge eval`` and the trainer. Images are [N, 3, H, W] in [0, 1]; lengths in scene units.
+Used by evaluation.py (``sdsbridge eval``). Images are [N, 3, H, W] in [0, 1]; lengths in scene units.
 """
 
 from __future__ import annotations

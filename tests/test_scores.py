@@ -10,7 +10,7 @@ import torch
 from sdsbridge.cameras import orbit_cameras
 from sdsbridge.config import CameraConfig
 from sdsbridge.errors import UserError
-from sdsbridge.evaluate import (chamfer_distance, psnr, reference_views, sample_sdf_surface, saturation_error,
+from sdsbridge.scores import (chamfer_distance, psnr, reference_views, sample_sdf_surface, saturation_error,
                                 shape_for_prompt)
 from sdsbridge.priors.shapes import SHAPES
 

@@ -1,0 +1,74 @@
+"""The scene a run optimises and renders: field + background + renderer; built from a config, saved to
+and restored from a checkpoint, and loaded back from a finished run for export and evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdsbridge import checkpoint as ckpt
+from sdsbridge.config import Config
+from sdsbridge.config_loader import config_from_dict
+from sdsbridge.errors import UserError
+from sdsbridge.nerf.background import Background
+from sdsbridge.nerf.field import NeRFField
+from sdsbridge.nerf.renderer import Renderer
+
+
+@dataclass
+class Scene:
+    """What a run optimises (``field``, ``background``) and how it is rendered (``renderer``, which also
+    holds the occupancy grid on CUDA)."""
+
+    field: NeRFField
+    background: Background
+    renderer: Renderer
+
+    def train(self, mode: bool = True) -> "Scene":
+        """Training mode (jittered samples) for all three parts, or eval mode with ``mode=False``."""
+        self.field.train(mode)
+        self.background.train(mode)
+        self.renderer.train(mode)
+        return self
+
+    def eval(self) -> "Scene":
+        return self.train(False)
+
+    def param_groups(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Parameters by optimizer group: 'grid', 'density', 'color' (the field's) and 'background'."""
+        return {**self.field.param_groups(), "background": list(self.background.parameters())}
+
+    def state_dict(self) -> dict[str, dict]:
+        """{'field', 'background', 'renderer'} state dicts, as a checkpoint stores them."""
+        return {"field": self.field.state_dict(), "background": self.background.state_dict(),
+                "renderer": self.renderer.state_dict()}
+
+    def load_state_dict(self, checkpoint: dict) -> None:
+        """Load field, background and renderer (occupancy grid) state from a checkpoint dict; UserError
+        when it does not fit this scene (a checkpoint of another scene config)."""
+        try:
+            self.field.load_state_dict(checkpoint["field"])
+            self.background.load_state_dict(checkpoint["background"])
+            self.renderer.load_state_dict(checkpoint["renderer"])
+        except (KeyError, RuntimeError) as exc:
+            raise UserError(f"checkpoint does not match this config's scene: {str(exc).splitlines()[0]}") from None
+
+
+def build_scene(config: Config, device: torch.device) -> Scene:
+    """Field, background and renderer from the config, on ``device`` (parameters drawn from torch's RNG)."""
+    field = NeRFField(config.scene, device=device).to(device)
+    background = Background(config.scene).to(device)
+    renderer = Renderer(field, background, config.render, radius=config.scene.radius)
+    return Scene(field, background, renderer)
+
+
+def load_trained_scene(run_or_checkpoint: Path, device: torch.device) -> tuple[Scene, Config, int]:
+    """The scene of a run directory's last checkpoint (or of a checkpoint file) on ``device``, for export
+    and evaluation: (scene in eval mode, the run's config, its step)."""
+    checkpoint = ckpt.load_checkpoint(ckpt.find_checkpoint(Path(run_or_checkpoint)), map_location=device)
+    config = config_from_dict(checkpoint["config"])
+    scene = build_scene(config, device)
+    scene.load_state_dict(checkpoint)
+    return scene.eval(), config, int(checkpoint["step"])

@@ -1,0 +1,60 @@
+"""Device names (auto | cpu | cuda | cuda:N), the device of a module, seeding."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sdsbridge.config_loader import load_config
+from sdsbridge.devices import module_device, resolve_device, seed_everything
+from sdsbridge.errors import UserError
+
+
+def test_cpu_and_auto():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    assert resolve_device("auto") == expected
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:", "cuda:x", "cuda1", "CPU", "cuda:-1", ""])
+def test_malformed_names_are_one_line_user_errors(name):
+    with pytest.raises(UserError, match="is not one of auto, cpu, cuda, cuda:N") as info:
+        resolve_device(name)
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="device"):
+        load_config(None, ["prompt=x", f"device={name}"])
+
+
+def test_a_numbered_gpu_is_accepted_by_the_config():
+    assert load_config(None, ["prompt=x", "device=cuda:1"]).device == "cuda:1"
+
+
+def test_numbered_gpus_against_the_gpus_there_are(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(UserError, match=r"'cuda:2': torch sees 2 CUDA device\(s\), cuda:0 to cuda:1"):
+        resolve_device("cuda:2")
+
+
+def test_cuda_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(UserError, match="torch sees no CUDA device"):
+            resolve_device(name)
+
+
+def test_module_device():
+    assert module_device(nn.Linear(2, 2).to("meta")) == torch.device("meta")
+    assert module_device(nn.ReLU()) == torch.device("cpu")
+
+
+def test_seed_everything_repeats_every_generator():
+    seed_everything(5)
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    seed_everything(5)
+    assert torch.equal(torch.rand(3), first[0]) and np.array_equal(np.random.rand(3), first[1])
+    assert random.random() == first[2]
