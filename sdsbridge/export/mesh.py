@@ -284,7 +284,7 @@ def export_run_mesh(run_dir: Path, format: Optional[str] = None, resolution: Opt
     file); writes ``<run_dir>/mesh/mesh.<format>``."""
     checkpoint = find_checkpoint(Path(run_dir))
     remove_stale_temps(run_dir_of(checkpoint))  # left by a killed write
-    scene, config, step = load_trained_scene(checkpoint, torch.device(device))
+    scene, config, step = load_trained_scene(Path(run_dir), torch.device(device))
     path = export_mesh(scene, config, run_dir_of(checkpoint), format, resolution, threshold)
     logger.info("mesh: step %d -> %s", step, path)
     return path

@@ -113,5 +113,5 @@ def render_run_video(run_dir: Path, frames: Optional[int] = None, resolution: Op
     file); writes ``<run_dir>/video/turntable.mp4``."""
     checkpoint = find_checkpoint(Path(run_dir))
     remove_stale_temps(run_dir_of(checkpoint))  # left by a killed write
-    scene, config, _ = load_trained_scene(checkpoint, torch.device(device))
+    scene, config, _ = load_trained_scene(Path(run_dir), torch.device(device))
     return export_video(scene, config, run_dir_of(checkpoint), frames, resolution, fps, progress)

@@ -1,0 +1,350 @@
+"""Faults of the machine, not of the user: full disks, read-only folders, refused permissions and killed
+writes, injected at chosen writes (atomic.py is the one write path) without special privileges.
+
+Each case checks the one-line message, the exit code (3: the machine could not write), that no partial
+file sits under a final name, and, for training, that the previous checkpoint is intact and resumes.
+"""
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import sdsbridge.atomic as atomic
+from sdsbridge.checkpoint import load_checkpoint
+from sdsbridge.cli import main
+from sdsbridge.errors import EXIT_FAILED, EXIT_WRITE_FAILED
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["scene.n_levels=4", "scene.log2_hashmap_size=12", "scene.base_resolution=8", "scene.mlp_width=16",
+        "scene.background_width=8", "render.resolution=16", "render.num_samples=16", "log.val_every=0",
+        "log.log_every=1", "prior.kind=reference", "prior.resolution=16", "prior.views_per_label=8",
+        "export.resolution=16", "export.video_frames=2", "export.video_resolution=16", "--device", "cpu",
+        "--no-progress"]
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return info.value.code, captured.out, captured.err
+
+
+def prompt_file(tmp_path):
+    path = tmp_path / "prompt.yaml"
+    path.write_text("prompt: a red torus\n")
+    return path
+
+
+def temp_files(folder):
+    return [p for p in Path(folder).rglob("*") if atomic.TEMP_NAME.match(p.name)]
+
+
+class Faults:
+    """Makes chosen writes fail: ``fail(pattern, code, times)`` fails the next ``times`` writes whose file
+    name matches ``pattern`` (ENOSPC after half the bytes, like a disk filling up; other codes at open)."""
+
+    def __init__(self, monkeypatch):
+        self.rules = []
+        real_open, real_commit = atomic._open_for_writing, atomic._commit
+
+        def opened(path, mode):
+            code = self._take(path)
+            if code is None:
+                return real_open(path, mode)
+            if code != errno.ENOSPC:
+                raise OSError(code, os.strerror(code), str(path))
+            return _FillingUp(real_open(path, mode))
+
+        def commit(tmp, path):
+            code = self._take(path, at_commit=True)
+            if code is not None:
+                raise OSError(code, os.strerror(code), str(tmp))
+            real_commit(tmp, path)
+
+        monkeypatch.setattr(atomic, "_open_for_writing", opened)
+        monkeypatch.setattr(atomic, "_commit", commit)
+
+    def fail(self, pattern, code=errno.ENOSPC, times=1, at_commit=False):
+        self.rules.append({"pattern": re.compile(pattern), "code": code, "left": times, "at_commit": at_commit})
+
+    def _take(self, path, at_commit=False):
+        name = Path(path).name
+        for rule in self.rules:
+            # temporary names keep the final name's stem and suffix: '.last.<pid>-<hex>.tmp.ckpt' ~ 'last.ckpt'
+            final = re.sub(r"^\.(.+)\.\d+-[0-9a-f]{8}\.tmp(\.[^.]*)?$", r"\1\2", name)
+            if rule["left"] and rule["at_commit"] == at_commit and rule["pattern"].search(final):
+                rule["left"] -= 1
+                return rule["code"]
+        return None
+
+
+class _FillingUp:
+    """A file handle that takes some bytes, then fails with ENOSPC (as a disk that fills up mid-write)."""
+
+    def __init__(self, handle):
+        self.handle, self.room = handle, 64
+
+    def write(self, data):
+        if len(data) > self.room:
+            self.handle.write(bytes(data[: self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+@pytest.fixture
+def faults(monkeypatch):
+    return Faults(monkeypatch)
+
+
+def one_error_line(err):
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_full_disk_at_a_checkpoint_stops_with_code_3_and_resumes(tmp_path, capsys, faults):
+    runs = tmp_path / "runs"
+    faults.fail(r"^step-0000004\.ckpt$")  # the second checkpoint does not fit
+    code, _, err = run_cli(["train", prompt_file(tmp_path), f"log.runs_dir={runs}", "train.steps=6",
+                            "log.checkpoint_every=2", "log.max_checkpoint_failures=1", "export.mesh=false",
+                            "export.video=false", *TINY], capsys)
+    assert code == EXIT_WRITE_FAILED
+    line = one_error_line(err)
+    assert "no space left on device writing" in line and "step-0000004.ckpt" in line
+    assert "the previous checkpoint (step 2) is intact" in line
+    run = runs / "bridge-a-red-torus"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step-0000002.ckpt"]
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["step"] == 2
+    assert not temp_files(run)
+
+    code, out, err = run_cli(["train", "--resume", run, "--no-progress"], capsys)  # space freed
+    assert code == 0, err
+    assert "resuming from" in out and "done: 6 steps" in out
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["step"] == 6
+
+
+def test_a_failed_checkpoint_is_retried_at_the_next_interval(tmp_path, capsys, faults, caplog):
+    runs = tmp_path / "runs"
+    faults.fail(r"^last\.ckpt$", times=2)  # two bad intervals in a row, then the disk has room again
+    code, out, err = run_cli(["train", prompt_file(tmp_path), f"log.runs_dir={runs}", "train.steps=8",
+                              "log.checkpoint_every=2", "log.max_checkpoint_failures=3", "export.mesh=false",
+                              "export.video=false", *TINY], capsys)
+    assert code == 0, err
+    assert "done: 8 steps" in out
+    assert sum("checkpoint not written" in r.getMessage() for r in caplog.records) == 2
+    run = runs / "bridge-a-red-torus"
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["step"] == 8
+    assert not temp_files(run)
+
+
+def test_too_many_failed_checkpoints_in_a_row_stop_the_run(tmp_path, capsys, faults):
+    runs = tmp_path / "runs"
+    faults.fail(r"\.ckpt$", code=errno.EIO, times=100)
+    code, _, err = run_cli(["train", prompt_file(tmp_path), f"log.runs_dir={runs}", "train.steps=20",
+                            "log.checkpoint_every=2", "log.max_checkpoint_failures=2", *TINY], capsys)
+    assert code == EXIT_WRITE_FAILED
+    line = one_error_line(err)
+    assert "input/output error writing" in line and "no checkpoint of this run was written" in line
+    assert not runs.exists() or not any(runs.iterdir())  # nothing resumable: the run directory is gone
+
+
+def test_validation_images_and_metrics_that_cannot_be_written_do_not_stop_training(tmp_path, capsys, faults):
+    runs = tmp_path / "runs"
+    faults.fail(r"^step-\d+\.png$", times=100)
+    faults.fail(r"^metrics\.jsonl$", times=2)  # two appends fail; their rows go out with the next one
+    code, out, err = run_cli(["train", prompt_file(tmp_path), f"log.runs_dir={runs}", "train.steps=4",
+                              "log.val_every=1", "log.checkpoint_every=4", "export.mesh=false", "export.video=false",
+                              *TINY[:7], *TINY[8:]], capsys)
+    assert code == 0, err
+    run = runs / "bridge-a-red-torus"
+    assert not (run / "validation").exists() or not any((run / "validation").iterdir())
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_read_only_runs_folder_is_one_line_and_code_3(tmp_path, capsys, monkeypatch):
+    real_mkdir = Path.mkdir
+    runs = tmp_path / "readonly" / "runs"
+
+    def mkdir(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path / "readonly")):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    code, _, err = run_cli(["train", prompt_file(tmp_path), f"log.runs_dir={runs}", *TINY], capsys)
+    assert code == EXIT_WRITE_FAILED
+    assert one_error_line(err) == f"error: read-only file system creating {runs}"
+
+
+def test_config_yaml_refused_leaves_no_run_directory(tmp_path, capsys, faults):
+    runs = tmp_path / "runs"
+    faults.fail(r"^config\.yaml$", code=errno.EACCES)
+    code, _, err = run_cli(["train", prompt_file(tmp_path), f"log.runs_dir={runs}", *TINY], capsys)
+    assert code == EXIT_WRITE_FAILED
+    assert "permission denied writing" in one_error_line(err)
+    assert runs.is_dir() and not any(runs.iterdir())
+
+
+def test_no_room_for_two_checkpoints_is_said_before_any_work(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from sdsbridge import priors
+
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(priors, "load_prior", lambda *a, **k: pytest.fail("the prior was loaded"))
+    code, _, err = run_cli(["train", prompt_file(tmp_path), f"log.runs_dir={runs}", *TINY], capsys)
+    assert code == EXIT_WRITE_FAILED
+    line = one_error_line(err)
+    assert "MiB free, but two checkpoints of this scene need about" in line
+    assert runs.is_dir() and not any(runs.iterdir())
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A finished 2-step run (checkpoints only) for the export / video faults."""
+    tmp_path = tmp_path_factory.mktemp("trained")
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as info:
+        main(["train", str(prompt_file(tmp_path)), f"log.runs_dir={runs}", "train.steps=2", "export.mesh=false",
+              "export.video=false", *TINY])
+    assert info.value.code == 0
+    return runs / "bridge-a-red-torus"
+
+
+def test_export_on_a_full_disk(trained_run, capsys, faults):
+    faults.fail(r"^mesh\.glb$")
+    code, _, err = run_cli(["export", trained_run, "--resolution", "16", "--device", "cpu"], capsys)
+    assert code == EXIT_WRITE_FAILED
+    assert re.fullmatch(r"error: no space left on device writing .*mesh/mesh\.glb", one_error_line(err))
+    assert not (trained_run / "mesh" / "mesh.glb").exists() and not temp_files(trained_run)
+
+
+def test_video_on_a_read_only_folder(trained_run, capsys, faults):
+    faults.fail(r"^turntable\.mp4$", code=errno.EROFS, at_commit=True)  # ffmpeg wrote it; the rename fails
+    code, _, err = run_cli(["video", trained_run, "--frames", "2", "--resolution", "16", "--device", "cpu",
+                            "--no-progress"], capsys)
+    assert code == EXIT_WRITE_FAILED
+    assert re.fullmatch(r"error: read-only file system writing .*video/turntable\.mp4", one_error_line(err))
+    assert not (trained_run / "video" / "turntable.mp4").exists() and not temp_files(trained_run)
+
+
+def test_image_on_a_full_disk(tmp_path, capsys, faults):
+    faults.fail(r"^seed-0\.png$")
+    out = tmp_path / "out"
+    code, _, err = run_cli(["image", prompt_file(tmp_path), "prior.kind=reference", "prior.resolution=16",
+                            "image.resolution=16", "image.steps=2", "image.video_every=0", "--out", out,
+                            "--device", "cpu", "--no-progress"], capsys)
+    assert code == EXIT_WRITE_FAILED
+    assert re.fullmatch(r"error: no space left on device writing .*seed-0\.png", one_error_line(err))
+    assert not (out / "seed-0.png").exists() and not temp_files(out)
+
+
+def test_training_diverged_is_a_failure_not_bad_input(tmp_path, capsys, monkeypatch):
+    from sdsbridge.methods import GuidanceResult, Method
+
+    real = Method.distill
+
+    def always_inf(*args, **kwargs):
+        result = real(*args, **kwargs)
+        return GuidanceResult(result.loss * float("inf"), result.grad_norm, result.t, result.stage)
+
+    monkeypatch.setattr(Method, "distill", always_inf)
+    code, _, err = run_cli(["train", prompt_file(tmp_path), f"log.runs_dir={tmp_path / 'runs'}", "train.steps=6",
+                            "train.max_bad_steps=2", *TINY], capsys)
+    assert code == EXIT_FAILED
+    assert "training diverged" in one_error_line(err)
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import sdsbridge.atomic as atomic
+    from sdsbridge.cli import main
+
+    real = atomic._open_for_writing
+
+    class Dying:
+        def __init__(self, handle):
+            self.handle = handle
+        def write(self, data):
+            self.handle.write(bytes(data)[:100])
+            self.handle.flush()
+            os.kill(os.getpid(), signal.SIGKILL)  # killed in the middle of writing the temporary file
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+        def __enter__(self):
+            return self
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    def opened(path, mode):
+        handle = real(path, mode)
+        return Dying(handle) if path.name.startswith(".{target}.") else handle
+
+    atomic._open_for_writing = opened
+    main(sys.argv[1:])
+""")
+
+
+@pytest.mark.parametrize("target", ["step-0000004", "last"])
+def test_sigkill_while_writing_a_checkpoint_then_resume_cleans_up(tmp_path, capsys, target):
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    args = ["train", prompt_file(tmp_path), f"log.runs_dir={runs}", "train.steps=6", "log.checkpoint_every=2",
+            "export.mesh=false", "export.video=false", *TINY]
+    killed = subprocess.run([sys.executable, "-c", KILLER.replace("{target}", target), *map(str, args)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run = runs / "bridge-a-red-torus"
+    left = temp_files(run / "checkpoints")
+    assert len(left) == 1  # the torn temporary file, never taken for a checkpoint
+    code, out, err = run_cli(["train", "--resume", run, "--no-progress"], capsys)
+    assert code == 0, err
+    assert "resuming from" in out and "(step 2)" in out and "done: 6 steps" in out
+    assert not temp_files(run)
+    assert load_checkpoint(run / "checkpoints" / "last.ckpt")["step"] == 6
+
+
+@pytest.mark.slow
+def test_a_real_small_file_system_fills_up(tmp_path):
+    """The whole CLI in a user+mount namespace with a 3 MiB tmpfs as the runs folder: the first checkpoint
+    that does not fit stops the run with code 3, and the run resumes once the folder has room."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                            f"mount -t tmpfs -o size=1m tmpfs {mount}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a small file system without privileges here: {probe.stderr.strip()[:120]}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    train = (f"{sys.executable} -m sdsbridge.cli train {prompt_file(tmp_path)} log.runs_dir={mount}/runs "
+             "train.steps=40 log.checkpoint_every=2 log.keep_checkpoints=100 log.max_checkpoint_failures=1 "
+             "export.mesh=false export.video=false scene.log2_hashmap_size=14 " + " ".join(TINY[1:]))
+    script = (f"mount -t tmpfs -o size=3m tmpfs {mount} && {train}; echo CODE=$?; "
+              f"ls {mount}/runs/*/checkpoints; rm {mount}/runs/*/checkpoints/step-000000[2-8].ckpt; "
+              f"{sys.executable} -m sdsbridge.cli train --resume {mount}/runs/bridge-a-red-torus --no-progress "
+              "log.keep_checkpoints=1; echo CODE=$?; ls -a {mount}/runs/*/checkpoints")
+    done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], env=env,
+                          capture_output=True, text=True, timeout=600)
+    codes = re.findall(r"CODE=(\d+)", done.stdout)
+    assert codes == [str(EXIT_WRITE_FAILED), "0"], done.stdout + done.stderr
+    assert "error: no space left on device writing" in done.stderr and "is intact" in done.stderr
+    assert "Traceback" not in done.stderr and ".tmp" not in done.stdout.split("CODE=")[-1]
