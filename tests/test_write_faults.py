@@ -326,25 +326,31 @@ def test_sigkill_while_writing_a_checkpoint_then_resume_cleans_up(tmp_path, caps
 
 @pytest.mark.slow
 def test_a_real_small_file_system_fills_up(tmp_path):
-    """The whole CLI in a user+mount namespace with a 3 MiB tmpfs as the runs folder: the first checkpoint
-    that does not fit stops the run with code 3, and the run resumes once the folder has room."""
+    """The CLI in a user+mount namespace with small tmpfs runs folders (no privileges needed where user
+    namespaces are enabled): 3 MiB is refused before any work; 8 MiB fills up at a later checkpoint, which
+    stops the run with code 3, and the run resumes once space is freed."""
     mount = tmp_path / "small"
     mount.mkdir()
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
-                            f"mount -t tmpfs -o size=1m tmpfs {mount}"], capture_output=True, text=True)
+    namespace = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c"]
+    probe = subprocess.run([*namespace, f"mount -t tmpfs -o size=1m tmpfs {mount}"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a small file system without privileges here: {probe.stderr.strip()[:120]}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    train = (f"{sys.executable} -m sdsbridge.cli train {prompt_file(tmp_path)} log.runs_dir={mount}/runs "
-             "train.steps=40 log.checkpoint_every=2 log.keep_checkpoints=100 log.max_checkpoint_failures=1 "
-             "export.mesh=false export.video=false scene.log2_hashmap_size=14 " + " ".join(TINY[1:]))
-    script = (f"mount -t tmpfs -o size=3m tmpfs {mount} && {train}; echo CODE=$?; "
-              f"ls {mount}/runs/*/checkpoints; rm {mount}/runs/*/checkpoints/step-000000[2-8].ckpt; "
-              f"{sys.executable} -m sdsbridge.cli train --resume {mount}/runs/bridge-a-red-torus --no-progress "
-              "log.keep_checkpoints=1; echo CODE=$?; ls -a {mount}/runs/*/checkpoints")
-    done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], env=env,
-                          capture_output=True, text=True, timeout=600)
-    codes = re.findall(r"CODE=(\d+)", done.stdout)
-    assert codes == [str(EXIT_WRITE_FAILED), "0"], done.stdout + done.stderr
-    assert "error: no space left on device writing" in done.stderr and "is intact" in done.stderr
-    assert "Traceback" not in done.stderr and ".tmp" not in done.stdout.split("CODE=")[-1]
+    cli = f"{sys.executable} -m sdsbridge.cli"
+    train = (f"{cli} train {prompt_file(tmp_path)} log.runs_dir={mount}/runs train.steps=40 log.checkpoint_every=2 "
+             "log.keep_checkpoints=100 log.max_checkpoint_failures=1 export.mesh=false export.video=false "
+             "scene.log2_hashmap_size=14 " + " ".join(TINY[1:]))
+    run = f"{mount}/runs/bridge-a-red-torus"
+    script = (f"mount -t tmpfs -o size=3m tmpfs {mount} && {train}; echo CODE=$?; umount {mount}; "
+              f"mount -t tmpfs -o size=8m tmpfs {mount} && {train}; echo CODE=$?; rm {run}/checkpoints/step-*.ckpt; "
+              f"{cli} train --resume {run} --no-progress log.keep_checkpoints=1; echo CODE=$?; "
+              f"echo LEFT; ls -A {run}/checkpoints")
+    done = subprocess.run([*namespace, script], env=env, capture_output=True, text=True, timeout=600)
+    said = done.stdout + done.stderr
+    assert re.findall(r"CODE=(\d+)", done.stdout) == [str(EXIT_WRITE_FAILED)] * 2 + ["0"], said
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and "Traceback" not in done.stderr, said
+    assert "MiB free, but two checkpoints of this scene need about" in errors[0]
+    assert "no space left on device writing" in errors[1] and "is intact" in errors[1]
+    assert "done: 40 steps" in done.stdout
+    assert done.stdout.split("LEFT")[-1].split() == ["last.ckpt", "step-0000040.ckpt"]
