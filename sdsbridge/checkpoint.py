@@ -239,58 +239,76 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", for_re
     return checkpoint
 
 
-def checkpoint_candidates(path: Path) -> list[Path]:
-    """A checkpoint file -> [it]; a run directory -> its checkpoints, newest first: ``last.ckpt``, then the
-    numbered ones by step. Temporary files of interrupted writes never match. UserError if there are none."""
+def _run_checkpoints(run: Path) -> tuple[list[Path], list[tuple[int, Path]]]:
+    """A run directory's ``last.ckpt`` files and its numbered checkpoints as (step, path), newest first.
+    Temporary files of interrupted writes never match."""
+    folder = run / "checkpoints"
+    lasts = [p for p in (folder / LAST, run / LAST) if p.is_file()]
+    numbered = [(int(m.group(1)), p) for p in (folder.iterdir() if folder.is_dir() else [])
+                if (m := _NUMBERED.match(p.name))]
+    return lasts, sorted(numbered, reverse=True)
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A run directory or a checkpoint file -> the checkpoint to try first (``last.ckpt``, else the newest
+    numbered one). UserError if there is none."""
     path = Path(path)
     if not path.is_dir():
         if not path.exists():
             raise UserError(f"{path}: no such run directory or checkpoint")
-        return [path]
-    folder = path / "checkpoints"
-    found = [p for p in (folder / LAST, path / LAST) if p.is_file()]
-    if folder.is_dir():
-        found += sorted((p for p in folder.iterdir() if _NUMBERED.match(p.name)),
-                        key=lambda p: int(_NUMBERED.match(p.name).group(1)), reverse=True)
-    if not found:
+        return path
+    lasts, numbered = _run_checkpoints(path)
+    if not lasts and not numbered:
         raise UserError(f"{path}: no checkpoints/{LAST} or checkpoints/step-*.ckpt in this run directory")
-    return found
+    return (lasts + [p for _, p in numbered])[0]
 
 
-def find_checkpoint(path: Path) -> Path:
-    """A run directory or a checkpoint file -> the first checkpoint to try (``checkpoint_candidates``)."""
-    return checkpoint_candidates(path)[0]
+def _newest_in_run(run: Path, map_location, for_resume: bool) -> tuple[Optional[Path], Optional[dict], list[str]]:
+    """(path, checkpoint, problems met) of the newest checkpoint of ``run`` that loads and verifies: the
+    one with the highest step among ``last.ckpt`` and the numbered files (a numbered file is newer than
+    last.ckpt when last.ckpt's own write failed). (None, None, problems) if none does."""
+    lasts, numbered = _run_checkpoints(run)
+    problems, fallback = [], (None, None)
+    order = [p for _, p in numbered]
+    for last in lasts:
+        try:
+            checkpoint = load_checkpoint(last, map_location, for_resume)
+        except UserError as exc:
+            problems.append(str(exc))
+            continue
+        fallback = (last, checkpoint)
+        order = [p for step, p in numbered if step > checkpoint["step"]]
+        break
+    for candidate in order:
+        try:
+            return candidate, load_checkpoint(candidate, map_location, for_resume), problems
+        except UserError as exc:
+            problems.append(str(exc))
+    return *fallback, problems
 
 
 def load_newest(path: Path, map_location: str | torch.device = "cpu",
                 for_resume: bool = False) -> tuple[Path, dict[str, Any]]:
-    """(file, checkpoint) of the newest checkpoint of a run directory that loads and verifies (or of the
-    checkpoint file given), saying which when it is not the first choice. UserError naming each file
-    and why when none does; for a file given by name that fails, the error names the newest sibling
-    that verifies, to resume from instead."""
-    candidates = checkpoint_candidates(path)
-    problems = []
-    for candidate in candidates:
-        try:
-            checkpoint = load_checkpoint(candidate, map_location, for_resume)
-        except UserError as exc:
-            problems.append(str(exc))
-            continue
+    """(file, checkpoint) of the newest checkpoint of a run directory that loads and verifies (saying which
+    when another was skipped), or of the checkpoint file given. UserError naming each file and why when
+    none does; for a file given by name that fails, the error names the newest one of its run that
+    verifies, to use instead."""
+    path = Path(path)
+    if path.is_dir():
+        find_checkpoint(path)  # the error for a run without any checkpoint
+        found, checkpoint, problems = _newest_in_run(path, map_location, for_resume)
+        if found is None:
+            raise UserError(f"{path}: no checkpoint that loads and verifies ({'; '.join(problems)})")
         if problems:
-            log.warning("using %s (step %d): %s", candidate, checkpoint["step"], "; ".join(problems))
-        return candidate, checkpoint
-    if Path(path).is_dir():
-        raise UserError(f"{path}: no checkpoint that loads and verifies ({'; '.join(problems)})")
-    run = run_dir_of(Path(path))
-    for sibling in (checkpoint_candidates(run) if (run / "checkpoints").is_dir() else []):
-        if sibling.resolve() == Path(path).resolve():
-            continue
-        try:
-            load_checkpoint(sibling, map_location, for_resume)
-        except UserError:
-            continue
-        raise UserError(f"{problems[0]}; {sibling} verifies: use that one")
-    raise UserError(problems[0])
+            log.warning("using %s (step %d): %s", found, checkpoint["step"], "; ".join(problems))
+        return found, checkpoint
+    try:
+        return path, load_checkpoint(path, map_location, for_resume)
+    except UserError as exc:
+        found, _, _ = _newest_in_run(run_dir_of(path), map_location, for_resume)
+        if found is None or found.resolve() == path.resolve():
+            raise
+        raise UserError(f"{exc}; {found} verifies: use that one") from None
 
 
 def run_dir_of(checkpoint_path: Path) -> Path:

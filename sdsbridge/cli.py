@@ -18,7 +18,7 @@ from typing import List, Optional
 
 import typer
 
-from sdsbridge.errors import EXIT_INTERRUPTED, EXIT_WRITE_FAILED, Interrupted, UserError, WriteFailed
+from sdsbridge.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_WRITE_FAILED, Interrupted, UserError, WriteFailed
 
 app = typer.Typer(
     help="Text-to-3D by calibrated score distillation (SDS-Bridge) from a diffusion prior.\n\n"
@@ -143,7 +143,7 @@ def _export_after_training(config, result, progress: bool) -> tuple[list[tuple[s
             outputs.append((name, make()))
         except UserError as exc:
             typer.echo(f"error: {name} export failed: {' '.join(str(exc).split())}", err=True)
-            code = max(code, EXIT_WRITE_FAILED if isinstance(exc, WriteFailed) else 1)
+            code = max(code, EXIT_WRITE_FAILED if isinstance(exc, WriteFailed) else EXIT_FAILED)
     return outputs, code
 
 

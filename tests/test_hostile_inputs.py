@@ -6,7 +6,7 @@ regression fails fast instead of hanging CI.
 """
 
 import os
-import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,46 +17,28 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_helpers import TINY, child_env, one_error_line, prompt_file, run_cli, temp_files
 from sdsbridge import checkpoint as ckpt
-from sdsbridge.atomic import TEMP_NAME
 from sdsbridge.cli import main
 from sdsbridge.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_WRITE_FAILED
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["scene.n_levels=4", "scene.log2_hashmap_size=12", "scene.base_resolution=8", "scene.mlp_width=16",
-        "scene.background_width=8", "render.resolution=16", "render.num_samples=16", "log.val_every=0",
-        "log.log_every=1", "prior.kind=reference", "prior.resolution=16", "prior.views_per_label=8",
-        "export.resolution=16", "export.video_frames=3", "export.video_resolution=16", "--device", "cpu",
-        "--no-progress"]
 
-
-def run_cli(args, capsys):
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 4-step run with checkpoints at steps 2 and 4 (and last.ckpt), trained once."""
+    folder = tmp_path_factory.mktemp("finished")
+    runs = folder / "runs"
     with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
-
-
-def one_error_line(err):
-    lines = [line for line in err.splitlines() if line.startswith(("error: ", "interrupted"))]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-def prompt_file(tmp_path, text="prompt: a red torus\n"):
-    path = tmp_path / "prompt.yaml"
-    path.write_text(text)
-    return path
+        main(["train", str(prompt_file(folder)), f"log.runs_dir={runs}", "train.steps=4", "log.checkpoint_every=2",
+              "export.mesh=false", "export.video=false", *TINY])
+    assert info.value.code == 0
+    return runs / "bridge-a-red-torus"
 
 
 @pytest.fixture
-def trained_run(tmp_path, capsys):
-    """A finished 4-step run with checkpoints at steps 2 and 4 (and last.ckpt)."""
-    runs = tmp_path / "runs"
-    code, _, err = run_cli(["train", prompt_file(tmp_path), f"log.runs_dir={runs}", "train.steps=4",
-                            "log.checkpoint_every=2", "export.mesh=false", "export.video=false", *TINY], capsys)
-    assert code == 0, err
-    return runs / "bridge-a-red-torus"
+def trained_run(finished_run, tmp_path):
+    """A copy of ``finished_run`` of this test's own, to damage."""
+    return Path(shutil.copytree(finished_run, tmp_path / "runs" / "bridge-a-red-torus"))
 
 
 def flip_bytes_inside_a_tensor(path, count=400):
@@ -91,19 +73,13 @@ def test_a_checkpoint_with_flipped_bytes_is_refused_by_name_and_the_newest_good_
     line = one_error_line(err)
     assert f"{last}: damaged checkpoint: its contents do not match their checksum" in line
     assert "step-0000004.ckpt verifies: use that one" in line
-    for command in (["export", trained_run, "--resolution", "16"],
-                    ["video", trained_run, "--frames", "2", "--resolution", "16", "--no-progress"],
-                    ["eval", trained_run, "--json"]):
-        step4 = trained_run / "checkpoints" / "step-0000004.ckpt"
-        flip_bytes_inside_a_tensor(step4) if command[0] == "eval" else None
+    for command in (["export", trained_run, "--resolution", "16"],  # eval loads the same way (see below)
+                    ["video", trained_run, "--frames", "2", "--resolution", "16", "--no-progress"]):
         caplog.clear()
         code, _, err = run_cli([*command, "--device", "cpu"], capsys)
         assert code == 0, err
-        said = caplog.text
-        if command[0] == "eval":  # last and step 4 damaged: step 2 is the newest that verifies
-            assert f"{last}: damaged checkpoint" in said and "step-0000002.ckpt (step 2)" in said
-        else:
-            assert "using " in said and "step-0000004.ckpt (step 4)" in said
+        assert f"{last}: damaged checkpoint" in caplog.text and "using " in caplog.text
+        assert "step-0000004.ckpt (step 4)" in caplog.text
 
 
 def test_resume_of_a_run_directory_skips_a_damaged_last_ckpt_and_says_which_it_used(trained_run, capsys):
@@ -120,12 +96,22 @@ def test_resume_without_last_ckpt_uses_the_newest_numbered_checkpoint(trained_ru
     assert "step-0000004.ckpt (step 4)" in out and "done: 5 steps" in out
 
 
+def test_resume_prefers_a_numbered_checkpoint_newer_than_last_ckpt(trained_run, capsys):
+    checkpoints = trained_run / "checkpoints"
+    (checkpoints / "last.ckpt").write_bytes((checkpoints / "step-0000002.ckpt").read_bytes())  # its write failed
+    code, out, err = run_cli(["train", "--resume", trained_run, "train.steps=5", "--no-progress"], capsys)
+    assert code == 0, err
+    assert f"resuming from {checkpoints / 'step-0000004.ckpt'} (step 4)" in out
+
+
 def test_no_checkpoint_that_verifies_is_one_line(trained_run, capsys):
     for path in (trained_run / "checkpoints").iterdir():
         flip_bytes_inside_a_tensor(path)
-    code, _, err = run_cli(["eval", trained_run, "--device", "cpu"], capsys)
-    assert code == EXIT_BAD_INPUT
-    assert "no checkpoint that loads and verifies" in one_error_line(err)
+    for command in ("eval", "export", "video"):
+        code, _, err = run_cli([command, trained_run, "--device", "cpu"], capsys)
+        assert code == EXIT_BAD_INPUT
+        line = one_error_line(err)
+        assert "no checkpoint that loads and verifies" in line and line.count("damaged checkpoint") == 3
 
 
 # 3. structurally wrong checkpoints ----------------------------------------------------------------------
@@ -183,16 +169,16 @@ LIMITED = textwrap.dedent("""
 
 def load_limited(path, *overrides):
     """load_config in a child process with 1 GiB of address space; (outcome line, seconds)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", LIMITED, str(path), *overrides], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", LIMITED, str(path), *overrides], env=child_env(), capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     return lines[0], float(lines[-1].split()[1])
 
 
-ALIAS_BOMB = "prompt: a red torus\nguidance:\n  max_step_percent:\n    - &l0 [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]\n" + "".join(
-    f"    - &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 10))
+ALIAS_BOMB = ("prompt: a red torus\nguidance:\n  max_step_percent:\n    - &l0 [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]\n"
+              + "".join(f"    - &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 10)))
+"""Ten lines that expand to 10^10 values."""
 
 
 def test_an_alias_bomb_in_a_config_fails_fast_in_one_line(tmp_path):
@@ -289,7 +275,7 @@ def test_sigterm_while_the_turntable_is_written_leaves_no_temp_file(trained_run,
                             "--no-progress"], capsys)
     assert code == EXIT_INTERRUPTED
     assert one_error_line(err).startswith("interrupted (SIGTERM)")
-    assert not [p for p in trained_run.rglob("*") if TEMP_NAME.match(p.name) or p.name == "turntable.mp4"]
+    assert not temp_files(trained_run) and not (trained_run / "video" / "turntable.mp4").exists()
 
 
 def test_sigint_during_export_prints_one_line_and_exits_130(trained_run, capsys, monkeypatch):

@@ -17,33 +17,10 @@ from pathlib import Path
 import pytest
 
 import sdsbridge.atomic as atomic
+from cli_helpers import TINY, HandleWrapper, child_env, one_error_line, prompt_file, run_cli, temp_files
 from sdsbridge.checkpoint import load_checkpoint
 from sdsbridge.cli import main
 from sdsbridge.errors import EXIT_FAILED, EXIT_WRITE_FAILED
-
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["scene.n_levels=4", "scene.log2_hashmap_size=12", "scene.base_resolution=8", "scene.mlp_width=16",
-        "scene.background_width=8", "render.resolution=16", "render.num_samples=16", "log.val_every=0",
-        "log.log_every=1", "prior.kind=reference", "prior.resolution=16", "prior.views_per_label=8",
-        "export.resolution=16", "export.video_frames=2", "export.video_resolution=16", "--device", "cpu",
-        "--no-progress"]
-
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
-
-
-def prompt_file(tmp_path):
-    path = tmp_path / "prompt.yaml"
-    path.write_text("prompt: a red torus\n")
-    return path
-
-
-def temp_files(folder):
-    return [p for p in Path(folder).rglob("*") if atomic.TEMP_NAME.match(p.name)]
 
 
 class Faults:
@@ -85,11 +62,10 @@ class Faults:
         return None
 
 
-class _FillingUp:
+class _FillingUp(HandleWrapper):
     """A file handle that takes some bytes, then fails with ENOSPC (as a disk that fills up mid-write)."""
 
-    def __init__(self, handle):
-        self.handle, self.room = handle, 64
+    room = 64
 
     def write(self, data):
         if len(data) > self.room:
@@ -99,25 +75,10 @@ class _FillingUp:
         self.room -= len(data)
         return self.handle.write(data)
 
-    def __getattr__(self, name):
-        return getattr(self.handle, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.close()
-
 
 @pytest.fixture
 def faults(monkeypatch):
     return Faults(monkeypatch)
-
-
-def one_error_line(err):
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_full_disk_at_a_checkpoint_stops_with_code_3_and_resumes(tmp_path, capsys, faults):
@@ -171,7 +132,7 @@ def test_validation_images_and_metrics_that_cannot_be_written_do_not_stop_traini
     faults.fail(r"^step-\d+\.png$", times=100)
     faults.fail(r"^metrics\.jsonl$", times=2)  # two appends fail; their rows go out with the next one
     code, out, err = run_cli(["train", prompt_file(tmp_path), f"log.runs_dir={runs}", "train.steps=4",
-                              "log.val_every=1", "log.checkpoint_every=4", "export.mesh=false", "export.video=false",
+                              "log.val_every=1", "log.val_views=1", "log.val_resolution=8", "log.checkpoint_every=4", "export.mesh=false", "export.video=false",
                               *TINY[:7], *TINY[8:]], capsys)
     assert code == 0, err
     run = runs / "bridge-a-red-torus"
@@ -252,6 +213,7 @@ def test_image_on_a_full_disk(tmp_path, capsys, faults):
     faults.fail(r"^seed-0\.png$")
     out = tmp_path / "out"
     code, _, err = run_cli(["image", prompt_file(tmp_path), "prior.kind=reference", "prior.resolution=16",
+                            "prior.views_per_label=8",
                             "image.resolution=16", "image.steps=2", "image.video_every=0", "--out", out,
                             "--device", "cpu", "--no-progress"], capsys)
     assert code == EXIT_WRITE_FAILED
@@ -278,29 +240,18 @@ def test_training_diverged_is_a_failure_not_bad_input(tmp_path, capsys, monkeypa
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import sdsbridge.atomic as atomic
+    from cli_helpers import HandleWrapper
     from sdsbridge.cli import main
 
-    real = atomic._open_for_writing
-
-    class Dying:
-        def __init__(self, handle):
-            self.handle = handle
+    class Dying(HandleWrapper):
         def write(self, data):
             self.handle.write(bytes(data)[:100])
             self.handle.flush()
             os.kill(os.getpid(), signal.SIGKILL)  # killed in the middle of writing the temporary file
-        def __getattr__(self, name):
-            return getattr(self.handle, name)
-        def __enter__(self):
-            return self
-        def __exit__(self, *exc):
-            self.handle.close()
 
-    def opened(path, mode):
-        handle = real(path, mode)
-        return Dying(handle) if path.name.startswith(".{target}.") else handle
-
-    atomic._open_for_writing = opened
+    real = atomic._open_for_writing
+    atomic._open_for_writing = lambda path, mode: (Dying if path.name.startswith(".{target}.") else
+                                                   HandleWrapper)(real(path, mode))
     main(sys.argv[1:])
 """)
 
@@ -308,11 +259,10 @@ KILLER = textwrap.dedent("""
 @pytest.mark.parametrize("target", ["step-0000004", "last"])
 def test_sigkill_while_writing_a_checkpoint_then_resume_cleans_up(tmp_path, capsys, target):
     runs = tmp_path / "runs"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     args = ["train", prompt_file(tmp_path), f"log.runs_dir={runs}", "train.steps=6", "log.checkpoint_every=2",
             "export.mesh=false", "export.video=false", *TINY]
-    killed = subprocess.run([sys.executable, "-c", KILLER.replace("{target}", target), *map(str, args)], env=env,
-                            capture_output=True, text=True, timeout=300)
+    killed = subprocess.run([sys.executable, "-c", KILLER.replace("{target}", target), *map(str, args)],
+                            env=child_env(), capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     run = runs / "bridge-a-red-torus"
     left = temp_files(run / "checkpoints")
@@ -335,7 +285,6 @@ def test_a_real_small_file_system_fills_up(tmp_path):
     probe = subprocess.run([*namespace, f"mount -t tmpfs -o size=1m tmpfs {mount}"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a small file system without privileges here: {probe.stderr.strip()[:120]}")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cli = f"{sys.executable} -m sdsbridge.cli"
     train = (f"{cli} train {prompt_file(tmp_path)} log.runs_dir={mount}/runs train.steps=40 log.checkpoint_every=2 "
              "log.keep_checkpoints=100 log.max_checkpoint_failures=1 export.mesh=false export.video=false "
@@ -345,7 +294,7 @@ def test_a_real_small_file_system_fills_up(tmp_path):
               f"mount -t tmpfs -o size=8m tmpfs {mount} && {train}; echo CODE=$?; rm {run}/checkpoints/step-*.ckpt; "
               f"{cli} train --resume {run} --no-progress log.keep_checkpoints=1; echo CODE=$?; "
               f"echo LEFT; ls -A {run}/checkpoints")
-    done = subprocess.run([*namespace, script], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*namespace, script], env=child_env(), capture_output=True, text=True, timeout=600)
     said = done.stdout + done.stderr
     assert re.findall(r"CODE=(\d+)", done.stdout) == [str(EXIT_WRITE_FAILED)] * 2 + ["0"], said
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
