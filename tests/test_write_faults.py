@@ -213,9 +213,8 @@ def test_image_on_a_full_disk(tmp_path, capsys, faults):
     faults.fail(r"^seed-0\.png$")
     out = tmp_path / "out"
     code, _, err = run_cli(["image", prompt_file(tmp_path), "prior.kind=reference", "prior.resolution=16",
-                            "prior.views_per_label=8",
-                            "image.resolution=16", "image.steps=2", "image.video_every=0", "--out", out,
-                            "--device", "cpu", "--no-progress"], capsys)
+                            "prior.views_per_label=8", "image.resolution=16", "image.steps=2", "image.video_every=0",
+                            "--out", out, "--device", "cpu", "--no-progress"], capsys)
     assert code == EXIT_WRITE_FAILED
     assert re.fullmatch(r"error: no space left on device writing .*seed-0\.png", one_error_line(err))
     assert not (out / "seed-0.png").exists() and not temp_files(out)
