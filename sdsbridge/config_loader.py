@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sdsbridge.config import DEVICE_PATTERN, METHODS, Config
 from sdsbridge.errors import UserError
-from sdsbridge.safe_yaml import MAX_BYTES, load_yaml
+from sdsbridge.safe_yaml import MAX_BYTES, MalformedYaml, load_yaml
 from sdsbridge.schedules import is_schedule, schedule_range
 
 
@@ -120,10 +120,10 @@ def _parse_overrides(overrides: list[str]) -> dict:
             raise UserError(f"override '{item}': empty key")
         try:
             value = load_yaml(raw) if raw.strip() else ""
+        except MalformedYaml:
+            value = raw  # not YAML: taken as a plain string
         except UserError as exc:
-            if "malformed YAML" not in str(exc):
-                raise UserError(f"override '{key}': {exc}") from None
-            value = raw
+            raise UserError(f"override '{key}': {exc}") from None
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:

@@ -25,6 +25,10 @@ MAX_NODES = 100_000
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+class MalformedYaml(UserError):
+    """Text that is not YAML at all (as opposed to YAML beyond the bounds)."""
+
+
 class _StrictLoader(_Loader):
     """The safe loader, refusing a mapping that repeats a key (PyYAML would keep the last one silently)."""
 
@@ -81,7 +85,8 @@ def _check_bounds(text: str) -> None:
 
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load(text)`` within the bounds above and without duplicate keys. UserError (the
-    caller prefixes the file or key) for a bound crossed, a duplicate key or malformed YAML."""
+    caller prefixes the file or key) for a bound crossed or a duplicate key, MalformedYaml for text that
+    does not parse."""
     if len(text) > MAX_BYTES:
         raise UserError(f"larger than {MAX_BYTES // 1024} KiB")
     try:
@@ -91,4 +96,4 @@ def load_yaml(text: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{where}malformed YAML: {problem}") from None
+        raise MalformedYaml(f"{where}malformed YAML: {problem}") from None

@@ -64,3 +64,13 @@ class HandleWrapper:
 
     def __exit__(self, *exc):
         self.handle.close()
+
+
+def train_tiny_run(folder, *overrides):
+    """Train a TINY run (no mesh, no video) under ``folder/runs`` through the CLI; its run directory."""
+    runs = Path(folder) / "runs"
+    with pytest.raises(SystemExit) as info:
+        main(["train", str(prompt_file(folder)), f"log.runs_dir={runs}", "export.mesh=false", "export.video=false",
+              *overrides, *TINY])
+    assert info.value.code == 0
+    return runs / "bridge-a-red-torus"

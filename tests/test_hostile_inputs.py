@@ -17,22 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import TINY, child_env, one_error_line, prompt_file, run_cli, temp_files
+from cli_helpers import TINY, child_env, one_error_line, prompt_file, run_cli, temp_files, train_tiny_run
 from sdsbridge import checkpoint as ckpt
-from sdsbridge.cli import main
 from sdsbridge.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_WRITE_FAILED
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A finished 4-step run with checkpoints at steps 2 and 4 (and last.ckpt), trained once."""
-    folder = tmp_path_factory.mktemp("finished")
-    runs = folder / "runs"
-    with pytest.raises(SystemExit) as info:
-        main(["train", str(prompt_file(folder)), f"log.runs_dir={runs}", "train.steps=4", "log.checkpoint_every=2",
-              "export.mesh=false", "export.video=false", *TINY])
-    assert info.value.code == 0
-    return runs / "bridge-a-red-torus"
+    return train_tiny_run(tmp_path_factory.mktemp("finished"), "train.steps=4", "log.checkpoint_every=2")
 
 
 @pytest.fixture
@@ -241,7 +234,11 @@ def test_non_finite_and_huge_numbers_are_refused(tmp_path, capsys, override, key
     assert line.startswith(f"error: {key}: must") and ("finite" in line or "within" in line)
 
 
-def test_a_run_whose_every_step_was_non_finite_does_not_end_done(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("max_bad_steps, expected", [
+    (10, "training failed: all 3 steps were non-finite and skipped"),  # never 'done' with exit 0
+    (2, "training diverged: 2 non-finite steps in a row"),  # a failure (issue 18), not bad input
+])
+def test_a_run_of_non_finite_steps_fails_with_code_1(tmp_path, capsys, monkeypatch, max_bad_steps, expected):
     from sdsbridge.methods import GuidanceResult, Method
 
     real = Method.distill
@@ -252,9 +249,9 @@ def test_a_run_whose_every_step_was_non_finite_does_not_end_done(tmp_path, capsy
 
     monkeypatch.setattr(Method, "distill", always_nan)
     code, out, err = run_cli(["train", prompt_file(tmp_path), f"log.runs_dir={tmp_path / 'runs'}", "train.steps=3",
-                              "train.max_bad_steps=10", *TINY], capsys)
+                              f"train.max_bad_steps={max_bad_steps}", *TINY], capsys)
     assert code == EXIT_FAILED
-    assert "all 3 steps were non-finite" in one_error_line(err) and "done:" not in out
+    assert expected in one_error_line(err) and "done:" not in out
 
 
 # 7. signals outside the training loop -------------------------------------------------------------------

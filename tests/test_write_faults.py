@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 import sdsbridge.atomic as atomic
-from cli_helpers import TINY, HandleWrapper, child_env, one_error_line, prompt_file, run_cli, temp_files
+from cli_helpers import (TINY, HandleWrapper, child_env, one_error_line, prompt_file, run_cli, temp_files,
+                         train_tiny_run)
 from sdsbridge.checkpoint import load_checkpoint
-from sdsbridge.cli import main
-from sdsbridge.errors import EXIT_FAILED, EXIT_WRITE_FAILED
+from sdsbridge.errors import EXIT_WRITE_FAILED
 
 
 class Faults:
@@ -183,13 +183,7 @@ def test_no_room_for_two_checkpoints_is_said_before_any_work(tmp_path, capsys, m
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A finished 2-step run (checkpoints only) for the export / video faults."""
-    tmp_path = tmp_path_factory.mktemp("trained")
-    runs = tmp_path / "runs"
-    with pytest.raises(SystemExit) as info:
-        main(["train", str(prompt_file(tmp_path)), f"log.runs_dir={runs}", "train.steps=2", "export.mesh=false",
-              "export.video=false", *TINY])
-    assert info.value.code == 0
-    return runs / "bridge-a-red-torus"
+    return train_tiny_run(tmp_path_factory.mktemp("trained"), "train.steps=2")
 
 
 def test_export_on_a_full_disk(trained_run, capsys, faults):
@@ -220,28 +214,11 @@ def test_image_on_a_full_disk(tmp_path, capsys, faults):
     assert not (out / "seed-0.png").exists() and not temp_files(out)
 
 
-def test_training_diverged_is_a_failure_not_bad_input(tmp_path, capsys, monkeypatch):
-    from sdsbridge.methods import GuidanceResult, Method
-
-    real = Method.distill
-
-    def always_inf(*args, **kwargs):
-        result = real(*args, **kwargs)
-        return GuidanceResult(result.loss * float("inf"), result.grad_norm, result.t, result.stage)
-
-    monkeypatch.setattr(Method, "distill", always_inf)
-    code, _, err = run_cli(["train", prompt_file(tmp_path), f"log.runs_dir={tmp_path / 'runs'}", "train.steps=6",
-                            "train.max_bad_steps=2", *TINY], capsys)
-    assert code == EXIT_FAILED
-    assert "training diverged" in one_error_line(err)
-
-
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import sdsbridge.atomic as atomic
     from cli_helpers import HandleWrapper
-    from sdsbridge.cli import main
-
+    
     class Dying(HandleWrapper):
         def write(self, data):
             self.handle.write(bytes(data)[:100])
