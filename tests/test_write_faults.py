@@ -218,7 +218,8 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     import sdsbridge.atomic as atomic
     from cli_helpers import HandleWrapper
-    
+    from sdsbridge.cli import main
+
     class Dying(HandleWrapper):
         def write(self, data):
             self.handle.write(bytes(data)[:100])
