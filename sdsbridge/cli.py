@@ -1,18 +1,24 @@
 """The `sdsbridge` command line (typer). Heavy imports (torch, diffusers) happen inside commands.
 
-Every user error is a UserError: printed as one line on stderr, exit code 2, no traceback unless --debug.
+Every error a user or the machine causes is a UserError (or a subclass, errors.py): printed as one line on
+stderr with its exit code (2 bad input, 1 failed, 3 could not write), no traceback unless --debug.
+SIGINT and SIGTERM stop every command the same way: the file being written is abandoned (no temporary
+file stays), one line is printed, exit code 130; `train` first finishes its step and checkpoints.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from sdsbridge.errors import UserError
+from sdsbridge.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_WRITE_FAILED, Interrupted, UserError, WriteFailed
 
 app = typer.Typer(
     help="Text-to-3D by calibrated score distillation (SDS-Bridge) from a diffusion prior.\n\n"
@@ -76,6 +82,7 @@ def train(
 ) -> None:
     """Train a NeRF from a prompt by score distillation, then export the mesh and turntable video."""
     from sdsbridge import checkpoint as ckpt
+    from sdsbridge.atomic import remove_stale_temps
     from sdsbridge.config_loader import config_from_dict, load_config
     from sdsbridge.rundir import create_run_dir, run_slug
     from sdsbridge.devices import resolve_device
@@ -85,10 +92,11 @@ def train(
     if device is not None:
         overrides.append(f"device={device}")
     if resume is not None:
-        checkpoint_path = ckpt.find_checkpoint(resume)
-        checkpoint = ckpt.load_checkpoint(checkpoint_path)  # on the CPU: RNG states must stay there
+        checkpoint_path, checkpoint = ckpt.load_newest(resume, for_resume=True)  # on the CPU: RNG states stay there
         config = config_from_dict(checkpoint["config"], overrides)
         run_dir, fresh = ckpt.run_dir_of(checkpoint_path), False
+        remove_stale_temps(run_dir)
+        typer.echo(f"resuming from {checkpoint_path} (step {checkpoint['step']})")
     else:
         if path is None:
             raise UserError("train: give a prompt YAML file, or --resume RUN_DIR")
@@ -101,29 +109,30 @@ def train(
     typer.echo(f"run directory: {run_dir}")
     try:
         result = train_run(config, run_dir, torch_device, checkpoint=checkpoint, show_progress=progress)
-    except UserError:
-        if fresh and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # failed before writing anything (e.g. the prior did not load): leave no trace
+    except (UserError, Interrupted):
+        if fresh and not any((run_dir / "checkpoints").glob("*.ckpt")):
+            shutil.rmtree(run_dir, ignore_errors=True)  # it never got a checkpoint: nothing to resume, no trace
         raise
     minutes, seconds = divmod(int(result.seconds), 60)
     summary = f"{result.step} steps, {minutes}m{seconds:02d}s; run: {result.run_dir}"
     if result.interrupted:
         typer.echo(f"interrupted: {summary}; resume with `sdsbridge train --resume {result.run_dir}`")
         raise typer.Exit(130)
-    outputs, failed = _export_after_training(config, result, progress)
+    outputs, code = _export_after_training(config, result, progress)
     typer.echo(f"done: {summary}" + "".join(f"; {name}: {path}" for name, path in outputs))
-    if failed:
-        raise typer.Exit(1)
+    if code:
+        raise typer.Exit(code)
 
 
-def _export_after_training(config, result, progress: bool) -> tuple[list[tuple[str, Path]], bool]:
+def _export_after_training(config, result, progress: bool) -> tuple[list[tuple[str, Path]], int]:
     """Mesh and turntable of the trained scene in memory at the end of `train` (export.mesh / export.video).
     A failed export is reported in one line and does not hide the other output; the trained run is kept
-    either way."""
+    either way. Returns the outputs and the exit code: 0, 1 (an export failed) or 3 (one could not be
+    written)."""
     from sdsbridge.export.mesh import export_mesh
     from sdsbridge.export.video import export_video
 
-    outputs, failed = [], False
+    outputs, code = [], 0
     steps = [("mesh", config.export.mesh, lambda: export_mesh(result.scene, config, result.run_dir)),
              ("video", config.export.video, lambda: export_video(result.scene, config, result.run_dir,
                                                                  progress=progress))]
@@ -134,8 +143,8 @@ def _export_after_training(config, result, progress: bool) -> tuple[list[tuple[s
             outputs.append((name, make()))
         except UserError as exc:
             typer.echo(f"error: {name} export failed: {' '.join(str(exc).split())}", err=True)
-            failed = True
-    return outputs, failed
+            code = max(code, EXIT_WRITE_FAILED if isinstance(exc, WriteFailed) else EXIT_FAILED)
+    return outputs, code
 
 
 @app.command()
@@ -261,9 +270,19 @@ def doctor(
     raise typer.Exit(exit_code(checks))
 
 
+WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EDQUOT, errno.EFBIG)
+"""OS errors that mean 'this machine refused a write' (exit code 3) where no writer translated them."""
+
+
+def _raise_interrupted(signum, _frame) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    """Console entry point: runs the typer app, turning UserError into one line + exit code 2."""
+    """Console entry point: runs the typer app; a UserError becomes one line and its exit code, SIGINT /
+    SIGTERM one line and exit code 130 (errors.py lists the codes)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         app(args=args, prog_name="sdsbridge", standalone_mode=True)
     except UserError as exc:
@@ -271,7 +290,21 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise
         message = " ".join(str(exc).split())  # always one line
         typer.echo(f"error: {message}", err=True)
-        sys.exit(2)
+        sys.exit(exc.exit_code)
+    except Interrupted as exc:
+        typer.echo(f"interrupted ({signal.Signals(exc.signum).name}): stopped; no partially written file was kept",
+                   err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS or "--debug" in args:
+            raise
+        from sdsbridge.atomic import describe_os_error
+
+        typer.echo(f"error: {describe_os_error(exc)}: {exc.filename or 'a file'}", err=True)
+        sys.exit(EXIT_WRITE_FAILED)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -240,6 +240,9 @@ class LogConfig:
     """Save a checkpoint every N steps (and at the end)."""
     keep_checkpoints: int = 3
     """Numbered checkpoints to keep besides last.ckpt."""
+    max_checkpoint_failures: int = 3
+    """Checkpoint writes that may fail in a row (disk full, I/O error) before the run stops; a failed one is
+    logged and retried at the next interval, with training going on."""
 
 
 @dataclass

@@ -6,17 +6,24 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sdsbridge.config import DEVICE_PATTERN, METHODS, Config
 from sdsbridge.errors import UserError
+from sdsbridge.safe_yaml import MAX_BYTES, MalformedYaml, load_yaml
 from sdsbridge.schedules import is_schedule, schedule_range
+
+
+MAX_LIST_ITEMS = 16
+"""Longest list a config value may hold (the schema's lists hold 2 to 4 numbers)."""
+MAX_INT = 2**31 - 1
+"""Integers in a config lie within +-MAX_INT (steps, sizes, seeds)."""
 
 
 def presets_dir() -> Path:
@@ -28,13 +35,12 @@ def presets_dir() -> Path:
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: file not found")
+    if path.stat().st_size > MAX_BYTES:
+        raise UserError(f"{path}: larger than {MAX_BYTES // 1024} KiB; not a config file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{path}:{where}: malformed YAML: {problem}") from None
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file") from None
     if data is None:
@@ -58,10 +64,15 @@ def _all_keys(obj: Any, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_message(key: str, source: str) -> str:
+    """'unknown key' with a hint: the key whose last part is the same ('train.name' -> 'log.name'; the
+    closest of several), else the closest full key, else the closest last part."""
     valid = _all_keys(Config())
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    if not close:  # try the last component alone: 'train.stpes' -> 'train.steps'
-        leaf = key.rsplit(".", 1)[-1]
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == leaf and k != key]
+    close = difflib.get_close_matches(key, same_leaf, n=1, cutoff=0.0) if same_leaf else []
+    if not close:
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # try the last component alone: 'trian.stpes' -> 'train.steps'
         by_leaf = {k.rsplit(".", 1)[-1]: k for k in valid}
         close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.6)]
     hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -83,6 +94,9 @@ def _check_keys(data: dict, schema: Any, source: str, prefix: str = "") -> None:
             _check_keys(value, default, source, full_key + ".")
         elif isinstance(value, dict):
             raise UserError(f"{source}: key '{full_key}' takes a value, not a section")
+        elif isinstance(value, list) and len(value) > MAX_LIST_ITEMS:
+            raise UserError(f"{source}: key '{full_key}': a list of {len(value)} values; it takes at most "
+                            f"{MAX_LIST_ITEMS}")
 
 
 def _merge(base: Any, update: dict, source: str) -> Any:
@@ -105,9 +119,11 @@ def _parse_overrides(overrides: list[str]) -> dict:
         if not key:
             raise UserError(f"override '{item}': empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+            value = load_yaml(raw) if raw.strip() else ""
+        except MalformedYaml:
+            value = raw  # not YAML: taken as a plain string
+        except UserError as exc:
+            raise UserError(f"override '{key}': {exc}") from None
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -169,6 +185,20 @@ def _check(ok: bool, key: str, problem: str) -> None:
         raise UserError(f"{key}: {problem}")
 
 
+def _check_numbers(obj: Any, prefix: str = "") -> None:
+    """Every float (also inside lists) finite, every integer within +-MAX_INT."""
+    for f in dataclasses.fields(obj):
+        key, value = f"{prefix}{f.name}", getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, key + ".")
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, float):
+                _check(math.isfinite(item), key, f"must be a finite number, got {item}")
+            elif isinstance(item, int) and not isinstance(item, bool):
+                _check(abs(item) <= MAX_INT, key, f"must lie within +-{MAX_INT}, got {item}")
+
+
 def _check_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
 
@@ -187,6 +217,7 @@ def _check_range2(value: list, key: str, low: float, high: float) -> None:
 
 def validate(c: Config, require_prompt: bool = True) -> None:
     """Check ranges and choices; raise UserError naming the first bad key."""
+    _check_numbers(c)
     if require_prompt:
         _check(bool(c.prompt.strip()), "prompt", "missing: set `prompt: ...` in the YAML or prompt=... on the "
                "command line")
@@ -260,6 +291,7 @@ def validate(c: Config, require_prompt: bool = True) -> None:
         _check(getattr(lg, key) > 0, f"log.{key}", "must be positive")
     _check(lg.val_every >= 0, "log.val_every", "must be >= 0")
     _check(lg.keep_checkpoints >= 0, "log.keep_checkpoints", "must be >= 0")
+    _check(lg.max_checkpoint_failures > 0, "log.max_checkpoint_failures", "must be positive")
     e = c.export
     _check_choice(e.format, "export.format", ("glb", "obj", "ply"))
     _check(e.resolution >= 8, "export.resolution", "must be >= 8")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sdsbridge.atomic import atomic_write_bytes
+from sdsbridge.atomic import atomic_write_bytes, make_dirs
 from sdsbridge.config import Config, GuidanceConfig
 from sdsbridge.config_loader import to_yaml
 from sdsbridge.errors import UserError
@@ -230,7 +230,7 @@ def run_image(config: Config, out_dir: Path, device: torch.device | str, seeds: 
     method = make_method(config.method, image_guidance_config(config), prior)
     embeddings = PromptEmbeddings(prior, method.role_texts(config.prompt), view_dependent=False)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)
     todo = [s for s in seeds if not (skip_done and image_path(out_dir, s).is_file())]
 
     config_path = out_dir / "config.yaml"

@@ -15,7 +15,7 @@ import yaml
 
 from sdsbridge.config import Config
 from sdsbridge.config_loader import config_from_dict, config_to_dict
-from sdsbridge.errors import UserError
+from sdsbridge.errors import UserError, WriteFailed
 from sdsbridge.image2d import ImageResult, is_done, load_image_prior, run_image
 from sdsbridge.rundir import slugify
 
@@ -110,6 +110,8 @@ def run_image_batch(config: Config, prompts_file: Path, out_dir: Path, device: t
         try:
             result = run_image(cfg, folder, device, seeds, progress, prior=prior, skip_done=True,
                                desc=f"[{i + 1}/{len(prompts)}] ")
+        except WriteFailed:
+            raise  # a full or read-only disk fails every prompt after it too
         except UserError as exc:
             items.append(BatchItem(i, prompt, folder, "failed", error=str(exc)))
             continue

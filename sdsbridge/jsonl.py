@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable
 
-from sdsbridge.atomic import atomic_write_bytes
+from sdsbridge.atomic import append_bytes, atomic_write_bytes
 
 
 def append_rows(path: Path, rows: Iterable[dict]) -> None:
-    """Append one line per row to ``path`` (created if missing)."""
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    """Append one line per row to ``path`` (created if missing); WriteFailed if the OS refuses."""
+    append_bytes(path, "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8"))
 
 
 def keep_rows(path: Path, keep: Callable[[dict], bool]) -> None:

@@ -7,6 +7,8 @@ import unicodedata
 from pathlib import Path
 from typing import Optional
 
+from sdsbridge.atomic import make_dirs, write_failed
+
 MAX_SLUG_LENGTH = 64
 
 
@@ -29,15 +31,17 @@ def run_slug(method: str, prompt: str, name: Optional[str] = None) -> str:
 def create_run_dir(runs_dir: str | Path, slug: str) -> Path:
     """Create and return a new directory ``runs_dir/slug`` (or ``slug-2``, ``slug-3``, ... if taken).
 
-    Never reuses an existing directory, so an earlier run is never overwritten.
+    Never reuses an existing directory, so an earlier run is never overwritten. WriteFailed if the OS
+    refuses (read-only, permission denied, no space).
     """
-    root = Path(runs_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    root = make_dirs(Path(runs_dir))
     for index in range(1, 10_000):
         candidate = root / (slug if index == 1 else f"{slug}-{index}")
         try:
             candidate.mkdir()
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise write_failed(exc, candidate, "creating") from None
         return candidate
     raise RuntimeError(f"could not find a free run directory for {slug} in {root}")

@@ -47,13 +47,31 @@ class Scene:
 
     def load_state_dict(self, checkpoint: dict) -> None:
         """Load field, background and renderer (occupancy grid) state from a checkpoint dict; UserError
-        when it does not fit this scene (a checkpoint of another scene config)."""
+        naming the first entry that does not fit this scene (a checkpoint of another scene config), with
+        both shapes."""
+        parts = {"field": self.field, "background": self.background, "renderer": self.renderer}
+        for name in ("field", "background"):  # the renderer's grid is a cache: it is rebuilt when it differs
+            _check_shapes(name, parts[name].state_dict(), checkpoint.get(name))
         try:
-            self.field.load_state_dict(checkpoint["field"])
-            self.background.load_state_dict(checkpoint["background"])
-            self.renderer.load_state_dict(checkpoint["renderer"])
-        except (KeyError, RuntimeError) as exc:
+            for name, module in parts.items():
+                module.load_state_dict(checkpoint[name])
+        except (KeyError, RuntimeError, TypeError, ValueError) as exc:
             raise UserError(f"checkpoint does not match this config's scene: {str(exc).splitlines()[0]}") from None
+
+
+def _check_shapes(name: str, expected: dict, stored) -> None:
+    """UserError at the first entry of ``stored`` (a checkpoint's state dict for part ``name``) whose
+    type or shape differs from this scene's (``expected``)."""
+    if not isinstance(stored, dict):
+        raise UserError(f"checkpoint does not match this config's scene: '{name}' is a {type(stored).__name__}")
+    for key, want in expected.items():
+        have = stored.get(key)
+        if have is None:
+            continue  # missing entries: load_state_dict names them
+        if not isinstance(have, torch.Tensor) or have.shape != want.shape:
+            shape = list(have.shape) if isinstance(have, torch.Tensor) else type(have).__name__
+            raise UserError(f"checkpoint does not match this config's scene: {name}.{key} is {shape} in the "
+                            f"checkpoint, {list(want.shape)} for this config")
 
 
 def build_scene(config: Config, device: torch.device) -> Scene:
@@ -67,7 +85,7 @@ def build_scene(config: Config, device: torch.device) -> Scene:
 def load_trained_scene(run_or_checkpoint: Path, device: torch.device) -> tuple[Scene, Config, int]:
     """The scene of a run directory's last checkpoint (or of a checkpoint file) on ``device``, for export
     and evaluation: (scene in eval mode, the run's config, its step)."""
-    checkpoint = ckpt.load_checkpoint(ckpt.find_checkpoint(Path(run_or_checkpoint)), map_location=device)
+    _, checkpoint = ckpt.load_newest(Path(run_or_checkpoint), map_location=device)
     config = config_from_dict(checkpoint["config"])
     scene = build_scene(config, device)
     scene.load_state_dict(checkpoint)

@@ -26,7 +26,7 @@ from sdsbridge.cameras import orbit_cameras
 from sdsbridge.config import Config
 from sdsbridge.config_loader import config_to_dict, to_yaml
 from sdsbridge.devices import module_device, seed_everything
-from sdsbridge.errors import UserError
+from sdsbridge.errors import Interrupted, RunFailed, UserError, WriteFailed
 from sdsbridge.jsonl import append_rows, keep_rows
 from sdsbridge.media import image_row, write_png
 from sdsbridge.methods import Method, make_method
@@ -38,8 +38,8 @@ from sdsbridge.train_step import StepResult, Views, build_optimizer, scene_step
 log = logging.getLogger("sdsbridge")
 
 
-class TrainingDiverged(UserError):
-    """Too many non-finite steps in a row; the last good state was checkpointed."""
+class TrainingDiverged(RunFailed):
+    """Too many non-finite steps in a row; the last good state was checkpointed (exit code 1)."""
 
 
 @dataclass
@@ -69,9 +69,13 @@ def restore_checkpoint(checkpoint: dict, scene: Scene, method: Method, optimizer
     """Load scene, method and optimizer state and every RNG from a checkpoint dict; returns (step, bad
     steps so far). Checkpoints written before methods had state carry no "method" entry."""
     scene.load_state_dict(checkpoint)
-    method.load_state_dict(checkpoint.get("method", {}))
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    ckpt.restore_rng_state(checkpoint["rng"])
+    try:
+        method.load_state_dict(checkpoint.get("method", {}))
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        ckpt.restore_rng_state(checkpoint["rng"])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+        raise UserError(f"checkpoint's method, optimizer or RNG state does not fit this run: "
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     return checkpoint["step"], checkpoint.get("bad_steps", 0)
 
 
@@ -81,6 +85,16 @@ def metrics_row(done: int, views: Views, result: StepResult, bad_steps: int, sec
             "t": result.guidance.t.float().mean().item(), "grad_norm": result.guidance.grad_norm.item(),
             "resolution": views.resolution, "bad_steps": bad_steps, "elapsed_s": round(seconds, 3),
             **{f"loss_{k}": v.item() for k, v in result.losses.items()}}
+
+
+def try_write(what: str, write) -> bool:
+    """Run ``write()``; a WriteFailed is logged as a warning instead of stopping training. True if written."""
+    try:
+        write()
+    except WriteFailed as exc:
+        log.warning(f"{what} not written: {exc}")
+        return False
+    return True
 
 
 @torch.no_grad()
@@ -103,8 +117,8 @@ def stop_requests() -> Iterator[dict]:
     flag = {"signal": None}
 
     def handler(signum, _frame):
-        if flag["signal"] is not None:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
+        if flag["signal"] is not None:  # second Ctrl-C: stop now (a checkpoint being written is abandoned)
+            raise Interrupted(signum)
         flag["signal"] = signum
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -122,6 +136,10 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
     started = time.time()
     seed_everything(config.train.seed)
     scene = build_scene(config, device)
+    # Before the prior loads (the slow part): a folder that cannot hold this run stops it here.
+    parameters = [p for group in scene.param_groups().values() for p in group]
+    ckpt.check_room(run_dir, ckpt.estimate_checkpoint_bytes(parameters))
+    atomic_write_bytes(run_dir / "config.yaml", to_yaml(config).encode("utf-8"))
     prior = load_prior(config.prior, device, config.cameras)
     method = make_method(config.method, config.guidance, prior)
     prompts = PromptEmbeddings(prior, method.role_texts(config.prompt), config.guidance.view_dependent)
@@ -131,20 +149,22 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
     if checkpoint is not None:
         start_step, bad_steps = restore_checkpoint(checkpoint, scene, method, optimizer)
         log.info(f"resuming {run_dir} at step {start_step} (stage {method.stage(start_step)})")
-    atomic_write_bytes(run_dir / "config.yaml", to_yaml(config).encode("utf-8"))
     steps = config.train.steps
     if start_step >= steps:
         log.info(f"{run_dir} is already at step {start_step} of {steps}; raise train.steps to continue")
         return TrainResult(run_dir, start_step, None, False, bad_steps, time.time() - started, scene.eval())
 
-    def save(step: int) -> Path:
-        return ckpt.save_checkpoint(make_checkpoint(scene, method, optimizer, step, config, bad_steps),
-                                    run_dir / "checkpoints", config.log.keep_checkpoints)
+    saver = ckpt.CheckpointSaver(run_dir / "checkpoints", config.log.keep_checkpoints,
+                                 config.log.max_checkpoint_failures, start_step if checkpoint is not None else None)
+
+    def save(step: int, final: bool = False) -> Optional[Path]:
+        return saver.save(make_checkpoint(scene, method, optimizer, step, config, bad_steps), final)
 
     metrics_path = run_dir / "metrics.jsonl"
     keep_rows(metrics_path, lambda row: row.get("step", 0) <= start_step)  # a resumed run redoes later steps
     bar = tqdm(total=steps, initial=start_step, disable=not show_progress, dynamic_ncols=True, unit="step")
     bad_in_row, done, last_saved, interrupted = 0, start_step, None, False
+    bad_at_start, unwritten_rows = bad_steps, []
     scene.train()
     with stop_requests() as stop:
         for step in range(start_step, steps):
@@ -156,7 +176,7 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
                 bad_steps += 1
                 log.warning(f"step {step}: non-finite loss or gradient, step skipped ({bad_in_row} in a row)")
                 if bad_in_row >= config.train.max_bad_steps:
-                    path = save(step)
+                    path = save(step, final=True)
                     raise TrainingDiverged(
                         f"training diverged: {bad_in_row} non-finite steps in a row at step {step}; the last good "
                         f"state is in {path} (try lower learning rates or guidance scale)")
@@ -166,19 +186,25 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
             bar.update(1)
             if done % config.log.log_every == 0 or done == steps:
                 row = metrics_row(done, views, result, bad_steps, time.time() - started)
-                append_rows(metrics_path, [row])
+                unwritten_rows.append(row)  # rows a failed append kept go out with the next one
+                if try_write("metrics", lambda: append_rows(metrics_path, unwritten_rows)):
+                    unwritten_rows = []
                 bar.set_postfix(loss=f"{row['loss']:.4g}", stage=row["stage"], t=int(row["t"]))
             if config.log.val_every and done % config.log.val_every == 0:
-                save_validation(scene, config, run_dir / "validation" / f"step-{done:07d}.png")
-            if done % config.log.checkpoint_every == 0 or done == steps:
-                last_saved = save(done)
+                try_write("validation image", lambda: save_validation(
+                    scene, config, run_dir / "validation" / f"step-{done:07d}.png"))
             if stop["signal"] is not None:
-                last_saved = save(done)
+                last_saved = save(done, final=True)
                 interrupted = True
                 log.info(f"stopped by signal {stop['signal']} at step {done}; checkpoint {last_saved}; "
                          f"resume with: sdsbridge train --resume {run_dir}")
                 break
+            if done % config.log.checkpoint_every == 0 or done == steps:
+                last_saved = save(done, final=done == steps) or last_saved
     bar.close()
     if bad_steps:
         log.warning(f"{bad_steps} non-finite step(s) were skipped in this run")
+    if not interrupted and done > start_step and bad_steps - bad_at_start == done - start_step:
+        raise RunFailed(f"training failed: all {done - start_step} steps were non-finite and skipped, nothing was "
+                        f"learned (the state is in {last_saved}; try lower learning rates or guidance scale)")
     return TrainResult(run_dir, done, last_saved, interrupted, bad_steps, time.time() - started, scene.eval())

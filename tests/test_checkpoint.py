@@ -11,8 +11,10 @@ from sdsbridge.errors import UserError
 
 
 def make(step):
-    return {"format": ckpt.FORMAT, "step": step, "field": {"w": torch.full((3,), float(step))},
-            "rng": ckpt.capture_rng_state(), "config": {"prompt": "x"}}
+    """A checkpoint with every entry ``--resume`` needs (scene parts tiny)."""
+    return {"format": ckpt.FORMAT, "step": step, "field": {"w": torch.full((3,), float(step))}, "background": {},
+            "renderer": {}, "optimizer": {"state": {}, "param_groups": []}, "rng": ckpt.capture_rng_state(),
+            "config": {"prompt": "x"}, "bad_steps": 0}
 
 
 def test_save_rotates_and_last_points_to_newest(tmp_path):

@@ -31,7 +31,7 @@ import torch
 import trimesh
 from torch import nn
 
-from sdsbridge.atomic import atomic_write_bytes
+from sdsbridge.atomic import atomic_write_bytes, remove_stale_temps
 from sdsbridge.checkpoint import find_checkpoint, run_dir_of
 from sdsbridge.devices import module_device
 from sdsbridge.errors import UserError
@@ -283,7 +283,8 @@ def export_run_mesh(run_dir: Path, format: Optional[str] = None, resolution: Opt
     """``export_mesh`` of a finished run's last checkpoint (``run_dir``: a run directory or a checkpoint
     file); writes ``<run_dir>/mesh/mesh.<format>``."""
     checkpoint = find_checkpoint(Path(run_dir))
-    scene, config, step = load_trained_scene(checkpoint, torch.device(device))
+    remove_stale_temps(run_dir_of(checkpoint))  # left by a killed write
+    scene, config, step = load_trained_scene(Path(run_dir), torch.device(device))
     path = export_mesh(scene, config, run_dir_of(checkpoint), format, resolution, threshold)
     logger.info("mesh: step %d -> %s", step, path)
     return path

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from sdsbridge.cameras import Cameras, orbit_cameras
+from sdsbridge.atomic import remove_stale_temps
 from sdsbridge.checkpoint import find_checkpoint, run_dir_of
 from sdsbridge.config import CameraConfig
 from sdsbridge.devices import module_device
@@ -111,5 +112,6 @@ def render_run_video(run_dir: Path, frames: Optional[int] = None, resolution: Op
     """``export_video`` of a finished run's last checkpoint (``run_dir``: a run directory or a checkpoint
     file); writes ``<run_dir>/video/turntable.mp4``."""
     checkpoint = find_checkpoint(Path(run_dir))
-    scene, config, _ = load_trained_scene(checkpoint, torch.device(device))
+    remove_stale_temps(run_dir_of(checkpoint))  # left by a killed write
+    scene, config, _ = load_trained_scene(Path(run_dir), torch.device(device))
     return export_video(scene, config, run_dir_of(checkpoint), frames, resolution, fps, progress)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Optional
@@ -27,11 +28,14 @@ import torch.nn.functional as F
 from sdsbridge.atomic import atomic_file
 from sdsbridge.cameras import VIEW_LABELS, Cameras, cameras_from_angles, sample_cameras
 from sdsbridge.config import CameraConfig, PriorConfig
+from sdsbridge.errors import WriteFailed
 from sdsbridge.priors import shapes as shapes_module
 from sdsbridge.priors.base import to_prior_images
 from sdsbridge.priors.denoiser import noise_from_denoised, optimal_denoiser, sd_alphas_cumprod
 from sdsbridge.priors.reference_prompts import Condition, parse_prompt
 from sdsbridge.priors.shapes import get_shape, render_shape
+
+logger = logging.getLogger("sdsbridge")
 
 REFERENCE_SEED = 1234
 """Seed of the reference cameras (fixed: the image sets are part of the prior's definition)."""
@@ -303,6 +307,9 @@ class ReferencePrior:
         images, masks = render_shape(shape_name, self.cameras.to(self.device), self.image_resolution, SUPERSAMPLE)
         images, masks = images.to(torch.float32).cpu(), masks.to(torch.float32).cpu()
         if path is not None:
-            with atomic_file(path) as handle:
-                torch.save({"images": images, "masks": masks}, handle)
+            try:
+                with atomic_file(path) as handle:
+                    torch.save({"images": images, "masks": masks}, handle)
+            except WriteFailed as exc:  # a cache: the run goes on without it
+                logger.warning("reference prior: cache not written (%s)", exc)
         return images, masks
