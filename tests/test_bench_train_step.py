@@ -1,23 +1,19 @@
 """scripts/bench_train_step.py on the CPU with the tiny random pipeline: a table with finite numbers."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_train_step.py"
+from scripts_loader import load_script
+
 SMALL_SCENE = ["scene.n_levels=4", "scene.log2_hashmap_size=12", "scene.base_resolution=8", "scene.mlp_width=16",
                "render.num_samples=16"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_train_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_train_step")
 
 
 def check_report(printed: str, rows: list[dict], resolutions: list[int], steps: int) -> None:

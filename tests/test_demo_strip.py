@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "demo_strip.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("demo_strip", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from scripts_loader import load_script
 
 
 def test_strip_takes_evenly_spaced_frames_rgb_above_depth():
@@ -25,7 +15,7 @@ def test_strip_takes_evenly_spaced_frames_rgb_above_depth():
         frame[:, :size] = i
         frame[:, size:] = 100 + i
         frames.append(frame)
-    image = load_script().strip(frames, 3)
+    image = load_script("demo_strip").strip(frames, 3)
     assert image.shape == (2 * size, 3 * size, 3)
     assert [int(image[0, k * size, 0]) for k in range(3)] == [0, 4, 8]
     assert [int(image[size, k * size, 0]) for k in range(3)] == [100, 104, 108]

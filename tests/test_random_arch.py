@@ -1,7 +1,6 @@
 """Random pipelines with the SD 2.1-base architecture: the shipped configs, parameter counts (meta device,
 no weights), the 49408-id byte-level tokenizer and scripts/make_random_sd.py on the small variant."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,17 +14,15 @@ from sdsbridge.priors.denoiser import sd_alphas_cumprod
 from sdsbridge.random_sd import (ARCHITECTURES, BOS_TOKEN, COMPONENTS, EOS_TOKEN, architecture_parameter_counts,
                                         assets_dir, byte_vocabulary, read_architecture)
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_random_sd.py"
+from scripts_loader import load_script
+
 
 # Published sizes of SD 2.1-base's models (millions of parameters).
 SD21_BASE_MILLIONS = {"unet": 865.9, "vae": 83.7, "text_encoder": 340.4}
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("make_random_sd", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def make_random_sd():
+    return load_script("make_random_sd")
 
 
 def test_sd21_base_assets_hold_the_exact_architecture():
@@ -81,7 +78,7 @@ def test_byte_vocabulary_puts_clip_special_tokens_last():
 
 def test_make_random_sd_small_loads_through_load_prior_and_predicts(tmp_path, capsys):
     out = tmp_path / "small-sd"
-    assert load_script().main(["--arch", "small", str(out), "--seed", "1"]) == 0
+    assert make_random_sd().main(["--arch", "small", str(out), "--seed", "1"]) == 0
     printed = capsys.readouterr().out
     assert "unet" in printed and "text_encoder" in printed and "parameters" in printed
 
@@ -105,6 +102,6 @@ def test_make_random_sd_small_loads_through_load_prior_and_predicts(tmp_path, ca
 
 def test_make_random_sd_refuses_a_non_empty_folder(tmp_path, capsys):
     (tmp_path / "weights.bin").write_bytes(b"real weights")
-    assert load_script().main(["--arch", "tiny", str(tmp_path)]) == 2
+    assert make_random_sd().main(["--arch", "tiny", str(tmp_path)]) == 2
     assert "not an empty folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.bin"]

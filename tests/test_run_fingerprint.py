@@ -10,15 +10,15 @@ a change that is meant to change results.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from scripts_loader import load_script
+
 HERE = Path(__file__).resolve().parent
-SCRIPT = HERE.parent / "scripts" / "run_fingerprint.py"
 RECORDED = HERE / "data" / "run_fingerprints.json"
 CONFIG = """\
 prompt: a red torus
@@ -56,15 +56,8 @@ def machine() -> dict:
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("run_fingerprint", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def current_fingerprints(tmp_path: Path) -> dict:
-    script = load_script()
+    script = load_script("run_fingerprint")
     config = tmp_path / "fingerprint.yaml"
     config.write_text(CONFIG)
     return {m: script.train_and_fingerprint(config, m, STEPS, tmp_path / "runs", []) for m in METHODS}
