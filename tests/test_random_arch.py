@@ -2,7 +2,6 @@
 no weights), the 49408-id byte-level tokenizer and scripts/make_random_sd.py on the small variant."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
