@@ -161,7 +161,8 @@ class RenderConfig:
     resolution: Any = field(default_factory=lambda: [5000, 64, 512, 5001])
     """Scheduled training render resolution (pixels): 64 until step 5000, then 512."""
     sampler: str = "auto"
-    """'auto' (occupancy grid on CUDA, stratified on CPU), 'stratified' or 'occupancy'."""
+    """'auto' or 'occupancy' (an occupancy grid: nerfacc's CUDA kernels where they load, else the pure-PyTorch
+    grid), 'occupancy-torch' (the PyTorch grid on any device) or 'stratified' (dense, num_samples per ray)."""
     num_samples: int = 64
     """Stratified samples per ray."""
     num_samples_occupancy: int = 512

@@ -236,7 +236,7 @@ def validate(c: Config, require_prompt: bool = True) -> None:
     _check(cam.eval_views > 0, "cameras.eval_views", "must be positive")
     r = c.render
     _check_schedule(r.resolution, "render.resolution", 1, 4096)
-    _check_choice(r.sampler, "render.sampler", ("auto", "stratified", "occupancy"))
+    _check_choice(r.sampler, "render.sampler", ("auto", "stratified", "occupancy", "occupancy-torch"))
     _check(r.num_samples > 0, "render.num_samples", "must be positive")
     _check(r.num_samples_occupancy > 0, "render.num_samples_occupancy", "must be positive")
     _check(r.occupancy_resolution > 0, "render.occupancy_resolution", "must be positive")

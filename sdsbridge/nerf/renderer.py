@@ -1,6 +1,6 @@
 """Volume rendering of a field inside a sphere of radius ``radius``, composited over a background.
 
-Two samplers, chosen once per renderer (``RenderConfig.sampler``):
+Three samplers, chosen once per renderer (``RenderConfig.sampler``):
 
 - stratified: ``num_samples`` bins between the ray's entry into and exit from the sphere, one sample per
   bin (jittered inside the bin in training, at its middle in eval); dense (n_rays, n_samples) tensors, so it
@@ -8,6 +8,8 @@ Two samplers, chosen once per renderer (``RenderConfig.sampler``):
 - occupancy (CUDA only): nerfacc's ``OccGridEstimator`` over the cube [-radius, radius]^3 skips empty
   space; samples are packed (flat tensors with ray indices). The grid is a cache of the field's density,
   refreshed by ``update_occupancy(step)``; it travels in ``state_dict()`` for checkpoints.
+- occupancy-torch (any device): the same grid and marching in pure PyTorch (occupancy.py, marching.py),
+  used where nerfacc's CUDA kernels cannot run; its grid is saved under the same keys.
 
 Distances ``t`` are in world units along unit-length ray directions.
 """
@@ -24,7 +26,8 @@ from torch import Tensor, nn
 
 from sdsbridge.cameras import Cameras, camera_rays
 from sdsbridge.config import RenderConfig
-from sdsbridge.errors import UserError
+from sdsbridge.nerf.marching import march, render_packed
+from sdsbridge.nerf.occupancy import OccupancyGrid
 
 logger = logging.getLogger("sdsbridge")
 
@@ -111,25 +114,21 @@ def nerfacc_cuda_available() -> bool:
 
 
 def choose_sampler(requested: str, device: torch.device) -> tuple[str, str]:
-    """Resolve ``RenderConfig.sampler`` ('auto' | 'stratified' | 'occupancy') for a device.
+    """Resolve ``RenderConfig.sampler`` ('auto' | 'stratified' | 'occupancy' | 'occupancy-torch') for a
+    device: 'auto' and 'occupancy' take nerfacc's CUDA grid where its kernels load, else the PyTorch grid.
 
-    Returns (sampler, reason). Raises UserError when 'occupancy' cannot run on this machine.
+    Returns (sampler: 'stratified' | 'occupancy' (nerfacc) | 'occupancy-torch', reason for the log).
     """
     if requested == "stratified":
         return "stratified", "render.sampler=stratified"
+    if requested == "occupancy-torch":
+        return "occupancy-torch", "render.sampler=occupancy-torch"
     if device.type != "cuda":
-        if requested == "occupancy":
-            raise UserError(f"render.sampler=occupancy needs a CUDA device (the scene is on {device}); "
-                            "use render.sampler=stratified or auto")
-        return "stratified", f"no CUDA device (scene on {device}); nerfacc's occupancy grid needs CUDA"
+        return "occupancy-torch", f"no CUDA device (scene on {device}); nerfacc's grid needs CUDA"
     if not nerfacc_cuda_available():
-        if requested == "occupancy":
-            raise UserError("render.sampler=occupancy: nerfacc's CUDA kernels are unavailable (no prebuilt "
-                            "nerfacc wheel and no nvcc to build them); use render.sampler=stratified")
-        return "stratified", "nerfacc's CUDA kernels are unavailable (no prebuilt wheel, no nvcc)"
-    if requested == "occupancy":
-        return "occupancy", "render.sampler=occupancy"
-    return "occupancy", "CUDA device with nerfacc kernels"
+        return "occupancy-torch", ("nerfacc's CUDA kernels are unavailable (no prebuilt wheel, no nvcc to build "
+                                   "them); the PyTorch grid is slower than nerfacc's on a GPU")
+    return "occupancy", "CUDA device with nerfacc's kernels"
 
 
 def occupancy_grid(radius: float, cfg: RenderConfig) -> nerfacc.OccGridEstimator:
@@ -137,6 +136,10 @@ def occupancy_grid(radius: float, cfg: RenderConfig) -> nerfacc.OccGridEstimator
     over the cube [-radius, radius]^3 (a plain module; its kernels run only in ``sampling``/updates)."""
     r = float(radius)
     return nerfacc.OccGridEstimator(roi_aabb=[-r, -r, -r, r, r, r], resolution=cfg.occupancy_resolution, levels=1)
+
+
+SAMPLER_NAMES = {"stratified": "stratified", "occupancy": "nerfacc CUDA occupancy-grid",
+                 "occupancy-torch": "PyTorch occupancy-grid"}
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -163,13 +166,15 @@ class Renderer:
         self.training = True
         device = _module_device(field)
         self.sampler, reason = choose_sampler(cfg.sampler, device)
-        logger.info("renderer: %s sampler (%s)", self.sampler, reason)
-        self.estimator: Optional[nerfacc.OccGridEstimator] = None
+        logger.info("renderer: %s sampler (%s)", SAMPLER_NAMES[self.sampler], reason)
+        self.estimator: Optional[nerfacc.OccGridEstimator | OccupancyGrid] = None
         # threestudio's render_step_size, with its 1.732 for sqrt(3): the cube's diagonal / num_samples.
         self.step_size = 1.732 * 2.0 * self.radius / cfg.num_samples_occupancy
         self._grid_ready = False
         if self.sampler == "occupancy":
             self.estimator = occupancy_grid(self.radius, cfg).to(device)
+        elif self.sampler == "occupancy-torch":
+            self.estimator = OccupancyGrid(self.radius, cfg.occupancy_resolution).to(device)
 
     def train(self, mode: bool = True) -> "Renderer":
         """Jittered samples (True) or deterministic ones (False)."""
@@ -264,6 +269,30 @@ class Renderer:
                                                            n_rays=n_rays)
         return (*composite(weights, rgbs, t_mid, ray_indices, n_rays), t_starts.numel())
 
+    def _render_torch_grid(self, origins: Tensor, dirs: Tensor, t_near: Tensor, t_far: Tensor
+                           ) -> tuple[Tensor, Tensor, Tensor, int]:
+        # Without gradients the march evaluates the whole field and its samples are composited as they are;
+        # with gradients it evaluates the density only, and the kept samples go through the field again.
+        fused = not torch.is_grad_enabled()
+
+        def points(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
+            return origins[ray_indices] + (0.5 * (t_starts + t_ends))[:, None] * dirs[ray_indices]
+
+        def values(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
+            if fused:
+                sigmas, rgbs = self.field(points(t_starts, t_ends, ray_indices))
+                return torch.cat([sigmas[:, None], rgbs], dim=1)
+            return self.field.density(points(t_starts, t_ends, ray_indices))[:, None]
+
+        samples = march(self.estimator, origins, dirs, t_near, t_far, self.step_size, values,
+                        stratified=self.training, early_stop_eps=1e-4,
+                        alpha_thre=self.cfg.occupancy_alpha_threshold)
+        if fused:
+            sigmas, rgbs = samples.values[:, 0], samples.values[:, 1:]
+        else:
+            sigmas, rgbs = self.field(points(samples.t_starts, samples.t_ends, samples.ray_indices))
+        return (*render_packed(samples, rgbs, sigmas, origins.shape[0]), samples.t_starts.numel())
+
     def render_rays(self, origins: Tensor, dirs: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
         """Foreground of [R, 3] rays (unit ``dirs``): (rgb [R, 3], opacity [R, 1], depth [R, 1], number of
         samples), not composited over any background. Rays that miss the sphere get zeros."""
@@ -273,10 +302,12 @@ class Renderer:
         idx = hit.nonzero().squeeze(-1)
         if idx.numel() == 0:
             return rgb, opacity, depth, 0
+        if self.estimator is not None and not self._grid_ready:
+            self.update_occupancy(0)
         if self.sampler == "occupancy":
-            if not self._grid_ready:
-                self.update_occupancy(0)
             out = self._render_occupancy(origins[idx], dirs[idx], t_near[idx], t_far[idx])
+        elif self.sampler == "occupancy-torch":
+            out = self._render_torch_grid(origins[idx], dirs[idx], t_near[idx], t_far[idx])
         else:
             out = self._render_stratified(origins[idx], dirs[idx], t_near[idx], t_far[idx])
         # index_copy (not in place) keeps the autograd graph to the hit rays' values.
