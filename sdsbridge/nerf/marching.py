@@ -7,8 +7,8 @@ is visible: transmittance before it >= ``early_stop_eps`` and its alpha >= ``alp
 min(alpha_thre, mean occs), as nerfacc does).
 
 nerfacc evaluates the density at *every* marched sample, then drops the invisible ones. Here the march goes
-front to back in rounds instead (a window of steps per ray that is still alive, the window doubling each
-round), and a ray leaves the march as soon as its transmittance falls below ``early_stop_eps``: the samples
+front to back in rounds instead (a window of steps per ray that is still alive, wider as fewer rays are
+left), and a ray leaves the march as soon as its transmittance falls below ``early_stop_eps``: the samples
 kept are the same, but nothing behind an opaque surface is ever evaluated, which is most of the cost on a
 CPU. Empty stretches are skipped in blocks of G steps (G dt <= one cell): a block is marched only if the
 cell of its midpoint, grown by one cell, is occupied, which cannot miss an occupied sample of the block.
@@ -27,10 +27,10 @@ from torch import Tensor
 
 from sdsbridge.nerf.occupancy import OccupancyGrid
 
-FIRST_WINDOW_BLOCKS = 2
-"""Steps marched per alive ray in the first round, in blocks; the window doubles every round ..."""
-MAX_WINDOW_BLOCKS = 16
-"""... up to this many blocks (fewer rounds for rays through thin fog, little waste behind surfaces)."""
+WINDOW_BUDGET = 1 << 18
+"""Candidate steps per round, all alive rays together: a round marches each alive ray min(all its steps,
+max(one block, budget / alive rays)) steps. Small batches (training renders) then march in one round, like
+nerfacc; large ones (512^2 frames) in short windows that grow as rays terminate."""
 
 ValueFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 """(t_starts [M], t_ends [M], ray_indices [M]) -> [M, C] values of the samples, column 0 the density."""
@@ -108,7 +108,7 @@ def march(grid: OccupancyGrid, origins: Tensor, dirs: Tensor, t_min: Tensor, t_m
     step = first.clone()
     transmittance = torch.ones(n_rays, device=device)
     alive = step < n_steps
-    kept, evaluated, window = [], 0, FIRST_WINDOW_BLOCKS * block
+    kept, evaluated = [], 0
     while True:
         rays = alive.nonzero().squeeze(1)
         if rays.numel() == 0:
@@ -119,6 +119,7 @@ def march(grid: OccupancyGrid, origins: Tensor, dirs: Tensor, t_min: Tensor, t_m
         rays, k = rays[on], k[on]
         if rays.numel() == 0:
             break
+        window = min(max_steps, max(block, WINDOW_BUDGET // rays.numel()))
         steps = k[:, None] + torch.arange(window, device=device)  # [A, W]
         t_mid = start[rays, None] + (steps + 0.5) * dt
         points = origins[rays, None] + t_mid[..., None] * dirs[rays, None]
@@ -139,7 +140,6 @@ def march(grid: OccupancyGrid, origins: Tensor, dirs: Tensor, t_min: Tensor, t_m
             transmittance[rays] = transmittance[rays] * torch.exp(-tau_cum[:, -1])
         step[rays] = k + window
         alive[rays] = (step[rays] < n_steps[rays]) & (transmittance[rays] >= early_stop_eps)
-        window = min(2 * window, MAX_WINDOW_BLOCKS * block)
 
     if not kept:
         return PackedSamples(empty.ray_indices, empty.t_starts, empty.t_ends, empty.values, evaluated)

@@ -33,6 +33,9 @@ logger = logging.getLogger("sdsbridge")
 
 OCCUPANCY_EVAL_CHUNK = 1 << 20
 """Points per field call when refreshing the occupancy grid (128^3 cells = 2M points in warm-up)."""
+OCCUPANCY_FILL_PASSES = 16
+"""Outside training, a grid that was never filled (a checkpoint without one) is built from this many
+all-cell updates, one jittered point per cell each: one point can miss a thin surface inside a cell."""
 
 
 @dataclass
@@ -303,7 +306,8 @@ class Renderer:
         if idx.numel() == 0:
             return rgb, opacity, depth, 0
         if self.estimator is not None and not self._grid_ready:
-            self.update_occupancy(0)
+            for _ in range(1 if self.training else OCCUPANCY_FILL_PASSES):
+                self.update_occupancy(0)
         if self.sampler == "occupancy":
             out = self._render_occupancy(origins[idx], dirs[idx], t_near[idx], t_far[idx])
         elif self.sampler == "occupancy-torch":

@@ -1,0 +1,140 @@
+"""The CPU demo trained with the dense sampler and with the PyTorch occupancy grid, one after the other:
+steps/s, the speed-up, `sdsbridge eval` figures of both runs, and where a training step's time goes.
+
+    python scripts/bench_demo_training.py                       # configs/demo.yaml, 1500 steps each
+    python scripts/bench_demo_training.py --steps 300 --no-eval  # quicker, speed only
+    python scripts/bench_demo_training.py --grid render.num_samples_occupancy=96
+
+Each run is ``sdsbridge train configs/demo.yaml render.sampler=... export.mesh=false export.video=false`` in a
+temporary runs folder (``--keep DIR`` to keep them); steps/s comes from its metrics.jsonl (training loop only,
+first logged step to last, so the prior's set-up is not counted). ``--threads N`` sets OMP_NUM_THREADS for
+both runs (on a busy 2-core machine one thread is often faster). The breakdown times ``--breakdown-steps``
+steps of the same loop in this process (render forward, guidance = prior + loss, backward, optimizer,
+occupancy-grid update) after as many untimed ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+SAMPLERS = {"dense": ["render.sampler=stratified"],
+            "grid": ["render.sampler=occupancy-torch", "render.num_samples_occupancy=64"]}
+"""Overrides per run; the grid's step (1.732 * 2 * radius / 64 = 0.041 at the demo's radius 0.75) is close to
+the dense sampler's spacing (the chord / 32 samples, at most 0.047)."""
+
+
+def sdsbridge(*args: str, env: dict) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "sdsbridge", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+
+
+def steps_per_second(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    first, last = rows[0], rows[-1]
+    return (last["step"] - first["step"]) / (last["elapsed_s"] - first["elapsed_s"])
+
+
+def train_and_eval(name: str, overrides: list[str], runs: Path, args: argparse.Namespace, env: dict) -> dict:
+    started = time.time()
+    sdsbridge("train", str(args.config), *overrides, f"train.steps={args.steps}", "export.mesh=false",
+              "export.video=false", f"log.runs_dir={runs}", f"log.name={name}", "--no-progress", env=env)
+    result = {"wall_s": time.time() - started, "steps_per_s": steps_per_second(runs / name)}
+    if args.eval:
+        scores = json.loads(sdsbridge("eval", str(runs / name), "--json", env=env).stdout)
+        result.update({k: scores[k] for k in ("psnr_db", "chamfer", "saturation_error", "mask_iou") if k in scores})
+    return result
+
+
+def breakdown(overrides: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """Median-free mean ms per section over ``--breakdown-steps`` steps (after as many untimed)."""
+    import torch
+
+    from sdsbridge.cameras import sample_cameras
+    from sdsbridge.config_loader import load_config
+    from sdsbridge.guidance import guidance_step
+    from sdsbridge.priors import load_prior
+    from sdsbridge.prompts import PromptEmbeddings
+    from sdsbridge.schedules import schedule_value
+    from sdsbridge.train import build_optimizer, build_scene, regularizer_losses, seed_everything, with_random_backgrounds
+
+    config = load_config(args.config, overrides)
+    device = torch.device("cpu")
+    seed_everything(0)
+    scene = build_scene(config, device)
+    optimizer = build_optimizer(scene, config)
+    prior = load_prior(config.prior, device, config.cameras)
+    prompts = PromptEmbeddings(prior, config.prompt, config.guidance, config.method)
+    totals = dict.fromkeys(("render", "guidance", "backward", "optimizer", "grid update"), 0.0)
+    n = args.breakdown_steps
+    for step in range(2 * n):
+        marks = [time.perf_counter()]
+        cameras = sample_cameras(config.cameras, config.train.batch_size)
+        res = int(round(schedule_value(config.render.resolution, step)))
+        out = scene.renderer.render(cameras, res, res)
+        rgb = with_random_backgrounds(out, config.scene.random_background_prob)
+        marks.append(time.perf_counter())
+        result = guidance_step(prior, rgb.permute(0, 3, 1, 2), prompts.conditions(cameras.labels), config.method,
+                               step, config.guidance, camera_positions=cameras.positions)
+        loss = result.loss + sum(regularizer_losses(out.opacity, step, config).values())
+        marks.append(time.perf_counter())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        marks.append(time.perf_counter())
+        optimizer.step()
+        marks.append(time.perf_counter())
+        scene.renderer.update_occupancy(step)
+        marks.append(time.perf_counter())
+        if step >= n:
+            for key, a, b in zip(totals, marks[:-1], marks[1:]):
+                totals[key] += (b - a) * 1e3 / n
+    return totals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=DEMO)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs (0: inherit)")
+    parser.add_argument("--no-eval", dest="eval", action="store_false", help="skip `sdsbridge eval`")
+    parser.add_argument("--grid", nargs="*", default=[], help="extra overrides for the grid run")
+    parser.add_argument("--breakdown-steps", type=int, default=100, help="0: no step-time breakdown")
+    parser.add_argument("--keep", type=Path, help="keep the runs in this folder")
+    args = parser.parse_args()
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+        import torch
+        torch.set_num_threads(args.threads)
+    samplers = {"dense": SAMPLERS["dense"], "grid": SAMPLERS["grid"] + args.grid}
+    runs = args.keep or Path(tempfile.mkdtemp(prefix="bench-demo-"))
+    try:
+        results = {name: train_and_eval(name, overrides, runs, args, env) for name, overrides in samplers.items()}
+    finally:
+        if args.keep is None:
+            shutil.rmtree(runs, ignore_errors=True)
+    print(f"{args.config.name}, {args.steps} steps, threads {args.threads or 'default'}")
+    for name, r in results.items():
+        scores = "  ".join(f"{k} {v:.4g}" for k, v in r.items() if k not in ("wall_s", "steps_per_s"))
+        print(f"  {name:5s} {r['steps_per_s']:6.1f} steps/s  ({r['wall_s']:.0f} s wall)  {scores}  "
+              f"[{' '.join(samplers[name])}]")
+    print(f"training speed-up grid vs dense: {results['grid']['steps_per_s'] / results['dense']['steps_per_s']:.2f}x "
+          "(target >= 1.5x)")
+    if args.breakdown_steps:
+        print(f"ms per step ({args.breakdown_steps} steps after as many untimed, in this process):")
+        for name, overrides in samplers.items():
+            parts = breakdown(overrides, args)
+            print(f"  {name:5s} total {sum(parts.values()):6.1f}: " +
+                  ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+
+
+if __name__ == "__main__":
+    main()
