@@ -265,8 +265,7 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
                     raise TrainingDiverged(
                         f"training diverged: {bad_in_row} non-finite steps in a row at step {step}; the last good "
                         f"state is in {path} (try lower learning rates or guidance scale)")
-            if device.type == "cuda":
-                scene.renderer.update_occupancy(step)
+            scene.renderer.update_occupancy(step)  # occupancy-grid samplers only (CPU and CUDA)
             done = step + 1
 
             # --- progress, metrics, validation, checkpoints ----------------------------------------

@@ -47,7 +47,7 @@ class PackedSamples:
     t_ends: Tensor
     """[M] interval ends."""
     values: Tensor
-    """[M, C] what the march's ``value_fn`` returned for them (column 0: density)."""
+    """[M, C] what the march's ``value_fn`` returned for them (column 0: density), with their autograd graph."""
     evaluated: int
     """Samples ``value_fn`` was called on while marching (kept or not)."""
 
@@ -69,7 +69,6 @@ def _next_active_block(active: Tensor) -> Tensor:
     return index.flip(1).cummin(dim=1).values.flip(1)
 
 
-@torch.no_grad()
 def march(grid: OccupancyGrid, origins: Tensor, dirs: Tensor, t_min: Tensor, t_max: Tensor, step_size: float,
           value_fn: ValueFn, stratified: bool = False, early_stop_eps: float = 1e-4,
           alpha_thre: float = 0.0) -> PackedSamples:
@@ -79,73 +78,82 @@ def march(grid: OccupancyGrid, origins: Tensor, dirs: Tensor, t_min: Tensor, t_m
         origins, dirs: [R, 3] rays, unit directions. t_min, t_max: [R] the segment to march (clipped to the
             grid's cube here).
         step_size: dt in world units.
-        value_fn: evaluated (without gradients) on the samples in occupied cells, front to back.
+        value_fn: evaluated on the samples in occupied cells, front to back, with gradients if they are
+            enabled here (so the kept rows of ``values`` can be rendered and differentiated directly; the march
+            itself reads them detached).
         stratified: jitter each ray's start by U[0, dt) (one draw per ray, ``torch.rand``).
     """
-    device, n_rays, dt = origins.device, origins.shape[0], float(step_size)
-    alpha_thre = min(alpha_thre, grid.occs.mean().item())
-    box_in, box_out = ray_box_intersect(origins, dirs, grid.aabb)
-    start = t_min.clone()
-    if stratified:
-        start += torch.rand_like(start) * dt
-    # Step k's midpoint start + (k + 1/2) dt must lie in [max(start, box_in), min(t_max, box_out)).
-    first = ((box_in - start) / dt - 0.5).ceil().clamp_min(0).to(torch.long)
-    n_steps = ((torch.minimum(t_max, box_out) - start) / dt - 0.5).ceil().clamp_min(0).to(torch.long)
-    empty = PackedSamples(torch.zeros(0, dtype=torch.long, device=device), origins.new_zeros(0),
-                          origins.new_zeros(0), origins.new_zeros(0, 1), 0)
-    max_steps = int(n_steps.max()) if n_rays else 0
-    if max_steps == 0:
-        return empty
-
-    # Blocks of G steps; a block is worth marching if its midpoint's grown cell is occupied (with G = 1 the
-    # midpoint is the sample itself and the exact grid decides).
-    block = max(1, int(math.floor(grid.cell_size / dt)))
-    n_blocks = -(-max_steps // block)
-    t_block = start[:, None] + (torch.arange(n_blocks, device=device) * block + 0.5 * block) * dt
-    active = grid.occupied(origins[:, None] + t_block[..., None] * dirs[:, None], dilated=block > 1)
-    next_block = _next_active_block(active)  # [R, B + 1]
-
-    step = first.clone()
-    transmittance = torch.ones(n_rays, device=device)
-    alive = step < n_steps
+    grad = torch.is_grad_enabled()
+    with torch.no_grad():
+        device, n_rays, dt = origins.device, origins.shape[0], float(step_size)
+        alpha_thre = min(alpha_thre, grid.occs.mean().item())
+        box_in, box_out = ray_box_intersect(origins, dirs, grid.aabb)
+        start = t_min.clone()
+        if stratified:
+            start += torch.rand_like(start) * dt
+        # Step k's midpoint start + (k + 1/2) dt must lie in [max(start, box_in), min(t_max, box_out)).
+        first = ((box_in - start) / dt - 0.5).ceil().clamp_min(0).to(torch.long)
+        n_steps = ((torch.minimum(t_max, box_out) - start) / dt - 0.5).ceil().clamp_min(0).to(torch.long)
+        max_steps = int(n_steps.max()) if n_rays else 0
+        # Blocks of G steps, marched only if the grown cell of their midpoint is occupied (with G = 1 the
+        # midpoint is the sample itself and the exact grid decides); not needed when one round covers all.
+        block = max(1, int(math.floor(grid.cell_size / dt)))
+        n_blocks = -(-max_steps // block)
+        next_block = None
+        if n_rays * max_steps > WINDOW_BUDGET:
+            t_block = start[:, None] + (torch.arange(n_blocks, device=device) * block + 0.5 * block) * dt
+            active = grid.occupied(origins[:, None] + t_block[..., None] * dirs[:, None], dilated=block > 1)
+            next_block = _next_active_block(active)  # [R, B + 1]
+        step = first
+        transmittance = torch.ones(n_rays, device=device)
+        alive = step < n_steps
     kept, evaluated = [], 0
     while True:
-        rays = alive.nonzero().squeeze(1)
-        if rays.numel() == 0:
-            break
-        k = torch.maximum(step[rays], next_block[rays, (step[rays] // block).clamp(max=n_blocks)] * block)
-        on = k < n_steps[rays]
-        alive[rays[~on]] = False
-        rays, k = rays[on], k[on]
-        if rays.numel() == 0:
-            break
-        window = min(max_steps, max(block, WINDOW_BUDGET // rays.numel()))
-        steps = k[:, None] + torch.arange(window, device=device)  # [A, W]
-        t_mid = start[rays, None] + (steps + 0.5) * dt
-        points = origins[rays, None] + t_mid[..., None] * dirs[rays, None]
-        row, col = (grid.occupied(points) & (steps < n_steps[rays, None])).nonzero(as_tuple=True)
-        if row.numel():
+        with torch.no_grad():
+            rays = alive.nonzero().squeeze(1)
+            if rays.numel() == 0:
+                break
+            k = step[rays]
+            if next_block is not None:
+                k = torch.maximum(k, next_block[rays, (k // block).clamp(max=n_blocks)] * block)
+                on = k < n_steps[rays]
+                alive[rays[~on]] = False
+                rays, k = rays[on], k[on]
+                if rays.numel() == 0:
+                    break
+            window = min(max_steps, max(block, WINDOW_BUDGET // rays.numel()))
+            steps = k[:, None] + torch.arange(window, device=device)  # [A, W]
+            t_mid = start[rays, None] + (steps + 0.5) * dt
+            points = origins[rays, None] + t_mid[..., None] * dirs[rays, None]
+            row, col = (grid.occupied(points) & (steps < n_steps[rays, None])).nonzero(as_tuple=True)
             ray_idx, k_idx = rays[row], steps[row, col]
             t_starts = start[ray_idx] + k_idx * dt
-            values = value_fn(t_starts, t_starts + dt, ray_idx)
-            evaluated += row.numel()
-            tau = torch.zeros_like(t_mid)
-            tau[row, col] = values[:, 0] * dt
-            tau_cum = tau.cumsum(dim=1)
-            t_before = transmittance[rays, None] * torch.exp(-(tau_cum - tau))  # exclusive, [A, W]
-            visible = t_before[row, col] >= early_stop_eps
-            if alpha_thre > 0:
-                visible &= (1.0 - torch.exp(-tau[row, col])) >= alpha_thre
+        if row.numel():
+            with torch.set_grad_enabled(grad):
+                values = value_fn(t_starts, t_starts + dt, ray_idx)
+            with torch.no_grad():
+                evaluated += row.numel()
+                tau = torch.zeros_like(t_mid)
+                tau[row, col] = values[:, 0].detach() * dt
+                tau_cum = tau.cumsum(dim=1)
+                t_before = transmittance[rays, None] * torch.exp(-(tau_cum - tau))  # exclusive, [A, W]
+                visible = t_before[row, col] >= early_stop_eps
+                if alpha_thre > 0:
+                    visible &= (1.0 - torch.exp(-tau[row, col])) >= alpha_thre
+                transmittance[rays] = transmittance[rays] * torch.exp(-tau_cum[:, -1])
             kept.append((ray_idx[visible], k_idx[visible], values[visible]))
-            transmittance[rays] = transmittance[rays] * torch.exp(-tau_cum[:, -1])
-        step[rays] = k + window
-        alive[rays] = (step[rays] < n_steps[rays]) & (transmittance[rays] >= early_stop_eps)
+        with torch.no_grad():
+            step[rays] = k + window
+            alive[rays] = (step[rays] < n_steps[rays]) & (transmittance[rays] >= early_stop_eps)
 
-    if not kept:
-        return PackedSamples(empty.ray_indices, empty.t_starts, empty.t_ends, empty.values, evaluated)
+    if not kept:  # (value_fn on no samples: the empty result still hangs on the field's graph)
+        none, zeros = torch.zeros(0, dtype=torch.long, device=device), origins.new_zeros(0)
+        with torch.set_grad_enabled(grad):
+            return PackedSamples(none, zeros, zeros, value_fn(zeros, zeros, none), evaluated)
     ray_idx, k_idx, values = (torch.cat(parts) for parts in zip(*kept))
-    order = torch.argsort(ray_idx * (max_steps + 1) + k_idx)
-    ray_idx, k_idx, values = ray_idx[order], k_idx[order], values[order]
+    if len(kept) > 1:  # rounds emit each ray's samples in order, but rays interleave across rounds
+        order = torch.argsort(ray_idx * (max_steps + 1) + k_idx)
+        ray_idx, k_idx, values = ray_idx[order], k_idx[order], values[order]
     t_starts = start[ray_idx] + k_idx * dt
     return PackedSamples(ray_idx, t_starts, t_starts + dt, values, evaluated)
 

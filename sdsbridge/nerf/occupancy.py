@@ -10,8 +10,9 @@ a grid saved from either implementation loads into the other.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Union
 
+import nerfacc
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -102,3 +103,24 @@ class OccupancyGrid(nn.Module):
         if n < len(occupied):
             occupied = occupied[torch.randint(len(occupied), (n,), device=device)]
         return torch.cat([uniform, occupied], dim=0)
+
+
+@torch.no_grad()
+def fill_occupancy(grid: Union[OccupancyGrid, "nerfacc.OccGridEstimator"], occ_eval_fn: Callable[[Tensor], Tensor],
+                   occ_thre: float = 1e-2, subdivisions: int = 3, chunk: int = 1 << 20) -> None:
+    """Build a one-level grid (ours or nerfacc's: same buffers) from scratch, outside training: ``occs`` = the
+    maximum of ``occ_eval_fn`` over subdivisions^3 points per cell (one jittered point in each sub-cell),
+    ``binaries`` = occs above min(occ_thre, mean occs). Training's updates take one point per cell and
+    catch thin surfaces over many updates; a grid built once needs the sub-cells to catch them."""
+    res = int(grid.binaries.shape[-1])
+    aabb = grid.aabb if isinstance(grid, OccupancyGrid) else grid.aabbs[0]
+    fine = res * subdivisions
+    axes = torch.arange(fine, device=grid.occs.device)
+    sub = torch.stack(torch.meshgrid(axes, axes, axes, indexing="ij"), dim=-1).reshape(-1, 3)
+    cells = ((sub[:, 0] // subdivisions) * res + sub[:, 1] // subdivisions) * res + sub[:, 2] // subdivisions
+    occs = torch.zeros(res ** 3, device=grid.occs.device)
+    for part, cell in zip(sub.split(chunk), cells.split(chunk)):
+        x = aabb[:3] + (part + torch.rand(part.shape, device=part.device)) / fine * (aabb[3:] - aabb[:3])
+        occs.scatter_reduce_(0, cell, occ_eval_fn(x).squeeze(-1), reduce="amax")
+    grid.occs.copy_(occs)
+    grid.binaries.copy_((occs > torch.clamp(occs.mean(), max=occ_thre)).view(grid.binaries.shape))

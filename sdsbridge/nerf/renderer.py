@@ -27,15 +27,15 @@ from torch import Tensor, nn
 from sdsbridge.cameras import Cameras, camera_rays
 from sdsbridge.config import RenderConfig
 from sdsbridge.nerf.marching import march, render_packed
-from sdsbridge.nerf.occupancy import OccupancyGrid
+from sdsbridge.nerf.occupancy import OccupancyGrid, fill_occupancy
 
 logger = logging.getLogger("sdsbridge")
 
 OCCUPANCY_EVAL_CHUNK = 1 << 20
 """Points per field call when refreshing the occupancy grid (128^3 cells = 2M points in warm-up)."""
-OCCUPANCY_FILL_PASSES = 16
-"""Outside training, a grid that was never filled (a checkpoint without one) is built from this many
-all-cell updates, one jittered point per cell each: one point can miss a thin surface inside a cell."""
+OCCUPANCY_FILL_SUBDIVISIONS = 3
+"""Outside training, a grid that was never filled (a checkpoint without one) is built from the field at
+this many jittered points per cell and axis (``fill_occupancy``): one point per cell can miss a thin surface."""
 
 
 @dataclass
@@ -274,26 +274,19 @@ class Renderer:
 
     def _render_torch_grid(self, origins: Tensor, dirs: Tensor, t_near: Tensor, t_far: Tensor
                            ) -> tuple[Tensor, Tensor, Tensor, int]:
-        # Without gradients the march evaluates the whole field and its samples are composited as they are;
-        # with gradients it evaluates the density only, and the kept samples go through the field again.
-        fused = not torch.is_grad_enabled()
-
-        def points(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
-            return origins[ray_indices] + (0.5 * (t_starts + t_ends))[:, None] * dirs[ray_indices]
-
+        # One field pass: the march evaluates density and colour of the samples in occupied cells (with
+        # gradients when enabled) and hands back the visible ones, which are composited as they are. (nerfacc
+        # evaluates the density first, then the field again on the visible samples: on a CPU the per-call
+        # cost of a second pass outweighs differentiating a few invisible samples.)
         def values(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
-            if fused:
-                sigmas, rgbs = self.field(points(t_starts, t_ends, ray_indices))
-                return torch.cat([sigmas[:, None], rgbs], dim=1)
-            return self.field.density(points(t_starts, t_ends, ray_indices))[:, None]
+            t_mid = 0.5 * (t_starts + t_ends)
+            sigmas, rgbs = self.field(origins[ray_indices] + t_mid[:, None] * dirs[ray_indices])
+            return torch.cat([sigmas[:, None], rgbs], dim=1)
 
         samples = march(self.estimator, origins, dirs, t_near, t_far, self.step_size, values,
                         stratified=self.training, early_stop_eps=1e-4,
                         alpha_thre=self.cfg.occupancy_alpha_threshold)
-        if fused:
-            sigmas, rgbs = samples.values[:, 0], samples.values[:, 1:]
-        else:
-            sigmas, rgbs = self.field(points(samples.t_starts, samples.t_ends, samples.ray_indices))
+        sigmas, rgbs = samples.values[:, 0], samples.values[:, 1:4]
         return (*render_packed(samples, rgbs, sigmas, origins.shape[0]), samples.t_starts.numel())
 
     def render_rays(self, origins: Tensor, dirs: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -306,8 +299,12 @@ class Renderer:
         if idx.numel() == 0:
             return rgb, opacity, depth, 0
         if self.estimator is not None and not self._grid_ready:
-            for _ in range(1 if self.training else OCCUPANCY_FILL_PASSES):
+            if self.training:
                 self.update_occupancy(0)
+            else:
+                fill_occupancy(self.estimator, self._occupancy, self.cfg.occupancy_threshold,
+                               OCCUPANCY_FILL_SUBDIVISIONS)
+                self._grid_ready = True
         if self.sampler == "occupancy":
             out = self._render_occupancy(origins[idx], dirs[idx], t_near[idx], t_far[idx])
         elif self.sampler == "occupancy-torch":
