@@ -64,7 +64,8 @@ def breakdown(overrides: list[str], args: argparse.Namespace) -> dict[str, float
     from sdsbridge.priors import load_prior
     from sdsbridge.prompts import PromptEmbeddings
     from sdsbridge.schedules import schedule_value
-    from sdsbridge.train import build_optimizer, build_scene, regularizer_losses, seed_everything, with_random_backgrounds
+    from sdsbridge.train import (build_optimizer, build_scene, regularizer_losses, seed_everything,
+                                 with_random_backgrounds)
 
     config = load_config(args.config, overrides)
     device = torch.device("cpu")
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs (0: inherit)")
     parser.add_argument("--no-eval", dest="eval", action="store_false", help="skip `sdsbridge eval`")
     parser.add_argument("--grid", nargs="*", default=[], help="extra overrides for the grid run")
+    parser.add_argument("--set", nargs="*", default=[], help="extra overrides for both runs (e.g. train.seed=1)")
     parser.add_argument("--breakdown-steps", type=int, default=100, help="0: no step-time breakdown")
     parser.add_argument("--keep", type=Path, help="keep the runs in this folder")
     args = parser.parse_args()
@@ -114,7 +116,7 @@ def main() -> None:
         env["OMP_NUM_THREADS"] = str(args.threads)
         import torch
         torch.set_num_threads(args.threads)
-    samplers = {"dense": SAMPLERS["dense"], "grid": SAMPLERS["grid"] + args.grid}
+    samplers = {"dense": SAMPLERS["dense"] + args.set, "grid": SAMPLERS["grid"] + args.set + args.grid}
     runs = args.keep or Path(tempfile.mkdtemp(prefix="bench-demo-"))
     try:
         results = {name: train_and_eval(name, overrides, runs, args, env) for name, overrides in samplers.items()}

@@ -257,10 +257,10 @@ class ExportConfig:
     """Drop connected components with fewer faces than this fraction of the largest."""
     decimate_faces: int = 0
     """Target face count for decimation (0 = none)."""
-    video_frames: int = 120
-    """Turntable frames."""
-    video_resolution: int = 512
-    """Turntable resolution."""
+    video_frames: Optional[int] = None
+    """Turntable frames; None = what fits the device: 120 on CUDA, 60 on the CPU (the log says which)."""
+    video_resolution: Optional[int] = None
+    """Turntable resolution; None = what fits the device: 512 on CUDA, 256 on the CPU."""
     video_fps: int = 30
     """Turntable frames per second."""
 
@@ -283,8 +283,10 @@ class ImageConfig:
     """AdamW learning rate."""
     target_modifier: str = ", detailed high resolution, high quality, sharp"
     """Target modifier in 2D."""
-    resolution: int = 512
-    """Image resolution in pixels (latent = resolution / 8 for Stable Diffusion)."""
+    resolution: Optional[int] = None
+    """Image resolution in pixels (latent = resolution / 8 for Stable Diffusion); None = the prior's own: 512 for
+    Stable Diffusion 2.1-base (its UNet's), ``prior.resolution`` for the reference prior (whose image set is
+    rendered at this size: 512 would take minutes on a CPU)."""
     min_step_percent: float = 0.02
     """Lower end of t / T."""
     max_step_percent: float = 0.98

@@ -126,8 +126,8 @@ def render_run_video(run_dir: Path, frames: Optional[int] = None, resolution: Op
                      progress: bool = True) -> Path:
     """Render the turntable of a trained run (a run directory or a checkpoint file).
 
-    Unset arguments come from the run's ``export`` config (120 frames, 512 px, 30 fps).
-    Writes and returns ``<run_dir>/video/turntable.mp4``.
+    Unset arguments come from the run's ``export`` config, and where that leaves frames or resolution unset,
+    from ``turntable_size`` (what fits the device). Writes and returns ``<run_dir>/video/turntable.mp4``.
     """
     from sdsbridge.checkpoint import find_checkpoint, run_dir_of
     from sdsbridge.train import load_trained_scene
@@ -135,6 +135,23 @@ def render_run_video(run_dir: Path, frames: Optional[int] = None, resolution: Op
     checkpoint = find_checkpoint(Path(run_dir))
     scene, config, _ = load_trained_scene(checkpoint, torch.device(device))
     export = config.export
+    frames, resolution = turntable_size(frames or export.video_frames, resolution or export.video_resolution,
+                                        torch.device(device))
     return render_turntable(scene, config.cameras, run_dir_of(checkpoint) / "video" / "turntable.mp4",
-                            frames=frames or export.video_frames, resolution=resolution or export.video_resolution,
-                            fps=fps or export.video_fps, chunk_rays=config.render.chunk_rays, progress=progress)
+                            frames=frames, resolution=resolution, fps=fps or export.video_fps,
+                            chunk_rays=config.render.chunk_rays, progress=progress)
+
+
+TURNTABLE_SIZES = {"cuda": (120, 512), "cpu": (60, 256)}
+"""(frames, resolution) of a turntable whose size nobody set, by device type: on a 2-core CPU a 256x256 frame
+of a default-size scene takes about a second with the occupancy grid (a 512x512 one about four)."""
+
+
+def turntable_size(frames: Optional[int], resolution: Optional[int], device: torch.device) -> tuple[int, int]:
+    """Frames and resolution of a turntable: the given ones, else ``TURNTABLE_SIZES`` for the device (logged)."""
+    default_frames, default_resolution = TURNTABLE_SIZES["cuda" if device.type == "cuda" else "cpu"]
+    if frames is None or resolution is None:
+        logger.info("video: %s frames at %s px (%s; set export.video_frames / export.video_resolution, or "
+                    "--frames / --resolution, for another size)", frames or default_frames,
+                    resolution or default_resolution, f"the default on {device.type.upper()}")
+    return frames or default_frames, resolution or default_resolution
