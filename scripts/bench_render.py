@@ -23,6 +23,7 @@ import argparse
 import math
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -55,11 +56,11 @@ def fitted_scene(steps: int) -> tuple[NeRFField, Background, CameraConfig, float
 
 
 def run_scene(run: str) -> tuple[NeRFField, Background, CameraConfig, float, dict]:
-    try:  # the scene's home after the package restructuring
-        from sdsbridge.scene import load_trained_scene
-    except ImportError:
+    try:
         from sdsbridge.train import load_trained_scene
-    scene, config, step = load_trained_scene(run, torch.device("cpu"))
+    except ImportError:  # its home after the package restructuring
+        from sdsbridge.scene import load_trained_scene
+    scene, config, step = load_trained_scene(Path(run), torch.device("cpu"))
     scene.field.encoding.compile_after_points = 0
     print(f"scene: {run} at step {step} ({config.scene.n_levels} levels, 2^{config.scene.log2_hashmap_size} table, "
           f"radius {config.scene.radius}), sampler it trained with: {scene.renderer.sampler}")

@@ -175,6 +175,11 @@ class RenderConfig:
     """Occupancy grid threshold on density * step size (nerfacc's occ_thre)."""
     occupancy_alpha_threshold: float = 0.01
     """Skip samples whose alpha (from the field's density) is below this while marching (nerfacc's alpha_thre)."""
+    occupancy_eval_samples: int = 128
+    """PyTorch grid only (CPU, or CUDA without nerfacc's kernels): samples per cube diagonal in eval-mode renders
+    (validation, eval, video), never finer than the training step; 128 is about the stratified sampler's
+    spacing at 64 samples, a quarter of the training step's samples at equal quality (README). The alpha
+    threshold keeps its density. nerfacc's CUDA grid renders at the training step."""
     chunk_rays: int = 16384
     """Rays per chunk when rendering without gradients (bounds memory at 512x512)."""
 

@@ -241,6 +241,7 @@ def validate(c: Config, require_prompt: bool = True) -> None:
     _check(r.num_samples_occupancy > 0, "render.num_samples_occupancy", "must be positive")
     _check(r.occupancy_resolution > 0, "render.occupancy_resolution", "must be positive")
     _check(r.occupancy_update_every > 0, "render.occupancy_update_every", "must be positive")
+    _check(r.occupancy_eval_samples > 0, "render.occupancy_eval_samples", "must be positive")
     _check(0.0 <= r.occupancy_threshold <= 1.0, "render.occupancy_threshold", "must lie in [0, 1]")
     _check(0.0 <= r.occupancy_alpha_threshold < 1.0, "render.occupancy_alpha_threshold", "must lie in [0, 1)")
     _check(r.chunk_rays > 0, "render.chunk_rays", "must be positive")

@@ -195,3 +195,19 @@ def test_march_matches_nerfacc_cuda_sampling():
     n_ours = torch.bincount(samples.ray_indices, minlength=origins.shape[0])
     n_theirs = torch.bincount(rays.long(), minlength=origins.shape[0])
     assert (n_ours - n_theirs).abs().max() <= 2
+
+
+@pytest.mark.parametrize("scale,visible", [(1.2, True), (0.8, False)])
+def test_coarser_step_keeps_the_alpha_thresholds_density(scale, visible):
+    grid = OccupancyGrid(radius=1.0, resolution=8)
+    grid.binaries.fill_(True)
+    grid.occs.fill_(1.0)  # the mean does not lower alpha_thre
+    origins, dirs = random_rays(20, seed=5)
+    t_min, t_max, _ = ray_sphere_intersect(origins, dirs, 1.0, 0.01)
+    dt = 0.005
+    sigma = scale * -math.log(1 - 0.01) / dt  # just above / below the density alpha_thre 0.01 means at dt
+    fog = lambda t0, t1, r: torch.full((t0.shape[0], 1), sigma)  # noqa: E731
+    for step in (dt, 4 * dt):
+        samples = march(grid, origins, dirs, t_min, t_max, step, fog, early_stop_eps=0.0, alpha_thre=0.01,
+                        alpha_step=dt)
+        assert (samples.ray_indices.numel() > 0) == visible, step

@@ -61,7 +61,8 @@ def test_ball_agrees_with_the_dense_renderer():
     with torch.no_grad():
         a, b = grid.render(cam, 64, 64), dense.render(cam, 64, 64)
     assert grid.sampler == "occupancy-torch"
-    # silhouettes: only edge pixels differ (a 1/512 chord step vs the grid's 1/296)
+    assert grid.eval_step_size == pytest.approx(1.732 * 2 / 128)  # eval renders: render.occupancy_eval_samples
+    # silhouettes: only edge pixels differ
     assert (a.opacity - b.opacity).abs().mean() < 0.005
     assert ((a.opacity > 0.5) != (b.opacity > 0.5)).float().mean() < 0.01
     inside = (a.opacity[0, ..., 0] > 0.999) & (b.opacity[0, ..., 0] > 0.999)
@@ -71,7 +72,7 @@ def test_ball_agrees_with_the_dense_renderer():
     surface_b = (b.depth / b.opacity)[0, ..., 0][inside]
     # each renderer's first sample inside the ball lies up to one of its steps past the surface (opaque: the
     # depth is that sample's); where a ray grazes the ball, a cell's jittered fill points may all miss it
-    error, steps = (surface_a - surface_b).abs(), 1.732 * 2 / 512 + 2.0 / 512
+    error, steps = (surface_a - surface_b).abs(), grid.eval_step_size + 2.0 / 512
     assert error.mean() < 0.5 * steps and (error < steps).float().mean() > 0.98
     assert a.samples_per_ray < 0.02 * b.samples_per_ray  # an opaque ball: about one sample per hit ray
 
@@ -82,23 +83,34 @@ def fitted_field():
     torch.manual_seed(0)
     field = NeRFField(SceneConfig(n_levels=6, log2_hashmap_size=14, base_resolution=8, per_level_scale=1.6,
                                   mlp_width=32))
-    fit_field_to_shape(field, "torus", steps=80, points=4096, peak=100.0, width=0.02)
+    field.encoding.compile_kernels = False  # eager throughout: no compile time in a short test
+    fit_field_to_shape(field, "torus", steps=50, points=4096, peak=100.0, width=0.02)
     return field.eval()
 
 
 @pytest.mark.parametrize("azimuth,elevation", [(0.0, 15.0), (60.0, 40.0)])
 def test_fitted_field_agrees_with_the_dense_renderer(fitted_field, azimuth, elevation):
-    grid, dense = renderers(fitted_field, dense_samples=256)
+    _, dense = renderers(fitted_field, dense_samples=256)  # a fine dense render: close to the exact integral
     cam = camera(1.5, 70.0, elevation, azimuth)
-    torch.manual_seed(0)
     with torch.no_grad():
-        a, b = grid.render(cam, 96, 96, background_color=WHITE), dense.render(cam, 96, 96, background_color=WHITE)
-    assert b.opacity.max() > 0.99 and (b.opacity > 0.5).float().mean() > 0.05  # the torus is in view
-    assert psnr(a.rgb, b.rgb) >= 35.0
-    assert (a.opacity - b.opacity).abs().mean() < 0.01
-    both = (a.opacity > 0.99) & (b.opacity > 0.99)
-    assert (a.depth - b.depth)[both].abs().mean() < 0.01  # world units (the scene is 2 wide)
-    assert a.samples_per_ray < 0.1 * b.samples_per_ray
+        truth = dense.render(cam, 48, 48, background_color=WHITE)
+        assert truth.opacity.max() > 0.99 and (truth.opacity > 0.5).float().mean() > 0.05  # the torus is in view
+        # Without the alpha threshold only the grid's empty-space skipping differs from the dense integral.
+        torch.manual_seed(0)
+        grid, _ = renderers(fitted_field, occupancy_alpha_threshold=0.0)
+        exact = grid.render(cam, 48, 48, background_color=WHITE)
+        assert psnr(exact.rgb, truth.rgb) >= 40.0
+        assert (exact.opacity - truth.opacity).abs().mean() < 0.005
+        both = (exact.opacity > 0.99) & (truth.opacity > 0.99)
+        assert (exact.depth - truth.depth)[both].abs().mean() < 0.005  # world units (the scene is 2 wide)
+        assert exact.samples_per_ray < 0.2 * truth.samples_per_ray
+        # The default alpha threshold (nerfacc's and threestudio's 0.01) drops samples of alpha < 0.01, i.e.
+        # faint density (sigma < 1.5 at this step) is not rendered: close, but not the same image.
+        torch.manual_seed(0)
+        grid, _ = renderers(fitted_field)
+        default = grid.render(cam, 48, 48, background_color=WHITE)
+        assert psnr(default.rgb, truth.rgb) >= 30.0
+        assert (default.opacity - truth.opacity).abs().mean() < 0.02
 
 
 def test_gradient_path_renders_what_the_no_grad_path_renders(fitted_field):
@@ -143,11 +155,11 @@ def test_grid_is_checkpointed_and_resume_is_bit_identical(tmp_path):
     straight.mkdir()
     halves.mkdir()
     cpu = torch.device("cpu")
-    train(grid_config(tmp_path, "train.steps=8"), straight, cpu, show_progress=False)
-    train(grid_config(tmp_path, "train.steps=5"), halves, cpu, show_progress=False)
+    train(grid_config(tmp_path, "train.steps=6"), straight, cpu, show_progress=False)
+    train(grid_config(tmp_path, "train.steps=3"), halves, cpu, show_progress=False)
     middle = load_checkpoint(find_checkpoint(halves))
     assert middle["renderer"]["occupancy.binaries"].shape == (1, 32, 32, 32)
-    train(grid_config(tmp_path, "train.steps=8"), halves, cpu, checkpoint=middle, show_progress=False)
+    train(grid_config(tmp_path, "train.steps=6"), halves, cpu, checkpoint=middle, show_progress=False)
     expected, got = load_checkpoint(find_checkpoint(straight)), load_checkpoint(find_checkpoint(halves))
     for part in ("field", "background", "renderer"):
         assert expected[part].keys() == got[part].keys()
@@ -162,7 +174,7 @@ def test_grid_is_checkpointed_and_resume_is_bit_identical(tmp_path):
 def test_torch_grid_on_cuda_agrees_with_dense_and_nerfacc():
     from sdsbridge.nerf.renderer import nerfacc_cuda_available
 
-    grid, dense = renderers(Ball().cuda(), device="cuda", num_samples_occupancy=1024)
+    grid, dense = renderers(Ball().cuda(), device="cuda", num_samples_occupancy=1024, occupancy_eval_samples=1024)
     cam = camera(2.0, 50.0, device="cuda")
     with torch.no_grad():
         a, b = grid.render(cam, 64, 64), dense.render(cam, 64, 64)
@@ -170,8 +182,8 @@ def test_torch_grid_on_cuda_agrees_with_dense_and_nerfacc():
     assert torch.allclose(a.rgb[0, 32, 32], b.rgb[0, 32, 32], atol=1e-3)
     if not nerfacc_cuda_available():
         pytest.skip("nerfacc's CUDA kernels do not load here")
-    theirs = Renderer(grid.field, grid.background, RenderConfig(sampler="occupancy", num_samples_occupancy=1024),
-                      radius=1.0)
+    theirs = Renderer(grid.field, grid.background, RenderConfig(sampler="occupancy", num_samples_occupancy=1024,
+                                                                occupancy_eval_samples=1024), radius=1.0)
     assert theirs.sampler == "occupancy"
     theirs.load_state_dict(grid.state_dict())  # same grid: the two samplers must render the same image
     theirs.eval()

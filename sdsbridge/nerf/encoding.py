@@ -31,9 +31,10 @@ worth), so short runs and tests never pay the compile time (~10-20 s cold, ~2-5 
 cache), while long runs soon do."""
 COMPILE_MIN_POINTS = 4096
 """CPU: calls with fewer points stay eager (compiled kernels pad every call to whole chunks)."""
-CHUNK_POINTS = {"cpu": 65536, "cpu-compiled-forward": 32768, "cpu-compiled-backward": 8192, "cuda": 2 ** 18}
+CHUNK_POINTS = {"cpu": 65536, "cpu-compiled-forward": 8192, "cpu-compiled-backward": 8192, "cuda": 2 ** 18}
 """Points per kernel call (best measured on 2 cores); compiled kernels only ever see this shape (the last
-chunk is zero-padded), so each compiles once."""
+chunk is zero-padded), so each compiles once. A forward chunk of 8192 runs 2^18 points as fast as 32768 did
+and wastes less on the small calls of the occupancy-grid sampler (a few thousand samples per training step)."""
 TCNN_INSTALL_HINT = "pip install git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch"
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -71,7 +71,7 @@ def _next_active_block(active: Tensor) -> Tensor:
 
 def march(grid: OccupancyGrid, origins: Tensor, dirs: Tensor, t_min: Tensor, t_max: Tensor, step_size: float,
           value_fn: ValueFn, stratified: bool = False, early_stop_eps: float = 1e-4,
-          alpha_thre: float = 0.0) -> PackedSamples:
+          alpha_thre: float = 0.0, alpha_step: Optional[float] = None) -> PackedSamples:
     """March R rays through ``grid`` and return their visible samples (see the module docstring).
 
     Args:
@@ -82,11 +82,15 @@ def march(grid: OccupancyGrid, origins: Tensor, dirs: Tensor, t_min: Tensor, t_m
             enabled here (so the kept rows of ``values`` can be rendered and differentiated directly; the march
             itself reads them detached).
         stratified: jitter each ray's start by U[0, dt) (one draw per ray, ``torch.rand``).
+        alpha_step: the step ``alpha_thre`` (and the grid's occs) refer to, default ``step_size``; marching at
+            another step keeps the threshold's density, -log(1 - alpha_thre) / alpha_step.
     """
     grad = torch.is_grad_enabled()
     with torch.no_grad():
         device, n_rays, dt = origins.device, origins.shape[0], float(step_size)
         alpha_thre = min(alpha_thre, grid.occs.mean().item())
+        if alpha_step is not None and alpha_thre > 0:
+            alpha_thre = 1.0 - (1.0 - alpha_thre) ** (dt / alpha_step)
         box_in, box_out = ray_box_intersect(origins, dirs, grid.aabb)
         start = t_min.clone()
         if stratified:

@@ -173,6 +173,7 @@ class Renderer:
         self.estimator: Optional[nerfacc.OccGridEstimator | OccupancyGrid] = None
         # threestudio's render_step_size, with its 1.732 for sqrt(3): the cube's diagonal / num_samples.
         self.step_size = 1.732 * 2.0 * self.radius / cfg.num_samples_occupancy
+        self.eval_step_size = max(self.step_size, 1.732 * 2.0 * self.radius / cfg.occupancy_eval_samples)
         self._grid_ready = False
         if self.sampler == "occupancy":
             self.estimator = occupancy_grid(self.radius, cfg).to(device)
@@ -283,9 +284,10 @@ class Renderer:
             sigmas, rgbs = self.field(origins[ray_indices] + t_mid[:, None] * dirs[ray_indices])
             return torch.cat([sigmas[:, None], rgbs], dim=1)
 
-        samples = march(self.estimator, origins, dirs, t_near, t_far, self.step_size, values,
-                        stratified=self.training, early_stop_eps=1e-4,
-                        alpha_thre=self.cfg.occupancy_alpha_threshold)
+        step = self.step_size if self.training else self.eval_step_size
+        samples = march(self.estimator, origins, dirs, t_near, t_far, step, values, stratified=self.training,
+                        early_stop_eps=1e-4, alpha_thre=self.cfg.occupancy_alpha_threshold,
+                        alpha_step=self.step_size)
         sigmas, rgbs = samples.values[:, 0], samples.values[:, 1:4]
         return (*render_packed(samples, rgbs, sigmas, origins.shape[0]), samples.t_starts.numel())
 
