@@ -23,6 +23,7 @@ import argparse
 import math
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -43,8 +44,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
-def fitted_scene(steps: int) -> tuple[NeRFField, Background, CameraConfig, float, dict]:
-    """(field, background, cameras, radius, renderer state {}) of a default-size field fitted to the torus."""
+def fitted_scene(steps: int) -> tuple[NeRFField, Background, CameraConfig, RenderConfig, float, dict]:
+    """(field, background, cameras, render settings, radius, renderer state {}) of a default-size field fitted
+    to the torus."""
     scene = SceneConfig(background_color=[1.0, 1.0, 1.0])
     field = NeRFField(scene)
     field.encoding.compile_after_points = 0
@@ -52,10 +54,10 @@ def fitted_scene(steps: int) -> tuple[NeRFField, Background, CameraConfig, float
     loss = fit_field_to_shape(field, "torus", steps=steps, points=1 << 14)
     print(f"scene: default-size field (16 levels, 2^19 table) fitted to the torus, {steps} steps, loss {loss:.4f}, "
           f"{time.perf_counter() - started:.0f} s")
-    return field.eval(), Background(scene).eval(), CameraConfig(), scene.radius, {}
+    return field.eval(), Background(scene).eval(), CameraConfig(), RenderConfig(), scene.radius, {}
 
 
-def run_scene(run: str) -> tuple[NeRFField, Background, CameraConfig, float, dict]:
+def run_scene(run: str) -> tuple[NeRFField, Background, CameraConfig, RenderConfig, float, dict]:
     try:
         from sdsbridge.train import load_trained_scene
     except ImportError:  # its home after the package restructuring
@@ -64,7 +66,8 @@ def run_scene(run: str) -> tuple[NeRFField, Background, CameraConfig, float, dic
     scene.field.encoding.compile_after_points = 0
     print(f"scene: {run} at step {step} ({config.scene.n_levels} levels, 2^{config.scene.log2_hashmap_size} table, "
           f"radius {config.scene.radius}), sampler it trained with: {scene.renderer.sampler}")
-    return scene.field, scene.background, config.cameras, config.scene.radius, scene.renderer.state_dict()
+    return (scene.field, scene.background, config.cameras, config.render, config.scene.radius,
+            scene.renderer.state_dict())
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -74,9 +77,10 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 
 def bench_frames(args: argparse.Namespace) -> None:
-    field, background, cameras, radius, grid_state = run_scene(args.run) if args.run else fitted_scene(args.fit_steps)
-    dense = Renderer(field, background, RenderConfig(sampler="stratified", num_samples=args.samples), radius).eval()
-    grid = Renderer(field, background, RenderConfig(sampler="occupancy-torch"), radius)
+    field, background, cameras, render, radius, grid_state = (run_scene(args.run) if args.run
+                                                              else fitted_scene(args.fit_steps))
+    dense = Renderer(field, background, replace(render, sampler="stratified", num_samples=args.samples), radius).eval()
+    grid = Renderer(field, background, replace(render, sampler="occupancy-torch"), radius)
     grid.load_state_dict(grid_state if "occupancy.binaries" in grid_state else {})
     grid.eval()
     views = orbit_cameras(cameras, args.frames)
@@ -97,7 +101,8 @@ def bench_frames(args: argparse.Namespace) -> None:
     rgb = {name: torch.cat(images) for name, images in renders.items()}
     occupied = grid.estimator.binaries.float().mean().item()
     print(f"{args.frames} frame(s) of {res}x{res}, {torch.get_num_threads()} threads; grid "
-          f"{grid.cfg.occupancy_resolution}^3 ({100 * occupied:.1f}% occupied), step {grid.step_size:.5f}")
+          f"{grid.cfg.occupancy_resolution}^3 ({100 * occupied:.1f}% occupied), step {grid.eval_step_size:.5f} "
+          f"(training step {grid.step_size:.5f})")
     for name in ("dense", "grid"):
         label = f"stratified, {args.samples} samples/ray" if name == "dense" else "occupancy grid (PyTorch)"
         print(f"  {name:5s} {statistics.median(times[name]):7.2f} s/frame  {statistics.mean(spr[name]):6.1f} "
@@ -106,7 +111,7 @@ def bench_frames(args: argparse.Namespace) -> None:
     print(f"speed-up grid vs dense: {ratio:.1f}x (target >= 5x)")
     print(f"PSNR grid vs dense: {psnr(rgb['grid'], rgb['dense']):.1f} dB (target >= 35 dB)")
     if args.reference_samples:
-        ref = Renderer(field, background, RenderConfig(sampler="stratified", num_samples=args.reference_samples),
+        ref = Renderer(field, background, replace(render, sampler="stratified", num_samples=args.reference_samples),
                        radius).eval()
         with torch.no_grad():
             truth = torch.cat([ref.render(_view(views, i), res, res, background_color=WHITE).rgb
@@ -121,10 +126,11 @@ def _view(cameras: Cameras, i: int) -> Cameras:
 
 
 def bench_training(args: argparse.Namespace) -> None:
-    field, background, cameras, radius, grid_state = run_scene(args.run) if args.run else fitted_scene(args.fit_steps)
+    field, background, cameras, render, radius, grid_state = (run_scene(args.run) if args.run
+                                                              else fitted_scene(args.fit_steps))
     field.train()
-    dense = Renderer(field, background, RenderConfig(sampler="stratified", num_samples=args.samples), radius)
-    grid = Renderer(field, background, RenderConfig(sampler="occupancy-torch"), radius)
+    dense = Renderer(field, background, replace(render, sampler="stratified", num_samples=args.samples), radius)
+    grid = Renderer(field, background, replace(render, sampler="occupancy-torch"), radius)
     grid.load_state_dict(grid_state if "occupancy.binaries" in grid_state else {})
     generator = torch.Generator().manual_seed(0)
     params = list(field.parameters()) + list(background.parameters())

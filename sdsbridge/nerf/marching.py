@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sdsbridge.nerf.occupancy import OccupancyGrid
 
@@ -193,3 +193,26 @@ def render_packed(samples: PackedSamples, rgbs: Tensor, sigmas: Tensor, n_rays: 
     src = torch.cat([weights[:, None] * rgbs, weights[:, None], (weights * t_mid)[:, None]], dim=1)
     out = out.index_add(0, samples.ray_indices, src)
     return out[:, :3], out[:, 3:4], out[:, 4:5]
+
+
+def render_with_grid(field: nn.Module, grid: OccupancyGrid, origins: Tensor, dirs: Tensor, t_min: Tensor,
+                     t_max: Tensor, step_size: float, stratified: bool, alpha_thre: float,
+                     alpha_step: Optional[float] = None, early_stop_eps: float = 1e-4
+                     ) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Render [R, 3] rays of ``field`` (``forward(x [M, 3]) -> (sigma [M], rgb [M, 3])``) through ``grid``:
+    (rgb [R, 3], opacity [R, 1], depth [R, 1], samples kept), no background.
+
+    One field pass: the march evaluates density and colour of the samples in occupied cells (with gradients
+    when enabled) and the visible ones are composited as they are. (nerfacc evaluates the density first,
+    then the field again on the visible samples: on a CPU the per-call cost of a second pass outweighs
+    differentiating a few invisible samples.)
+    """
+    def values(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
+        t_mid = 0.5 * (t_starts + t_ends)
+        sigmas, rgbs = field(origins[ray_indices] + t_mid[:, None] * dirs[ray_indices])
+        return torch.cat([sigmas[:, None], rgbs], dim=1)
+
+    samples = march(grid, origins, dirs, t_min, t_max, step_size, values, stratified=stratified,
+                    early_stop_eps=early_stop_eps, alpha_thre=alpha_thre, alpha_step=alpha_step)
+    sigmas, rgbs = samples.values[:, 0], samples.values[:, 1:4]
+    return (*render_packed(samples, rgbs, sigmas, origins.shape[0]), samples.t_starts.numel())

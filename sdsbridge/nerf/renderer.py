@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from sdsbridge.cameras import Cameras, camera_rays
 from sdsbridge.config import RenderConfig
-from sdsbridge.nerf.marching import march, render_packed
+from sdsbridge.nerf.marching import render_with_grid
 from sdsbridge.nerf.occupancy import OccupancyGrid, fill_occupancy
 
 logger = logging.getLogger("sdsbridge")
@@ -273,24 +273,6 @@ class Renderer:
                                                            n_rays=n_rays)
         return (*composite(weights, rgbs, t_mid, ray_indices, n_rays), t_starts.numel())
 
-    def _render_torch_grid(self, origins: Tensor, dirs: Tensor, t_near: Tensor, t_far: Tensor
-                           ) -> tuple[Tensor, Tensor, Tensor, int]:
-        # One field pass: the march evaluates density and colour of the samples in occupied cells (with
-        # gradients when enabled) and hands back the visible ones, which are composited as they are. (nerfacc
-        # evaluates the density first, then the field again on the visible samples: on a CPU the per-call
-        # cost of a second pass outweighs differentiating a few invisible samples.)
-        def values(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
-            t_mid = 0.5 * (t_starts + t_ends)
-            sigmas, rgbs = self.field(origins[ray_indices] + t_mid[:, None] * dirs[ray_indices])
-            return torch.cat([sigmas[:, None], rgbs], dim=1)
-
-        step = self.step_size if self.training else self.eval_step_size
-        samples = march(self.estimator, origins, dirs, t_near, t_far, step, values, stratified=self.training,
-                        early_stop_eps=1e-4, alpha_thre=self.cfg.occupancy_alpha_threshold,
-                        alpha_step=self.step_size)
-        sigmas, rgbs = samples.values[:, 0], samples.values[:, 1:4]
-        return (*render_packed(samples, rgbs, sigmas, origins.shape[0]), samples.t_starts.numel())
-
     def render_rays(self, origins: Tensor, dirs: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
         """Foreground of [R, 3] rays (unit ``dirs``): (rgb [R, 3], opacity [R, 1], depth [R, 1], number of
         samples), not composited over any background. Rays that miss the sphere get zeros."""
@@ -310,7 +292,9 @@ class Renderer:
         if self.sampler == "occupancy":
             out = self._render_occupancy(origins[idx], dirs[idx], t_near[idx], t_far[idx])
         elif self.sampler == "occupancy-torch":
-            out = self._render_torch_grid(origins[idx], dirs[idx], t_near[idx], t_far[idx])
+            out = render_with_grid(self.field, self.estimator, origins[idx], dirs[idx], t_near[idx], t_far[idx],
+                                   self.step_size if self.training else self.eval_step_size, self.training,
+                                   self.cfg.occupancy_alpha_threshold, alpha_step=self.step_size)
         else:
             out = self._render_stratified(origins[idx], dirs[idx], t_near[idx], t_far[idx])
         # index_copy (not in place) keeps the autograd graph to the hit rays' values.
