@@ -6,9 +6,10 @@ steps/s, the speed-up, `sdsbridge eval` figures of both runs, and where a traini
     python scripts/bench_demo_training.py --grid render.num_samples_occupancy=96
 
 Each run is ``sdsbridge train configs/demo.yaml render.sampler=... export.mesh=false export.video=false`` in a
-temporary runs folder (``--keep DIR`` to keep them); steps/s comes from its metrics.jsonl (training loop only,
-first logged step to last, so the prior's set-up is not counted). ``--threads N`` sets OMP_NUM_THREADS for
-both runs (on a busy 2-core machine one thread is often faster). The breakdown times ``--breakdown-steps``
+temporary runs folder (``--keep DIR`` to keep them); both train at the same time (``--sequential``: one after
+the other), so load from other processes hits both alike. Steps/s comes from each run's metrics.jsonl
+(training loop only, first logged step to last: the prior's set-up is not counted). ``--threads N`` sets
+OMP_NUM_THREADS for the runs (default 1: two runs on two cores). The breakdown times ``--breakdown-steps``
 steps of the same loop in this process (render forward, guidance = prior + loss, backward, optimizer,
 occupancy-grid update) after as many untimed ones.
 """
@@ -32,9 +33,16 @@ SAMPLERS = {"dense": ["render.sampler=stratified"],
 the dense sampler's spacing (the chord / 32 samples, at most 0.047)."""
 
 
-def sdsbridge(*args: str, env: dict) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "sdsbridge", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+def sdsbridge(*args: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "sdsbridge", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> str:
+    out, err = process.communicate()
+    if process.returncode:
+        raise SystemExit(f"{' '.join(process.args)} failed:\n{err}")
+    return out
 
 
 def steps_per_second(run_dir: Path) -> float:
@@ -43,15 +51,27 @@ def steps_per_second(run_dir: Path) -> float:
     return (last["step"] - first["step"]) / (last["elapsed_s"] - first["elapsed_s"])
 
 
-def train_and_eval(name: str, overrides: list[str], runs: Path, args: argparse.Namespace, env: dict) -> dict:
-    started = time.time()
-    sdsbridge("train", str(args.config), *overrides, f"train.steps={args.steps}", "export.mesh=false",
-              "export.video=false", f"log.runs_dir={runs}", f"log.name={name}", "--no-progress", env=env)
-    result = {"wall_s": time.time() - started, "steps_per_s": steps_per_second(runs / name)}
+def train_all(samplers: dict[str, list[str]], runs: Path, args: argparse.Namespace, env: dict) -> dict:
+    """Train one run per sampler, all at once (so they share whatever else loads the machine) unless
+    ``--sequential``; then evaluate them one by one."""
+    results, started = {}, {}
+    running = []
+    for name, overrides in samplers.items():
+        started[name] = time.time()
+        running.append((name, sdsbridge("train", str(args.config), *overrides, f"train.steps={args.steps}",
+                                        "export.mesh=false", "export.video=false", f"log.runs_dir={runs}",
+                                        f"log.name={name}", "--no-progress", env=env)))
+        if args.sequential:
+            finish(running[-1][1])
+    for name, process in running:
+        finish(process)
+        results[name] = {"wall_s": time.time() - started[name], "steps_per_s": steps_per_second(runs / name)}
     if args.eval:
-        scores = json.loads(sdsbridge("eval", str(runs / name), "--json", env=env).stdout)
-        result.update({k: scores[k] for k in ("psnr_db", "chamfer", "saturation_error", "mask_iou") if k in scores})
-    return result
+        for name in samplers:
+            scores = json.loads(finish(sdsbridge("eval", str(runs / name), "--json", env=env)))
+            results[name].update({k: scores[k] for k in ("psnr_db", "chamfer", "saturation_error", "mask_iou")
+                                  if k in scores})
+    return results
 
 
 def breakdown(overrides: list[str], args: argparse.Namespace) -> dict[str, float]:
@@ -104,12 +124,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=DEMO)
     parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for the runs (0: inherit)")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the runs (0: inherit)")
     parser.add_argument("--no-eval", dest="eval", action="store_false", help="skip `sdsbridge eval`")
     parser.add_argument("--grid", nargs="*", default=[], help="extra overrides for the grid run")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for both runs (e.g. train.seed=1)")
     parser.add_argument("--breakdown-steps", type=int, default=100, help="0: no step-time breakdown")
     parser.add_argument("--keep", type=Path, help="keep the runs in this folder")
+    parser.add_argument("--sequential", action="store_true", help="one run after the other (default: both at "
+                        "once, each on its own thread, so that other load on the machine hits both alike)")
     args = parser.parse_args()
     env = dict(os.environ)
     if args.threads:
@@ -119,14 +141,14 @@ def main() -> None:
     samplers = {"dense": SAMPLERS["dense"] + args.set, "grid": SAMPLERS["grid"] + args.set + args.grid}
     runs = args.keep or Path(tempfile.mkdtemp(prefix="bench-demo-"))
     try:
-        results = {name: train_and_eval(name, overrides, runs, args, env) for name, overrides in samplers.items()}
+        results = train_all(samplers, runs, args, env)
     finally:
         if args.keep is None:
             shutil.rmtree(runs, ignore_errors=True)
     print(f"{args.config.name}, {args.steps} steps, threads {args.threads or 'default'}")
     for name, r in results.items():
         scores = "  ".join(f"{k} {v:.4g}" for k, v in r.items() if k not in ("wall_s", "steps_per_s"))
-        print(f"  {name:5s} {r['steps_per_s']:6.1f} steps/s  ({r['wall_s']:.0f} s wall)  {scores}  "
+        print(f"  {name:5s} {r['steps_per_s']:6.1f} steps/s  ({r['wall_s']:.0f} s wall incl. set-up)  {scores}  "
               f"[{' '.join(samplers[name])}]")
     print(f"training speed-up grid vs dense: {results['grid']['steps_per_s'] / results['dense']['steps_per_s']:.2f}x "
           "(target >= 1.5x)")
