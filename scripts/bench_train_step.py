@@ -9,7 +9,7 @@ Cases, each timed for ``--steps`` steps after ``--warmup`` untimed ones:
 
 - ``3D RxR``: one training step of the 3D trainer with renders of R x R pixels: random cameras -> render
   -> random backgrounds -> ``guidance_step`` (resize to the prior's resolution, VAE encode, one batched
-  UNet call) -> regularisers -> backward -> AdamW step (-> occupancy-grid refresh on CUDA), built from
+  UNet call) -> regularisers -> backward -> AdamW step (-> occupancy-grid refresh), built from
   train.py's ``build_scene`` / ``build_optimizer`` / ``with_random_backgrounds`` / ``regularizer_losses``.
   Steps are numbered from ``--at-step`` (default 10000: both regularisers on, t_max 0.5).
 - ``2D``: one step of the 2D image mode: ``distill`` on a [1, C, h, w] latent at the prior's resolution
@@ -195,9 +195,8 @@ def make_3d_step(config: Config, prior: TimedPrior, prompts: PromptEmbeddings, d
             loss.backward()
         with sections("optimizer"):
             optimizer.step()
-        if device.type == "cuda":
-            with sections("occupancy"):
-                scene.renderer.update_occupancy(global_step)
+        with sections("occupancy"):
+            scene.renderer.update_occupancy(global_step)  # occupancy-grid samplers, any device
         return out.samples_per_ray
 
     return step

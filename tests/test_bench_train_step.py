@@ -9,7 +9,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_train_step.py"
 SMALL_SCENE = ["scene.n_levels=4", "scene.log2_hashmap_size=12", "scene.base_resolution=8", "scene.mlp_width=16",
-               "render.num_samples=16"]
+               "render.sampler=stratified", "render.num_samples=16"]
 
 
 @pytest.fixture(scope="module")
