@@ -15,10 +15,31 @@ QUIET_LIBRARIES = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "er
 """Environment defaults read by transformers / diffusers when they are imported (a user's own setting wins)."""
 
 
+class _OnceFilter(logging.Filter):
+    """Drops an INFO line already shown by this command (a scene built again for the export repeats the
+    backend and sampler lines)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO:
+            return True
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
 def configure_logging(debug: bool) -> None:
     """Set up logging for a CLI command; call before transformers or diffusers are imported."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
     logging.getLogger("sdsbridge").setLevel(logging.DEBUG if debug else logging.INFO)
+    for handler in logging.getLogger().handlers:  # the terminal handler basicConfig made (not a test's capture)
+        if type(handler) is logging.StreamHandler and not any(isinstance(f, _OnceFilter) for f in handler.filters):
+            handler.addFilter(_OnceFilter())
     if not debug:
         for name, level in QUIET_LIBRARIES.items():
             os.environ.setdefault(name, level)

@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import imageio.v3 as iio
 import pytest
@@ -89,3 +90,15 @@ def test_stable_diffusion_command_prints_no_third_party_noise(tmp_path, tiny_sd_
     assert "images:" in run.stdout
     for noise in ("torchvision", "Loading pipeline components", "Loading weights", "kept in float32"):
         assert noise not in run.stderr, run.stderr
+
+
+def test_train_logs_each_line_once(tmp_path):
+    demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    run = subprocess.run([sys.executable, "-m", "sdsbridge", "train", str(demo), "train.steps=2", "export.mesh=false",
+                          "export.video_frames=2", "export.video_resolution=16", "prior.views_per_label=4",
+                          "prior.nearest_views=2", f"log.runs_dir={tmp_path}", "--device", "cpu", "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    # the export builds the scene again: its backend and sampler lines are not repeated
+    assert run.stderr.count("renderer: PyTorch occupancy-grid sampler") == 1, run.stderr
+    assert run.stderr.count("hash grid backend") == 1, run.stderr
