@@ -9,7 +9,6 @@ file stays), one line is printed, exit code 130; `train` first finishes its step
 from __future__ import annotations
 
 import errno
-import logging
 import shutil
 import signal
 import sys
@@ -19,6 +18,8 @@ from typing import List, Optional
 import typer
 
 from sdsbridge.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_WRITE_FAILED, Interrupted, UserError, WriteFailed
+from sdsbridge.preflight import check_prior_model
+from sdsbridge.quiet import configure_logging
 
 app = typer.Typer(
     help="Text-to-3D by calibrated score distillation (SDS-Bridge) from a diffusion prior.\n\n"
@@ -37,7 +38,7 @@ OVERRIDES_HELP = "key=value overrides, e.g. train.steps=2000 guidance.guidance_s
 @app.callback()
 def root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs.")) -> None:
     """Text-to-3D by calibrated score distillation."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
+    configure_logging(debug)  # ours at INFO; other libraries' chatter off the terminal (quiet.py)
 
 
 @config_app.command("show")
@@ -103,6 +104,7 @@ def train(
         config = load_config(path, overrides)
         checkpoint = None
     torch_device = resolve_device(config.device)
+    check_prior_model(config.prior)  # a model that cannot load fails before a run directory or a scene exists
     if resume is None:
         run_dir = create_run_dir(config.log.runs_dir, run_slug(config.method, config.prompt, config.log.name))
         fresh = True
@@ -176,8 +178,10 @@ def export(
 @app.command()
 def video(
     run: Path = typer.Argument(..., help="A run directory (or a .ckpt file)."),
-    frames: Optional[int] = typer.Option(None, "--frames", help="Number of frames (default 120)."),
-    resolution: Optional[int] = typer.Option(None, "--resolution", help="Frame height in pixels (default 512)."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Number of frames (default: export.video_frames, "
+                                         "else 120 on CUDA, 60 on the CPU)."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Frame height in pixels (default: "
+                                             "export.video_resolution, else 512 on CUDA, 256 on the CPU)."),
     fps: Optional[int] = typer.Option(None, "--fps", help="Frames per second (default 30)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
@@ -242,6 +246,7 @@ def image(
     config = load_config(path, overrides, require_prompt=batch is None)
     seed_list = parse_seeds(seeds)
     torch_device = resolve_device(config.device)
+    check_prior_model(config.prior)
     if out is None:
         name = f"image-{run_slug(config.method, batch.stem if batch else config.prompt, config.log.name)}"
         out = create_run_dir(config.log.runs_dir, name)

@@ -165,7 +165,8 @@ class RenderConfig:
     resolution: Any = field(default_factory=lambda: [5000, 64, 512, 5001])
     """Scheduled training render resolution (pixels): 64 until step 5000, then 512."""
     sampler: str = "auto"
-    """'auto' (occupancy grid on CUDA, stratified on CPU), 'stratified' or 'occupancy'."""
+    """'auto' or 'occupancy' (an occupancy grid: nerfacc's CUDA kernels where they load, else the pure-PyTorch
+    grid), 'occupancy-torch' (the PyTorch grid on any device) or 'stratified' (dense, num_samples per ray)."""
     num_samples: int = 64
     """Stratified samples per ray."""
     num_samples_occupancy: int = 512
@@ -178,6 +179,11 @@ class RenderConfig:
     """Occupancy grid threshold on density * step size (nerfacc's occ_thre)."""
     occupancy_alpha_threshold: float = 0.01
     """Skip samples whose alpha (from the field's density) is below this while marching (nerfacc's alpha_thre)."""
+    occupancy_eval_samples: int = 128
+    """PyTorch grid only (CPU, or CUDA without nerfacc's kernels): samples per cube diagonal in eval-mode renders
+    (validation, eval, video), never finer than the training step; 128 is about the stratified sampler's
+    spacing at 64 samples, a quarter of the training step's samples at equal quality (README). The alpha
+    threshold keeps its density. nerfacc's CUDA grid renders at the training step."""
     chunk_rays: int = 16384
     """Rays per chunk when rendering without gradients (bounds memory at 512x512)."""
 
@@ -263,10 +269,10 @@ class ExportConfig:
     """Drop connected components with fewer faces than this fraction of the largest."""
     decimate_faces: int = 0
     """Target face count for decimation (0 = none)."""
-    video_frames: int = 120
-    """Turntable frames."""
-    video_resolution: int = 512
-    """Turntable resolution."""
+    video_frames: Optional[int] = None
+    """Turntable frames; None = what fits the device: 120 on CUDA, 60 on the CPU (the log says which)."""
+    video_resolution: Optional[int] = None
+    """Turntable resolution; None = what fits the device: 512 on CUDA, 256 on the CPU."""
     video_fps: int = 30
     """Turntable frames per second."""
 
@@ -289,8 +295,10 @@ class ImageConfig:
     """AdamW learning rate."""
     target_modifier: str = ", detailed high resolution, high quality, sharp"
     """Target modifier in 2D."""
-    resolution: int = 512
-    """Image resolution in pixels (latent = resolution / 8 for Stable Diffusion)."""
+    resolution: Optional[int] = None
+    """Image resolution in pixels (latent = resolution / 8 for Stable Diffusion); None = the prior's own: 512 for
+    Stable Diffusion 2.1-base (its UNet's), ``prior.resolution`` for the reference prior (whose image set is
+    rendered at this size: 512 would take minutes on a CPU)."""
     min_step_percent: float = 0.02
     """Lower end of t / T."""
     max_step_percent: float = 0.98

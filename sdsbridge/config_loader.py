@@ -269,11 +269,12 @@ def validate(c: Config, require_prompt: bool = True) -> None:
     _check(cam.eval_views > 0, "cameras.eval_views", "must be positive")
     r = c.render
     _check_schedule(r.resolution, "render.resolution", 1, 4096)
-    _check_choice(r.sampler, "render.sampler", ("auto", "stratified", "occupancy"))
+    _check_choice(r.sampler, "render.sampler", ("auto", "stratified", "occupancy", "occupancy-torch"))
     _check(r.num_samples > 0, "render.num_samples", "must be positive")
     _check(r.num_samples_occupancy > 0, "render.num_samples_occupancy", "must be positive")
     _check(r.occupancy_resolution > 0, "render.occupancy_resolution", "must be positive")
     _check(r.occupancy_update_every > 0, "render.occupancy_update_every", "must be positive")
+    _check(r.occupancy_eval_samples > 0, "render.occupancy_eval_samples", "must be positive")
     _check(0.0 <= r.occupancy_threshold <= 1.0, "render.occupancy_threshold", "must lie in [0, 1]")
     _check(0.0 <= r.occupancy_alpha_threshold < 1.0, "render.occupancy_alpha_threshold", "must lie in [0, 1)")
     _check(r.chunk_rays > 0, "render.chunk_rays", "must be positive")
@@ -300,10 +301,10 @@ def validate(c: Config, require_prompt: bool = True) -> None:
     _check(0.0 <= e.min_component_fraction <= 1.0, "export.min_component_fraction", "must lie in [0, 1]")
     _check(e.decimate_faces >= 0, "export.decimate_faces", "must be >= 0")
     for key in ("video_frames", "video_resolution", "video_fps"):
-        _check(getattr(e, key) > 0, f"export.{key}", "must be positive")
+        _check(getattr(e, key) is None or getattr(e, key) > 0, f"export.{key}", "must be positive")
     im = c.image
     _check(im.steps >= 0, "image.steps", "must be >= 0")
-    _check(im.resolution > 0, "image.resolution", "must be positive")
+    _check(im.resolution is None or im.resolution > 0, "image.resolution", "must be positive")
     _check(im.lr >= 0, "image.lr", "must be >= 0")
     _check_choice(im.stage2_weighting, "image.stage2_weighting", ("sds", "uniform"))
     _check(0.0 <= im.min_step_percent < im.max_step_percent <= 1.0, "image.min_step_percent",

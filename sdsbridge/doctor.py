@@ -220,7 +220,7 @@ def check_nerfacc_cuda(device: str) -> Check:
     nothing is imported; on CUDA the kernels are imported only if prebuilt or already JIT-built."""
     name = "nerfacc CUDA extension"
     if not _is_cuda(device):
-        return Check(name, "info", "CUDA extension not needed on CPU (the stratified sampler is used)")
+        return Check(name, "info", "CUDA extension not needed on CPU (the PyTorch occupancy grid is used)")
     prebuilt = importlib.util.find_spec("nerfacc") is not None and \
         importlib.util.find_spec("nerfacc.csrc") is not None
     jit_dir = _nerfacc_jit_dir()
@@ -230,7 +230,7 @@ def check_nerfacc_cuda(device: str) -> Check:
             return Check(name, "warn", "no prebuilt kernels: the first occupancy-grid run JIT-builds them with "
                                        "nvcc (several minutes; doctor does not build them)")
         return Check(name, "warn", "no prebuilt kernels and no nvcc: render.sampler=auto falls back to the "
-                                   "stratified sampler (slower); install a prebuilt nerfacc wheel for your "
+                                   "PyTorch occupancy grid (slower); install a prebuilt nerfacc wheel for your "
                                    "torch/CUDA or the CUDA toolkit")
     try:
         with _quiet():
@@ -238,7 +238,7 @@ def check_nerfacc_cuda(device: str) -> Check:
     except Exception as exc:
         return Check(name, "fail", f"kernels do not load: {_first_line(exc)}")
     if _C is None:
-        return Check(name, "warn", "kernels did not load (nerfacc disabled them); the stratified sampler is used")
+        return Check(name, "warn", "kernels did not load (nerfacc disabled them); the PyTorch occupancy grid is used")
     return Check(name, "ok", "prebuilt kernels load" if prebuilt else f"JIT-built kernels load ({jit_dir})")
 
 

@@ -2,12 +2,12 @@
 SDS-Bridge 2D code does, for one or more seeds (image_batch.py runs it for every prompt of a text file).
 
 What is optimised is the prior's latent x [1, C, h, w] itself: for Stable Diffusion a VAE latent
-[1, 4, R/8, R/8] (R = ``image.resolution``), initialised like the official code with x ~ N(0, I); for the
-reference prior (built at R = ``image.resolution``) the pixel-space tensor its ``encode_images`` returns
-([1, 3, R, R] in [-1, 1] units), initialised the same way (N(0, I) is also what that prior's diffusion
-holds at t = T). Every step is ``train_step`` on x (the same methods and step as 3D): one distillation and
-one AdamW step (lr ``image.lr``, betas (0.9, 0.99), eps 1e-15, torch's default weight decay 0.01, as the
-official code).
+[1, 4, R/8, R/8] (R = ``image.resolution``, by default the prior's own), initialised like the official code
+with x ~ N(0, I); for the reference prior (built at R = ``image.resolution``) the pixel-space tensor its
+``encode_images`` returns ([1, 3, R, R] in [-1, 1] units), initialised the same way (N(0, I) is also what that
+prior's diffusion holds at t = T). Every step is ``train_step`` on x (the same methods and step as 3D): one
+distillation and one AdamW step (lr ``image.lr``, betas (0.9, 0.99), eps 1e-15, torch's default weight decay
+0.01, as the official code).
 
 Outputs in ``out_dir`` (each seed ``s``): ``seed-<s>.png`` (the final image, written atomically and last),
 ``seed-<s>.mp4`` (the initial image and one frame every ``image.video_every`` steps), ``metrics.jsonl``
@@ -96,11 +96,11 @@ def image_guidance_config(config: Config) -> GuidanceConfig:
 
 
 def load_image_prior(config: Config, device: torch.device | str) -> Prior:
-    """``load_prior`` for the 2D mode: the reference prior is built at ``image.resolution`` (its
-    ``prior.resolution`` is the 3D scoring resolution); Stable Diffusion loads as configured."""
+    """``load_prior`` for the 2D mode: the reference prior is built at ``image.resolution`` if set, else at its
+    ``prior.resolution``; Stable Diffusion loads as configured."""
     prior_cfg = config.prior
     if prior_cfg.kind == "reference":
-        prior_cfg = dataclasses.replace(prior_cfg, resolution=config.image.resolution)
+        prior_cfg = dataclasses.replace(prior_cfg, resolution=config.image.resolution or prior_cfg.resolution)
     return load_prior(prior_cfg, device, config.cameras)
 
 
@@ -154,7 +154,7 @@ def optimise_image(method: Method, embeddings: PromptEmbeddings, config: Config,
     """
     im, prior = config.image, method.prior
     generator = torch.Generator().manual_seed(seed)
-    shape = latent_shape(prior, im.resolution)
+    shape = latent_shape(prior, im.resolution or prior.image_resolution)
     latents = torch.randn(shape, generator=generator).to(prior.device).requires_grad_(True)
     optimizer = image_optimizer(latents, method, im.lr)
     conditions = embeddings.conditions(["front"])  # no view suffixes in 2D: every label has the same text

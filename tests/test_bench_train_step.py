@@ -8,7 +8,7 @@ import pytest
 from scripts_loader import load_script
 
 SMALL_SCENE = ["scene.n_levels=4", "scene.log2_hashmap_size=12", "scene.base_resolution=8", "scene.mlp_width=16",
-               "render.num_samples=16"]
+               "render.sampler=stratified", "render.num_samples=16"]
 
 
 @pytest.fixture(scope="module")

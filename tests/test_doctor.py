@@ -226,7 +226,7 @@ def test_nerfacc_cuda_branches_without_building(tmp_path, monkeypatch):
     assert row.status == "warn" and "JIT-builds" in row.detail
     monkeypatch.setattr(doctor.shutil, "which", lambda exe: None)
     row = doctor.check_nerfacc_cuda("cuda")
-    assert row.status == "warn" and "no nvcc" in row.detail and "stratified" in row.detail
+    assert row.status == "warn" and "no nvcc" in row.detail and "PyTorch occupancy grid" in row.detail
 
 
 def test_gpu_memory_rows(monkeypatch):

@@ -26,5 +26,5 @@ def test_every_module_that_does_a_step_of_the_flow_is_named():
     top_level = {p.name for p in PACKAGE.glob("*.py")} | {f"{p.name}/" for p in PACKAGE.iterdir()
                                                          if (p / "__init__.py").is_file() and p.name != "export"}
     support = {"__init__.py", "__main__.py", "cli.py", "errors.py", "doctor.py", "rundir.py", "schedules.py",
-               "devices.py", "random_sd.py"}  # entry points and helpers every layer uses; random_sd: a fixture
+               "devices.py", "random_sd.py", "quiet.py"}  # entry points and helpers every layer uses; random_sd: a fixture
     assert top_level - support - named == set()

@@ -1,5 +1,5 @@
 """Renderer: an analytic ball checks geometry (opacity, depth, silhouette, colour); chunking, backgrounds,
-gradients, sampler choice and the occupancy-grid path (GPU only)."""
+gradients, sampler choice and the nerfacc occupancy-grid path (GPU only)."""
 
 import logging
 import math
@@ -10,7 +10,6 @@ from torch import nn
 
 from sdsbridge.cameras import cameras_from_angles
 from sdsbridge.config import RenderConfig, SceneConfig
-from sdsbridge.errors import UserError
 from sdsbridge.nerf.background import Background
 from sdsbridge.nerf.field import NeRFField
 from sdsbridge.nerf.renderer import Renderer, choose_sampler, ray_sphere_intersect, stratified_samples
@@ -177,16 +176,13 @@ def test_training_jitters_samples_and_eval_does_not():
 
 def test_sampler_choice_on_cpu(caplog):
     cpu = torch.device("cpu")
-    assert choose_sampler("auto", cpu)[0] == "stratified"
+    assert choose_sampler("auto", cpu)[0] == "occupancy-torch"  # the PyTorch grid (tests/test_render_grid.py)
+    assert choose_sampler("occupancy", cpu)[0] == "occupancy-torch"
     assert choose_sampler("stratified", cpu)[0] == "stratified"
-    with pytest.raises(UserError, match="render.sampler=occupancy"):
-        choose_sampler("occupancy", cpu)
-    with pytest.raises(UserError):
-        Renderer(Ball(), Background(SceneConfig()), RenderConfig(sampler="occupancy"), radius=1.0)
     with caplog.at_level(logging.INFO, logger="sdsbridge"):
-        renderer = Renderer(Ball(), Background(SceneConfig()), RenderConfig(sampler="auto"), radius=1.0)
+        renderer = Renderer(Ball(), Background(SceneConfig()), RenderConfig(sampler="stratified"), radius=1.0)
     assert renderer.sampler == "stratified"
-    assert "stratified" in caplog.text and "CUDA" in caplog.text
+    assert "stratified" in caplog.text
     assert renderer.state_dict() == {}
     renderer.load_state_dict({})
     renderer.update_occupancy(0)  # no-op without a grid

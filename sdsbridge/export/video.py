@@ -99,11 +99,14 @@ def _one(cameras: Cameras, i: int) -> Cameras:
 def export_video(scene, config, run_dir: Path, frames: Optional[int] = None, resolution: Optional[int] = None,
                  fps: Optional[int] = None, progress: bool = True) -> Path:
     """The turntable of a trained scene as ``<run_dir>/video/turntable.mp4``. Unset arguments come from
-    ``config.export`` (120 frames, 512 px, 30 fps). Returns the path."""
+    ``config.export``, and where that leaves frames or resolution unset, from ``turntable_size`` (what fits
+    the scene's device). Returns the path."""
     export = config.export
+    frames, resolution = turntable_size(frames or export.video_frames, resolution or export.video_resolution,
+                                        module_device(scene.field))
     return render_turntable(scene, config.cameras, Path(run_dir) / "video" / "turntable.mp4",
-                            frames=frames or export.video_frames, resolution=resolution or export.video_resolution,
-                            fps=fps or export.video_fps, chunk_rays=config.render.chunk_rays, progress=progress)
+                            frames=frames, resolution=resolution, fps=fps or export.video_fps,
+                            chunk_rays=config.render.chunk_rays, progress=progress)
 
 
 def render_run_video(run_dir: Path, frames: Optional[int] = None, resolution: Optional[int] = None,
@@ -115,3 +118,18 @@ def render_run_video(run_dir: Path, frames: Optional[int] = None, resolution: Op
     remove_stale_temps(run_dir_of(checkpoint))  # left by a killed write
     scene, config, _ = load_trained_scene(Path(run_dir), torch.device(device))
     return export_video(scene, config, run_dir_of(checkpoint), frames, resolution, fps, progress)
+
+
+TURNTABLE_SIZES = {"cuda": (120, 512), "cpu": (60, 256)}
+"""(frames, resolution) of a turntable whose size nobody set, by device type: on a 2-core CPU a 256x256 frame
+of a default-size scene takes about a second with the occupancy grid (a 512x512 one about four)."""
+
+
+def turntable_size(frames: Optional[int], resolution: Optional[int], device: torch.device) -> tuple[int, int]:
+    """Frames and resolution of a turntable: the given ones, else ``TURNTABLE_SIZES`` for the device (logged)."""
+    default_frames, default_resolution = TURNTABLE_SIZES["cuda" if device.type == "cuda" else "cpu"]
+    if frames is None or resolution is None:
+        logger.info("video: %s frames at %s px (%s; set export.video_frames / export.video_resolution, or "
+                    "--frames / --resolution, for another size)", frames or default_frames,
+                    resolution or default_resolution, f"the default on {device.type.upper()}")
+    return frames or default_frames, resolution or default_resolution

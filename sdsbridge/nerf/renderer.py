@@ -1,6 +1,6 @@
 """Volume rendering of a field inside a sphere of radius ``radius``, composited over a background.
 
-Two samplers, chosen once per renderer (``RenderConfig.sampler``):
+Three samplers, chosen once per renderer (``RenderConfig.sampler``):
 
 - stratified: ``num_samples`` bins between the ray's entry into and exit from the sphere, one sample per
   bin (jittered inside the bin in training, at its middle in eval); dense (n_rays, n_samples) tensors, so it
@@ -8,6 +8,8 @@ Two samplers, chosen once per renderer (``RenderConfig.sampler``):
 - occupancy (CUDA only): nerfacc's ``OccGridEstimator`` over the cube [-radius, radius]^3 skips empty
   space; samples are packed (flat tensors with ray indices). The grid is a cache of the field's density,
   refreshed by ``update_occupancy(step)``; it travels in ``state_dict()`` for checkpoints.
+- occupancy-torch (any device): the same grid and marching in pure PyTorch (occupancy.py, marching.py),
+  used where nerfacc's CUDA kernels cannot run; its grid is saved under the same keys.
 
 Distances ``t`` are in world units along unit-length ray directions.
 """
@@ -25,12 +27,16 @@ from torch import Tensor, nn
 from sdsbridge.cameras import Cameras, camera_rays
 from sdsbridge.config import RenderConfig
 from sdsbridge.devices import module_device
-from sdsbridge.errors import UserError
+from sdsbridge.nerf.marching import render_with_grid
+from sdsbridge.nerf.occupancy import OccupancyGrid, fill_occupancy
 
 logger = logging.getLogger("sdsbridge")
 
 OCCUPANCY_EVAL_CHUNK = 1 << 20
 """Points per field call when refreshing the occupancy grid (128^3 cells = 2M points in warm-up)."""
+OCCUPANCY_FILL_SUBDIVISIONS = 3
+"""Outside training, a grid that was never filled (a checkpoint without one) is built from the field at
+this many jittered points per cell and axis (``fill_occupancy``): one point per cell can miss a thin surface."""
 
 
 @dataclass
@@ -112,25 +118,25 @@ def nerfacc_cuda_available() -> bool:
 
 
 def choose_sampler(requested: str, device: torch.device) -> tuple[str, str]:
-    """Resolve ``RenderConfig.sampler`` ('auto' | 'stratified' | 'occupancy') for a device.
+    """Resolve ``RenderConfig.sampler`` ('auto' | 'stratified' | 'occupancy' | 'occupancy-torch') for a
+    device: 'auto' and 'occupancy' take nerfacc's CUDA grid where its kernels load, else the PyTorch grid.
 
-    Returns (sampler, reason). Raises UserError when 'occupancy' cannot run on this machine.
+    Returns (sampler: 'stratified' | 'occupancy' (nerfacc) | 'occupancy-torch', reason for the log).
     """
     if requested == "stratified":
         return "stratified", "render.sampler=stratified"
+    if requested == "occupancy-torch":
+        return "occupancy-torch", "render.sampler=occupancy-torch"
     if device.type != "cuda":
-        if requested == "occupancy":
-            raise UserError(f"render.sampler=occupancy needs a CUDA device (the scene is on {device}); "
-                            "use render.sampler=stratified or auto")
-        return "stratified", f"no CUDA device (scene on {device}); nerfacc's occupancy grid needs CUDA"
+        return "occupancy-torch", f"no CUDA device (scene on {device}); nerfacc's grid needs CUDA"
     if not nerfacc_cuda_available():
-        if requested == "occupancy":
-            raise UserError("render.sampler=occupancy: nerfacc's CUDA kernels are unavailable (no prebuilt "
-                            "nerfacc wheel and no nvcc to build them); use render.sampler=stratified")
-        return "stratified", "nerfacc's CUDA kernels are unavailable (no prebuilt wheel, no nvcc)"
-    if requested == "occupancy":
-        return "occupancy", "render.sampler=occupancy"
-    return "occupancy", "CUDA device with nerfacc kernels"
+        return "occupancy-torch", ("nerfacc's CUDA kernels are unavailable (no prebuilt wheel, no nvcc to build "
+                                   "them); the PyTorch grid is slower than nerfacc's on a GPU")
+    return "occupancy", "CUDA device with nerfacc's kernels"
+
+
+SAMPLER_NAMES = {"stratified": "stratified", "occupancy": "nerfacc CUDA occupancy-grid",
+                 "occupancy-torch": "PyTorch occupancy-grid"}
 
 
 def occupancy_grid(radius: float, cfg: RenderConfig) -> nerfacc.OccGridEstimator:
@@ -158,13 +164,16 @@ class Renderer:
         self.training = True
         device = module_device(field)
         self.sampler, reason = choose_sampler(cfg.sampler, device)
-        logger.info("renderer: %s sampler (%s)", self.sampler, reason)
-        self.estimator: Optional[nerfacc.OccGridEstimator] = None
+        logger.info("renderer: %s sampler (%s)", SAMPLER_NAMES[self.sampler], reason)
+        self.estimator: Optional[nerfacc.OccGridEstimator | OccupancyGrid] = None
         # threestudio's render_step_size, with its 1.732 for sqrt(3): the cube's diagonal / num_samples.
         self.step_size = 1.732 * 2.0 * self.radius / cfg.num_samples_occupancy
+        self.eval_step_size = max(self.step_size, 1.732 * 2.0 * self.radius / cfg.occupancy_eval_samples)
         self._grid_ready = False
         if self.sampler == "occupancy":
             self.estimator = occupancy_grid(self.radius, cfg).to(device)
+        elif self.sampler == "occupancy-torch":
+            self.estimator = OccupancyGrid(self.radius, cfg.occupancy_resolution).to(device)
 
     def train(self, mode: bool = True) -> "Renderer":
         """Jittered samples (True) or deterministic ones (False)."""
@@ -268,10 +277,19 @@ class Renderer:
         idx = hit.nonzero().squeeze(-1)
         if idx.numel() == 0:
             return rgb, opacity, depth, 0
-        if self.sampler == "occupancy":
-            if not self._grid_ready:
+        if self.estimator is not None and not self._grid_ready:
+            if self.training:
                 self.update_occupancy(0)
+            else:
+                fill_occupancy(self.estimator, self._occupancy, self.cfg.occupancy_threshold,
+                               OCCUPANCY_FILL_SUBDIVISIONS)
+                self._grid_ready = True
+        if self.sampler == "occupancy":
             out = self._render_occupancy(origins[idx], dirs[idx], t_near[idx], t_far[idx])
+        elif self.sampler == "occupancy-torch":
+            out = render_with_grid(self.field, self.estimator, origins[idx], dirs[idx], t_near[idx], t_far[idx],
+                                   self.step_size if self.training else self.eval_step_size, self.training,
+                                   self.cfg.occupancy_alpha_threshold, alpha_step=self.step_size)
         else:
             out = self._render_stratified(origins[idx], dirs[idx], t_near[idx], t_far[idx])
         # index_copy (not in place) keeps the autograd graph to the hit rays' values.

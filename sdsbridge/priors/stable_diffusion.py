@@ -24,6 +24,7 @@ from huggingface_hub.errors import GatedRepoError
 from sdsbridge.config import HUB_ID_PATTERN, KNOWN_MIRRORS, REMOVED_SD_MODELS, PriorConfig
 from sdsbridge.errors import UserError
 from sdsbridge.priors.base import to_prior_images
+from sdsbridge.quiet import no_loading_bars
 
 _HUB_ID = re.compile(HUB_ID_PATTERN)
 
@@ -66,14 +67,15 @@ def load_pipeline(model: str, dtype: torch.dtype) -> StableDiffusionPipeline:
     folder = _check_local_folder(model)
     offline = hub_offline()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(folder) if folder is not None else model,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            local_files_only=offline,
-            low_cpu_mem_usage=is_accelerate_available(),  # (without accelerate it only warns)
-        )
+        with no_loading_bars():
+            pipe = StableDiffusionPipeline.from_pretrained(
+                str(folder) if folder is not None else model,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+                local_files_only=offline,
+                low_cpu_mem_usage=is_accelerate_available(),  # (without accelerate it only warns)
+            )
     except GatedRepoError:
         raise UserError(f"prior.model: '{model}' is gated on the Hugging Face hub (accept its licence and log "
                         f"in with `hf auth login`); {KNOWN_MIRRORS}; or set prior.model to a local folder") from None
