@@ -111,7 +111,6 @@ def breakdown(overrides: list[str], args: argparse.Namespace) -> dict[str, float
     from sdsbridge.devices import seed_everything
     from sdsbridge.methods import make_method
     from sdsbridge.priors import load_prior
-    from sdsbridge.prompts import PromptEmbeddings
     from sdsbridge.scene import build_scene
     from sdsbridge.train_step import build_optimizer, scene_step
 
@@ -121,7 +120,7 @@ def breakdown(overrides: list[str], args: argparse.Namespace) -> dict[str, float
     scene = build_scene(config, device)
     prior = load_prior(config.prior, device, config.cameras)
     method = make_method(config.method, config.guidance, prior)
-    prompts = PromptEmbeddings(prior, method.role_texts(config.prompt), config.guidance.view_dependent)
+    prompts = method.prompt_embeddings(config.prompt)
     optimizer = build_optimizer(scene, method, config.train)
     scene.train()
     totals = dict.fromkeys(("render", "guidance", "backward", "optimizer", "occupancy"), 0.0)

@@ -17,8 +17,8 @@ Cases, each timed for ``--steps`` steps after ``--warmup`` untimed ones:
 Reported per case: median and p90 ms/step (CUDA synchronised at the end of each step), peak memory (CUDA:
 ``torch.cuda.max_memory_allocated`` over the timed steps; CPU: the process's peak resident set size over
 the timed steps, Linux VmHWM, else the lifetime ``ru_maxrss``), mean field samples per ray, and a
-breakdown (median ms per section: render forward, VAE encode, UNet, backward, optimizer, occupancy,
-other = the rest). On CUDA the breakdown comes from a second pass with a synchronise around every section.
+breakdown (median ms per section: render forward, VAE encode, UNet, VSD's LoRA UNet calls, backward,
+optimizer, occupancy, other = the rest). On CUDA the breakdown comes from a second pass with a synchronise around every section.
 
 The default ``--model`` is the tiny random pipeline built in a temporary folder. Included: the step's one
 host sync (the finiteness check). Not included: logging, checkpoints and validation renders.
@@ -55,7 +55,7 @@ from sdsbridge.random_sd import build_random_pipeline
 from sdsbridge.scene import build_scene
 from sdsbridge.train_step import Timer, build_optimizer, scene_step, train_step, untimed
 
-SECTIONS = ("render", "vae encode", "unet", "backward", "optimizer", "occupancy", "other")
+SECTIONS = ("render", "vae encode", "unet", "lora unet", "backward", "optimizer", "occupancy", "other")
 """Breakdown columns, in step order; 'other' is the step's time outside the named sections."""
 
 
@@ -82,8 +82,8 @@ class Sections:
 
 
 class TimedPrior:
-    """The prior with ``encode_images`` and ``predict_noise`` timed into ``sections`` (reassigned per
-    step); every other attribute is the prior's own."""
+    """The prior with ``encode_images``, ``predict_noise`` and ``unet_output`` (VSD's LoRA calls: 'lora unet')
+    timed into ``sections`` (reassigned per step); every other attribute is the prior's own."""
 
     def __init__(self, prior):
         self._prior = prior
@@ -99,6 +99,10 @@ class TimedPrior:
     def predict_noise(self, *args, **kwargs) -> torch.Tensor:
         with self.sections("unet"):
             return self._prior.predict_noise(*args, **kwargs)
+
+    def unet_output(self, *args, **kwargs) -> torch.Tensor:
+        with self.sections("lora unet"):
+            return self._prior.unet_output(*args, **kwargs)
 
 
 def _vm_hwm_bytes() -> Optional[int]:
@@ -195,7 +199,7 @@ def make_2d_step(config: Config, prior: TimedPrior) -> tuple[Callable, tuple]:
     shape)."""
     prior.sections = untimed  # the set-up below calls the prior: keep it out of the last step's breakdown
     method = make_method(config.method, image_guidance_config(config), prior)
-    conditions = PromptEmbeddings(prior, method.role_texts(config.prompt), view_dependent=False).conditions(["front"])
+    conditions = method.prompt_embeddings(config.prompt).conditions(["front"])
     shape = latent_shape(prior, prior.image_resolution)
     latents = torch.randn(shape, device=prior.device).requires_grad_(True)
     optimizer = image_optimizer(latents, method, config.image.lr)
@@ -233,8 +237,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per case first")
     parser.add_argument("--resolutions", default="64,512", help="comma-separated 3D render sizes (pixels)")
     parser.add_argument("--no-2d", action="store_true", help="skip the 2D case")
-    parser.add_argument("--method", default="sds", choices=("sds", "bridge", "nfsd"),
-                        help="sds and the bridge both evaluate the UNet on 2N samples per step, nfsd on 3N")
+    parser.add_argument("--method", default="sds", choices=("sds", "bridge", "nfsd", "vsd"),
+                        help="sds and the bridge both evaluate the UNet on 2N samples per step, nfsd on 3N; vsd on "
+                        "2N plus the LoRA's N without and N with gradients")
     parser.add_argument("--prompt", default="a DSLR photo of a hamburger")
     parser.add_argument("--at-step", type=int, default=10000, help="training step the 3D steps start at")
     parser.add_argument("--seed", type=int, default=0)
@@ -266,7 +271,7 @@ def run(args: argparse.Namespace, model: str) -> tuple[str, list[dict]]:
         raw_prior.unet = torch.compile(raw_prior.unet)
     prior = TimedPrior(raw_prior)
     method = make_method(config.method, config.guidance, prior)
-    prompts = PromptEmbeddings(prior, method.role_texts(config.prompt), config.guidance.view_dependent)
+    prompts = method.prompt_embeddings(config.prompt)
 
     rows = []
     for resolution in args.resolutions:

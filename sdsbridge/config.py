@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-METHODS = ("bridge", "sds", "nfsd")
+METHODS = ("bridge", "sds", "nfsd", "vsd", "bridge-vsd")
 """What ``method:`` accepts; ``methods.make_method`` builds each (one class per method in methods/)."""
 SOURCE_MODIFIER = (
     "oversaturated, smooth, pixelated, cartoon, foggy, hazy, blurry, bad structure, noisy, malformed"
@@ -66,6 +66,30 @@ class GuidanceConfig:
     """Append ', front view' / ', side view' / ', back view' / ', overhead view' by camera."""
     grad_clip: Optional[float] = None
     """Clip the per-pixel guidance gradient to [-x, x] (None = no clipping)."""
+    vsd_guidance_scale: float = 7.5
+    """VSD: CFG scale of the pretrained branch (ProlificDreamer's 7.5; the official 2D code's too)."""
+    lora_lr: float = 1e-4
+    """VSD: learning rate of the LoRA and the camera embedding (threestudio's prolificdreamer.yaml)."""
+    lora_rank: int = 4
+    """VSD: rank of the LoRA on the UNet's attention projections (to_q, to_k, to_v, to_out.0)."""
+    lora_condition_dropout: float = 0.1
+    """VSD: probability that a LoRA training step drops the camera condition (zeros), so the LoRA also
+    learns the camera-free score (threestudio's ``lora_cfg_training``)."""
+    perp_neg: bool = False
+    """Perp-Neg (Armandpour et al. 2023) against multi-face (Janus) objects: the other views' prompts are
+    negatives, only their components perpendicular to the positive direction are subtracted, weighted by
+    azimuth. Needs Stable Diffusion and view-dependent prompts; costs two more UNet samples per image."""
+    perp_neg_f_sb: list[float] = field(default_factory=lambda: [1.0, 0.5, -0.606])
+    """Perp-Neg weight a exp(-b r) + c of the side negative between side and back (threestudio's defaults)."""
+    perp_neg_f_fsb: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.967])
+    """Perp-Neg weight of the front negative between side and back."""
+    perp_neg_f_fs: list[float] = field(default_factory=lambda: [4.0, 0.5, -2.426])
+    """Perp-Neg weight of the front negative between front and side (r = 1 at the front)."""
+    perp_neg_f_sf: list[float] = field(default_factory=lambda: [4.0, 0.5, -2.426])
+    """Perp-Neg weight of the side negative between front and side (of 1 - r)."""
+    view_interpolation: bool = False
+    """Blend the front/side/back prompt embeddings by azimuth instead of picking one view suffix (as Perp-Neg
+    does for its positive prompt); overhead views keep their own. Needs Stable Diffusion."""
 
 
 @dataclass
@@ -305,6 +329,8 @@ class ImageConfig:
     """Upper end of t / T."""
     video_every: int = 10
     """Record a video frame every N steps (0 = no video)."""
+    lora_lr: float = 3e-4
+    """VSD in 2D: learning rate of the LoRA (the official 2D code's)."""
 
 
 @dataclass
@@ -314,7 +340,8 @@ class Config:
     prompt: str = ""
     """What to make, e.g. 'a DSLR photo of a pineapple'."""
     method: str = "bridge"
-    """'bridge' (SDS-Bridge, two stages), 'sds' or 'nfsd'."""
+    """'bridge' (SDS-Bridge, two stages), 'sds', 'nfsd', 'vsd' (ProlificDreamer: a LoRA as learned source) or
+    'bridge-vsd' (the bridge with that learned source in stage two)."""
     device: str = "auto"
     """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N' (GPU number N)."""
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)

@@ -237,6 +237,20 @@ def validate(c: Config, require_prompt: bool = True) -> None:
         _check(g.min_step_percent < g.stage2_max_step_percent <= 1.0, "guidance.stage2_max_step_percent",
                "must lie in (min_step_percent, 1]")
     _check(g.grad_clip is None or g.grad_clip > 0, "guidance.grad_clip", "must be > 0 or null")
+    _check(g.vsd_guidance_scale >= 0, "guidance.vsd_guidance_scale", "must be >= 0")
+    _check(g.lora_lr >= 0, "guidance.lora_lr", "must be >= 0")
+    _check(1 <= g.lora_rank <= 256, "guidance.lora_rank", "must lie in [1, 256]")
+    _check(0.0 <= g.lora_condition_dropout <= 1.0, "guidance.lora_condition_dropout", "must lie in [0, 1]")
+    for key in ("perp_neg_f_sb", "perp_neg_f_fsb", "perp_neg_f_fs", "perp_neg_f_sf"):
+        _check(len(getattr(g, key)) == 3, f"guidance.{key}", "expected [a, b, c] (weight a exp(-b r) + c)")
+    needs_sd = {"method": c.method in ("vsd", "bridge-vsd"), "guidance.perp_neg": g.perp_neg,
+                "guidance.view_interpolation": g.view_interpolation}
+    for key, used in needs_sd.items():
+        what = c.method if key == "method" else "true"
+        _check(not used or c.prior.kind == "stable-diffusion", key,
+               f"{what} needs prior.kind: stable-diffusion (the reference prior has no UNet or text embeddings to "
+               "adapt or blend)")
+        _check(not used or key == "method" or g.view_dependent, key, "needs guidance.view_dependent: true")
     p = c.prior
     _check_choice(p.kind, "prior.kind", ("stable-diffusion", "reference"))
     _check_choice(p.dtype, "prior.dtype", ("auto", "fp16", "fp32"))
@@ -310,3 +324,4 @@ def validate(c: Config, require_prompt: bool = True) -> None:
     _check(0.0 <= im.min_step_percent < im.max_step_percent <= 1.0, "image.min_step_percent",
            "min timestep must be below max timestep (image.max_step_percent), both in [0, 1]")
     _check(im.video_every >= 0, "image.video_every", "must be >= 0")
+    _check(im.lora_lr >= 0, "image.lora_lr", "must be >= 0")

@@ -8,6 +8,9 @@ injected through ``injected_loss`` = 0.5 ||x - sg(x - g)||^2 / N, whose gradient
 - SDS (and the bridge's stage one): g = w(t) (eps^w(y) - eps).
 - Bridge stage two: g = w(t) s (eps(x_t; y_tgt) - eps(x_t; y_src)); no noise term, no unconditional branch.
 - NFSD: g = w(t) (w_cfg (eps(y) - eps(0)) + delta), delta = eps(0) if t < 200 else eps(0) - eps(y_neg).
+- VSD: g = w(t) (eps^w(y) - eps_lora(y, c)), eps_lora the same UNet with a LoRA trained on the renders.
+- Perp-Neg replaces CFG's direction e = eps(y) - eps(0) by e + sum_i w_i perp(eps(y_i) - eps(0), e) for the
+  negative prompts y_i (other views), perp(a, e) = a - (<a, e> / <e, e>) e per sample.
 
 The SDS and bridge formulas keep the official code's order of floating-point operations, so results match
 it bit for bit; do not reorder them.
@@ -97,3 +100,29 @@ def injected_loss(latents: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     gradient with respect to ``latents`` is grad / N."""
     target = (latents - grad).detach()
     return 0.5 * F.mse_loss(latents, target, reduction="sum") / latents.shape[0]
+
+
+def vsd_gradient(eps_pretrained: torch.Tensor, eps_lora: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """VSD: w (eps_pretrained - eps_lora), with eps_pretrained the CFG prediction of the pretrained UNet and
+    eps_lora the LoRA's (the learned source); tensors [N, C, h, w], w [N, 1, 1, 1]."""
+    return w * (eps_pretrained - eps_lora)
+
+
+def perpendicular_component(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The part of each x [N, C, h, w] perpendicular to y [N, C, h, w], per sample:
+    x - (<x, y> / max(<y, y>, 1e-6)) y."""
+    dot = (x * y).sum(dim=(1, 2, 3))
+    norm2 = (y * y).sum(dim=(1, 2, 3)).clamp_min(1e-6)
+    return x - (dot / norm2).view(-1, 1, 1, 1) * y
+
+
+def perp_neg_direction(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, eps_negatives: list[torch.Tensor],
+                       weights: torch.Tensor) -> torch.Tensor:
+    """Perp-Neg's guidance direction e_pos + sum_i weights[:, i] perp(eps_neg_i - eps_uncond, e_pos), with
+    e_pos = eps_cond - eps_uncond; tensors [N, C, h, w], ``weights`` [N, K] for K negatives (negative
+    values push away). CFG then uses eps_uncond + scale * direction."""
+    e_pos = eps_cond - eps_uncond
+    accumulated = torch.zeros_like(e_pos)
+    for i, eps_neg in enumerate(eps_negatives):
+        accumulated = accumulated + weights[:, i].view(-1, 1, 1, 1) * perpendicular_component(eps_neg - eps_uncond, e_pos)
+    return e_pos + accumulated

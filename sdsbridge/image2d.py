@@ -76,8 +76,9 @@ def parse_seeds(spec: str) -> list[int]:
 # --- settings and the prior's image space ------------------------------------------------------------
 def image_guidance_config(config: Config) -> GuidanceConfig:
     """The 2D mode's method settings: ``config.image``'s scales, weighting, switch step, timestep range and
-    target modifier (the official 2D code's), CFG on the plain prompt, no view suffixes; modifiers, NFSD
-    negative and grad clip from ``config.guidance``."""
+    target modifier (the official 2D code's), VSD's LoRA learning rate, CFG on the plain prompt, no view
+    suffixes (so no view interpolation or Perp-Neg); modifiers, NFSD negative, VSD's CFG scale and LoRA rank
+    and grad clip from ``config.guidance``."""
     im = config.image
     return dataclasses.replace(
         config.guidance,
@@ -92,6 +93,9 @@ def image_guidance_config(config: Config) -> GuidanceConfig:
         target_modifier=im.target_modifier,
         cfg_on_target=False,
         view_dependent=False,
+        view_interpolation=False,
+        perp_neg=False,
+        lora_lr=im.lora_lr,
     )
 
 
@@ -156,6 +160,7 @@ def optimise_image(method: Method, embeddings: PromptEmbeddings, config: Config,
     generator = torch.Generator().manual_seed(seed)
     shape = latent_shape(prior, im.resolution or prior.image_resolution)
     latents = torch.randn(shape, generator=generator).to(prior.device).requires_grad_(True)
+    method.reset(generator)  # a fresh LoRA per seed (VSD); nothing for the other methods
     optimizer = image_optimizer(latents, method, im.lr)
     conditions = embeddings.conditions(["front"])  # no view suffixes in 2D: every label has the same text
 
@@ -228,7 +233,7 @@ def run_image(config: Config, out_dir: Path, device: torch.device | str, seeds: 
         raise UserError("seeds: no seed given")
     prior = prior if prior is not None else load_image_prior(config, device)
     method = make_method(config.method, image_guidance_config(config), prior)
-    embeddings = PromptEmbeddings(prior, method.role_texts(config.prompt), view_dependent=False)
+    embeddings = method.prompt_embeddings(config.prompt)  # no view suffixes in 2D (image_guidance_config)
     out_dir = Path(out_dir)
     make_dirs(out_dir)
     todo = [s for s in seeds if not (skip_done and image_path(out_dir, s).is_file())]

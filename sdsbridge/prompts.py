@@ -3,12 +3,19 @@
 A method names the texts it conditions on by role (``Method.role_texts``): 'cond' and 'uncond' (the empty
 prompt) for classifier-free guidance, 'target' and 'source' for the bridge's stage two, 'negative' for NFSD.
 With ``view_dependent`` every non-empty text gets the camera's view suffix (", front view", ...), so each
-role has one text per view label.
+role has one text per view label (except the method's view-independent roles, e.g. VSD's LoRA prompt).
+
+Two options against multi-face (Janus) objects, both from threestudio's prompt processor:
+- view interpolation: each camera's condition is a blend of the front/side/back embeddings by azimuth
+  (``view_blend_weights``) instead of the one of its view label; overhead cameras keep theirs.
+- Perp-Neg: besides the (blended) positive, each camera gets two negative conditions (other views of the
+  'cond' role, ``perp_neg_negatives``) and their weights; the methods combine them (guidance.perp_neg_direction).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Sequence
 
 import torch
 
@@ -41,11 +48,71 @@ def with_view(text: str, label: str) -> str:
     return text + VIEW_SUFFIXES[label] if text else text
 
 
-def role_prompts(texts: dict[str, str], view_dependent: bool = True) -> dict[str, dict[str, str]]:
+def role_prompts(texts: dict[str, str], view_dependent: bool = True,
+                 fixed_roles: Sequence[str] = ()) -> dict[str, dict[str, str]]:
     """role -> text (``Method.role_texts``) to role -> view label -> text: with ``view_dependent`` each text
-    gets the label's suffix (the empty prompt stays empty), else every label maps to the same text."""
-    return {role: {label: with_view(text, label) if view_dependent else text for label in VIEW_LABELS}
+    gets the label's suffix (the empty prompt stays empty), else every label maps to the same text; roles in
+    ``fixed_roles`` never get a suffix."""
+    return {role: {label: with_view(text, label) if view_dependent and role not in fixed_roles else text
+                   for label in VIEW_LABELS}
             for role, text in texts.items()}
+
+
+def view_blend_weights(azimuth: torch.Tensor, labels: list[str]) -> torch.Tensor:
+    """[N] azimuths (degrees, 0 = front) and N view labels -> [N, 4] weights over ``VIEW_LABELS``: for
+    |azimuth| < 90 front r and side 1 - r with r = 1 - |azimuth| / 90; beyond, side r and back 1 - r with
+    r = 2 - |azimuth| / 90; an 'overhead' camera is all overhead. Rows sum to 1."""
+    a = ((azimuth.detach().float().cpu() + 180.0) % 360.0 - 180.0).abs()
+    weights = torch.zeros(len(labels), len(VIEW_LABELS))
+    front, side, back, overhead = (VIEW_LABELS.index(v) for v in ("front", "side", "back", "overhead"))
+    for n, (angle, label) in enumerate(zip(a.tolist(), labels)):
+        if label == "overhead":
+            weights[n, overhead] = 1.0
+        elif angle < 90.0:
+            r = 1.0 - angle / 90.0
+            weights[n, front], weights[n, side] = r, 1.0 - r
+        else:
+            r = 2.0 - angle / 90.0
+            weights[n, side], weights[n, back] = r, 1.0 - r
+    return weights
+
+
+PerpNegWeights = tuple[Sequence[float], Sequence[float], Sequence[float], Sequence[float]]
+"""Perp-Neg's four weight functions (a, b, c) -> a exp(-b r) + c, in the order f_sb, f_fsb, f_fs, f_sf."""
+
+
+def perp_neg_negatives(azimuth: torch.Tensor, labels: list[str], f: PerpNegWeights
+                       ) -> tuple[list[tuple[Optional[str], Optional[str]]], torch.Tensor]:
+    """Perp-Neg's two negatives per camera (threestudio's ``get_text_embeddings_perp_neg``): view labels
+    (None = the empty prompt) and [N, 2] weights (negative: pushed away from). With r as in
+    ``view_blend_weights``: between front and side the negatives are front and side with weights
+    -f_fs(r), -f_sf(1 - r); between side and back, side and front with -f_sb(r), -f_fsb(r); overhead
+    cameras get none (the empty prompt, weight 0)."""
+    f_sb, f_fsb, f_fs, f_sf = f
+
+    def decay(abc: Sequence[float], r: float) -> float:
+        a, b, c = abc
+        return a * math.exp(-b * r) + c
+
+    a = ((azimuth.detach().float().cpu() + 180.0) % 360.0 - 180.0).abs()
+    negatives, weights = [], []
+    for angle, label in zip(a.tolist(), labels):
+        if label == "overhead":
+            negatives.append((None, None))
+            weights.append([0.0, 0.0])
+        elif angle < 90.0:
+            r = 1.0 - angle / 90.0
+            negatives.append(("front", "side"))
+            weights.append([-decay(f_fs, r), -decay(f_sf, 1.0 - r)])
+        else:
+            r = 2.0 - angle / 90.0
+            negatives.append(("side", "front"))
+            weights.append([-decay(f_sb, r), -decay(f_fsb, r)])
+    return negatives, torch.tensor(weights, dtype=torch.float32)
+
+
+PERP_NEG_ROLES = ("perp_neg_0", "perp_neg_1")
+"""Condition keys of Perp-Neg's two negatives; "perp_neg_weights" holds their [N, 2] weights."""
 
 
 class PromptEmbeddings:
@@ -57,28 +124,59 @@ class PromptEmbeddings:
     view label's row (in ``VIEW_LABELS`` order).
     """
 
-    def __init__(self, prior: Prior, texts: dict[str, str], view_dependent: bool = True):
-        self.prompts = role_prompts(texts, view_dependent)
+    def __init__(self, prior: Prior, texts: dict[str, str], view_dependent: bool = True,
+                 fixed_roles: Sequence[str] = (), interpolate: bool = False, perp_neg: Optional[PerpNegWeights] = None):
+        self.prompts = role_prompts(texts, view_dependent, fixed_roles)
+        self.interpolate = interpolate and view_dependent
+        """Blend the view embeddings by azimuth (``view_blend_weights``) in ``conditions``."""
+        self.perp_neg = perp_neg if view_dependent else None
+        """Perp-Neg's weight functions, or None (off)."""
+        if self.perp_neg is not None and not {"cond", "uncond"} <= set(texts):
+            raise ValueError("Perp-Neg needs the 'cond' and 'uncond' roles")
         unique = list(dict.fromkeys(text for by_label in self.prompts.values() for text in by_label.values()))
         self.embeddings = prior.embed_prompts(unique)
         row = {text: i for i, text in enumerate(unique)}
         self.rows = {role: torch.tensor([row[by_label[label]] for label in VIEW_LABELS], device=self.embeddings.device)
                      for role, by_label in self.prompts.items()}
+        self.view_roles = {role for role, by_label in self.prompts.items() if len(set(by_label.values())) > 1}
+        """Roles whose text differs by view (what interpolation blends)."""
 
     @property
     def roles(self) -> tuple[str, ...]:
         return tuple(self.prompts)
 
-    def conditions(self, labels: list[str], roles: Optional[tuple[str, ...]] = None) -> dict[str, torch.Tensor]:
-        """N view labels -> role -> [N, ...] conditions, each camera's row picked by its view label.
+    def conditions(self, labels: list[str], azimuth: Optional[torch.Tensor] = None,
+                   roles: Optional[tuple[str, ...]] = None) -> dict[str, torch.Tensor]:
+        """N view labels (and [N] azimuths in degrees, needed with interpolation or Perp-Neg) -> role -> [N, ...]
+        conditions: each camera's row picked by its view label, or with ``interpolate`` the azimuth blend of
+        the role's view rows. With Perp-Neg also ``PERP_NEG_ROLES`` (the negatives' conditions) and
+        "perp_neg_weights" ([N, 2] float32 on the embeddings' device).
 
-        ``roles`` restricts the output (default: all embedded roles).
+        ``roles`` restricts the role outputs (default: all embedded roles).
         """
         try:
             views = torch.tensor([VIEW_LABELS.index(label) for label in labels], device=self.embeddings.device)
         except ValueError:
             raise ValueError(f"unknown view label in {labels}; expected one of {VIEW_LABELS}") from None
-        return {role: self.embeddings[self.rows[role][views]] for role in (roles or self.roles)}
+        if (self.interpolate or self.perp_neg is not None) and azimuth is None:
+            raise ValueError("view interpolation and Perp-Neg need the cameras' azimuths")
+        blend = None
+        if self.interpolate:
+            blend = view_blend_weights(azimuth, labels).to(self.embeddings.device, self.embeddings.dtype)
+        out = {}
+        for role in roles or self.roles:
+            if blend is not None and role in self.view_roles:
+                out[role] = torch.einsum("nk,k...->n...", blend, self.embeddings[self.rows[role]])
+            else:
+                out[role] = self.embeddings[self.rows[role][views]]
+        if self.perp_neg is not None:
+            negatives, weights = perp_neg_negatives(azimuth, labels, self.perp_neg)
+            empty = self.rows["uncond"][0]
+            for i, role in enumerate(PERP_NEG_ROLES):
+                rows = [empty if pair[i] is None else self.rows["cond"][VIEW_LABELS.index(pair[i])] for pair in negatives]
+                out[role] = self.embeddings[torch.stack(rows)]
+            out["perp_neg_weights"] = weights.to(self.embeddings.device)
+        return out
 
     def texts(self, labels: list[str]) -> dict[str, list[str]]:
         """N view labels -> role -> the N prompt texts (for logging)."""

@@ -31,7 +31,6 @@ from sdsbridge.jsonl import append_rows, keep_rows
 from sdsbridge.media import image_row, write_png
 from sdsbridge.methods import Method, make_method
 from sdsbridge.priors import load_prior
-from sdsbridge.prompts import PromptEmbeddings
 from sdsbridge.scene import Scene, build_scene
 from sdsbridge.train_step import StepResult, Views, build_optimizer, scene_step
 
@@ -142,7 +141,7 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
     atomic_write_bytes(run_dir / "config.yaml", to_yaml(config).encode("utf-8"))
     prior = load_prior(config.prior, device, config.cameras)
     method = make_method(config.method, config.guidance, prior)
-    prompts = PromptEmbeddings(prior, method.role_texts(config.prompt), config.guidance.view_dependent)
+    prompts = method.prompt_embeddings(config.prompt)
     optimizer = build_optimizer(scene, method, config.train)
 
     start_step, bad_steps = 0, 0

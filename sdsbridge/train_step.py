@@ -152,7 +152,7 @@ def render_views(scene: Scene, method: Method, prompts: PromptEmbeddings, config
         out = scene.renderer.render(cameras, resolution, resolution)
         images = with_random_backgrounds(out, config.scene.random_background_prob).permute(0, 3, 1, 2)
     latents = method.prior.encode_images(images)  # [N, 3, H, W] -> [N, C, h, w]
-    return Views(latents, prompts.conditions(cameras.labels), cameras, regularizer_losses(out.opacity, step, config.loss),
+    return Views(latents, prompts.conditions(cameras.labels, cameras.azimuth), cameras, regularizer_losses(out.opacity, step, config.loss),
                  resolution, out.samples_per_ray)
 
 

@@ -40,7 +40,7 @@ def sd_prior(tiny_sd_dir):
 
 
 # --- Stable Diffusion (tiny random pipeline) ---------------------------------------------------------
-@pytest.mark.parametrize("method", ["bridge", "sds", "nfsd"])
+@pytest.mark.parametrize("method", ["bridge", "sds", "nfsd", "vsd"])
 def test_each_method_writes_png_video_metrics_config(tiny_sd_dir, sd_prior, tmp_path, method):
     config = sd_config(tiny_sd_dir, method)
     prior = None if method == "bridge" else sd_prior  # the bridge case also loads the prior itself
@@ -75,6 +75,15 @@ def test_same_seed_same_image_and_grid(tiny_sd_dir, sd_prior, tmp_path):
     assert not np.array_equal(seed0, seed1)
     assert np.array_equal(iio.imread(both.grid), np.concatenate([seed0, seed1], axis=1))
     assert both.videos == {} and not list((tmp_path / "a").glob("*.mp4"))
+
+
+def test_vsd_seeds_are_independent_a_fresh_lora_each(tiny_sd_dir, sd_prior, tmp_path):
+    """The LoRA is re-initialised from each seed: seed 1 after seed 0 gives the image seed 1 gives alone."""
+    config = sd_config(tiny_sd_dir, "vsd", "image.steps=3", "image.video_every=0", "image.lora_lr=0.05")
+    both = run_image(config, tmp_path / "a", "cpu", [0, 1], progress=False, prior=sd_prior)
+    alone = run_image(config, tmp_path / "b", "cpu", [1], progress=False, prior=sd_prior)
+    assert np.array_equal(iio.imread(both.images[1]), iio.imread(alone.images[1]))
+    assert not np.array_equal(iio.imread(both.images[0]), iio.imread(both.images[1]))
 
 
 def test_resolution_must_fit_the_latent_factor(tiny_sd_dir, sd_prior, tmp_path):

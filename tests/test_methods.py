@@ -9,7 +9,7 @@ import torch
 from sdsbridge.config import METHODS, Config, GuidanceConfig, PriorConfig
 from sdsbridge.guidance import injected_loss, sample_timesteps, timestep_range, weight
 from sdsbridge.image2d import image_guidance_config
-from sdsbridge.methods import NFSD, SDS, Bridge, Method, make_method
+from sdsbridge.methods import NFSD, SDS, VSD, Bridge, BridgeVSD, Method, make_method
 from sdsbridge.priors import load_prior
 from sdsbridge.prompts import PromptEmbeddings
 
@@ -49,15 +49,16 @@ def test_factory_builds_every_configured_method(prior):
     for name in METHODS:
         method = make_method(name, GuidanceConfig(), prior)
         assert isinstance(method, Method) and method.name == name
-    assert {type(make_method(n, GuidanceConfig(), prior)) for n in METHODS} == {SDS, Bridge, NFSD}
+    assert {type(make_method(n, GuidanceConfig(), prior)) for n in METHODS} == {SDS, Bridge, NFSD, VSD, BridgeVSD}
     with pytest.raises(ValueError, match="unknown method"):
-        make_method("vsd", GuidanceConfig(), prior)
+        make_method("dds", GuidanceConfig(), prior)
 
 
 def test_each_method_names_its_prompt_roles(prior):
     roles = {name: tuple(make_method(name, GuidanceConfig(), prior).role_texts("a cat")) for name in METHODS}
     assert roles == {"sds": ("cond", "uncond"), "bridge": ("cond", "uncond", "target", "source"),
-                     "nfsd": ("cond", "uncond", "negative")}
+                     "nfsd": ("cond", "uncond", "negative"), "vsd": ("cond", "uncond", "lora"),
+                     "bridge-vsd": ("cond", "uncond", "target", "lora")}
 
 
 def test_sds_gradient_is_cfg_minus_noise(prior, conditions):

@@ -8,18 +8,24 @@ from sdsbridge.methods.base import GuidanceResult, Method
 from sdsbridge.methods.bridge import Bridge
 from sdsbridge.methods.nfsd import NFSD
 from sdsbridge.methods.sds import SDS
+from sdsbridge.methods.vsd import VSD, BridgeVSD
 from sdsbridge.priors.base import Prior
 
 
 def make_method(name: str, settings: GuidanceConfig, prior: Prior) -> Method:
-    """The method ``name`` ('bridge', 'sds' or 'nfsd', config.METHODS) with ``settings`` on ``prior``."""
+    """The method ``name`` (config.METHODS: 'bridge', 'sds', 'nfsd', 'vsd', 'bridge-vsd') with ``settings`` on
+    ``prior``."""
     if name == "bridge":
         return Bridge(settings, prior)
     if name == "sds":
         return SDS(settings, prior)
     if name == "nfsd":
         return NFSD(settings, prior)
+    if name == "vsd":
+        return VSD(settings, prior)
+    if name == "bridge-vsd":
+        return BridgeVSD(settings, prior)
     raise ValueError(f"unknown method {name!r}")  # config validation rejects this earlier
 
 
-__all__ = ["Bridge", "GuidanceResult", "Method", "NFSD", "SDS", "make_method"]
+__all__ = ["Bridge", "BridgeVSD", "GuidanceResult", "Method", "NFSD", "SDS", "VSD", "make_method"]

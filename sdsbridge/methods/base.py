@@ -12,6 +12,12 @@ The trainer (``train_step.py``) and the 2D mode only talk to this class:
 - ``param_groups()``: optimizer groups (``{"params", "lr", "name"}``) of the method's own parameters; the
   trainer appends them to the scene's groups of its one AdamW.
 - ``state_dict()`` / ``load_state_dict()``: saved under "method" in checkpoints and restored on resume.
+- ``reset(generator)``: fresh own parameters (the 2D mode calls it per seed).
+- ``prompt_embeddings(prompt)``: the run's ``PromptEmbeddings`` with the method's roles and the settings'
+  view options (suffixes, azimuth interpolation, Perp-Neg).
+
+Perp-Neg applies wherever a method uses classifier-free guidance between 'cond' and 'uncond'
+(``cfg_predictions``): SDS, the bridge's stage one, NFSD and VSD's pretrained branch.
 
 The settings a method reads are fields of ``GuidanceConfig`` (the ``guidance:`` section; the 2D mode
 builds its own from ``image:``); each subclass lists the ones it uses.
@@ -26,9 +32,10 @@ import torch
 
 from sdsbridge.cameras import Cameras
 from sdsbridge.config import GuidanceConfig
-from sdsbridge.guidance import injected_loss, noisy_latents, predict_batched, sample_timesteps, timestep_range
+from sdsbridge.guidance import (injected_loss, noisy_latents, perp_neg_direction, predict_batched, sample_timesteps,
+                                timestep_range)
 from sdsbridge.priors.base import Prior
-from sdsbridge.prompts import join_prompt
+from sdsbridge.prompts import PERP_NEG_ROLES, PromptEmbeddings, join_prompt
 from sdsbridge.schedules import schedule_value
 
 
@@ -59,10 +66,21 @@ class Method:
     """
 
     name = "method"
+    view_independent_roles: tuple[str, ...] = ()
+    """Roles whose text never gets a view suffix (VSD's LoRA prompt)."""
 
     def __init__(self, settings: GuidanceConfig, prior: Prior):
         self.settings = settings
         self.prior = prior
+
+    def prompt_embeddings(self, prompt: str) -> PromptEmbeddings:
+        """The embeddings of ``role_texts(prompt)`` with the settings' view options: suffixes
+        (``view_dependent``), azimuth blending (``view_interpolation``, and always with ``perp_neg``, whose
+        positive threestudio blends) and Perp-Neg's negatives and weights (``perp_neg``)."""
+        s = self.settings
+        perp_neg = (s.perp_neg_f_sb, s.perp_neg_f_fsb, s.perp_neg_f_fs, s.perp_neg_f_sf) if s.perp_neg else None
+        return PromptEmbeddings(self.prior, self.role_texts(prompt), s.view_dependent, self.view_independent_roles,
+                                interpolate=s.view_interpolation or s.perp_neg, perp_neg=perp_neg)
 
     # --- prompts ---------------------------------------------------------------------------------------
     def role_texts(self, prompt: str) -> dict[str, str]:
@@ -92,6 +110,23 @@ class Method:
         x_t = noisy_latents(latents, t, noise, self.prior.alphas_cumprod)
         positions = None if cameras is None else cameras.positions
         return predict_batched(self.prior, x_t, t, [conditions[role] for role in roles], positions)
+
+    @staticmethod
+    def cfg_roles(conditions: dict[str, torch.Tensor]) -> tuple[str, ...]:
+        """The roles classifier-free guidance predicts: 'cond', 'uncond', and Perp-Neg's negatives when the
+        conditions carry them."""
+        return ("cond", "uncond") + (PERP_NEG_ROLES if "perp_neg_weights" in conditions else ())
+
+    @staticmethod
+    def cfg_predictions(eps: list[torch.Tensor], conditions: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_cond, eps_uncond) from the predictions of ``cfg_roles``; with Perp-Neg eps_cond is replaced by
+        eps_uncond + the Perp-Neg direction, so that CFG eps_uncond + s (eps_cond - eps_uncond) becomes
+        eps_uncond + s (e_pos + sum_i w_i perp(e_i, e_pos))."""
+        eps_cond, eps_uncond, *negatives = eps
+        if negatives:
+            weights = conditions["perp_neg_weights"].to(eps_cond.device, eps_cond.dtype)
+            eps_cond = eps_uncond + perp_neg_direction(eps_cond, eps_uncond, negatives, weights)
+        return eps_cond, eps_uncond
 
     def gradient(self, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, conditions: dict[str, torch.Tensor],
                  stage: int, cameras: Optional[Cameras] = None) -> torch.Tensor:
@@ -126,6 +161,9 @@ class Method:
         """AdamW groups of the method's own parameters: ``{"params": [...], "lr": float, "name": str}``
         each (betas, eps and weight decay are the trainer's). None by default."""
         return []
+
+    def reset(self, generator: Optional[torch.Generator] = None) -> None:
+        """Re-initialise the method's own parameters (from ``generator``, else the global RNG). None here."""
 
     def state_dict(self) -> dict:
         """What a checkpoint stores for the method (tensors and builtins). Nothing by default."""

@@ -26,7 +26,7 @@ class NFSD(Method):
     def gradient(self, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, conditions: dict[str, torch.Tensor],
                  stage: int, cameras: Optional[Cameras] = None) -> torch.Tensor:
         t = t.to(self.prior.device)
-        eps_cond, eps_uncond, eps_neg = self.predict(latents, t, noise, conditions, ("cond", "uncond", "negative"),
-                                                     cameras)
+        *eps, eps_neg = self.predict(latents, t, noise, conditions, self.cfg_roles(conditions) + ("negative",), cameras)
+        eps_cond, eps_uncond = self.cfg_predictions(eps, conditions)
         w = weight(t, self.prior.alphas_cumprod, self.settings.weighting)
         return nfsd_gradient(eps_cond, eps_uncond, eps_neg, t, w, self.settings.guidance_scale)

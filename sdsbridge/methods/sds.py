@@ -23,6 +23,7 @@ class SDS(Method):
     def gradient(self, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, conditions: dict[str, torch.Tensor],
                  stage: int, cameras: Optional[Cameras] = None) -> torch.Tensor:
         t = t.to(self.prior.device)
-        eps_cond, eps_uncond = self.predict(latents, t, noise, conditions, ("cond", "uncond"), cameras)
+        eps = self.predict(latents, t, noise, conditions, self.cfg_roles(conditions), cameras)
+        eps_cond, eps_uncond = self.cfg_predictions(eps, conditions)
         w = weight(t, self.prior.alphas_cumprod, self.settings.weighting)
         return sds_gradient(eps_cond, eps_uncond, noise, w, self.settings.guidance_scale)

@@ -195,9 +195,28 @@ class StableDiffusionPrior:
         """One batched UNet call: [M, 4, h, w] noisy latents, [M] integer timesteps, [M, L, D] text
         embeddings -> [M, 4, h, w] float32 epsilon. ``camera_positions`` is ignored."""
         t = t.to(self.device)
-        out = self.unet(latents_noisy.to(self.dtype), t, encoder_hidden_states=conditions.to(self.dtype)).sample
-        out = out.to(torch.float32)
-        if self.prediction_type == "v_prediction":  # eps = sqrt(abar) * v + sqrt(1 - abar) * x_t
-            abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-            out = abar.sqrt() * out + (1 - abar).sqrt() * latents_noisy.to(torch.float32)
-        return out
+        return self.to_epsilon(self.unet_output(latents_noisy, t, conditions), latents_noisy, t)
+
+    def unet_output(self, latents_noisy: torch.Tensor, t: torch.Tensor, conditions: torch.Tensor,
+                    class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The UNet's raw prediction (epsilon or v, ``prediction_type``) as float32 [M, 4, h, w], with autograd
+        as the caller has it (VSD's LoRA trains through this). ``class_labels`` [M, K] feed the UNet's class
+        embedding when one is attached (VSD's camera embedding)."""
+        return self.unet(latents_noisy.to(self.device, self.dtype), t.to(self.device),
+                         encoder_hidden_states=conditions.to(self.dtype), class_labels=class_labels).sample.float()
+
+    def to_epsilon(self, output: torch.Tensor, latents_noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """A raw UNet output -> epsilon (float32): as it is for epsilon models; for v-prediction
+        eps = sqrt(abar) v + sqrt(1 - abar) x_t."""
+        if self.prediction_type != "v_prediction":
+            return output
+        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return abar.sqrt() * output + (1 - abar).sqrt() * latents_noisy.to(torch.float32)
+
+    def diffusion_target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet is trained to predict for x_t = sqrt(abar) latents + sqrt(1 - abar) noise: the noise
+        (epsilon models) or v = sqrt(abar) noise - sqrt(1 - abar) latents (v-prediction)."""
+        if self.prediction_type != "v_prediction":
+            return noise
+        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        return abar.sqrt() * noise - (1 - abar).sqrt() * latents
