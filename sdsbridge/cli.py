@@ -18,8 +18,29 @@ from typing import List, Optional
 import typer
 
 from sdsbridge.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_WRITE_FAILED, Interrupted, UserError, WriteFailed
-from sdsbridge.preflight import check_prior_model
+from sdsbridge.preflight import check_run
 from sdsbridge.quiet import configure_logging
+
+
+def _flags_without_type(option_class) -> None:
+    """Show boolean flags in help as `--flag/--no-flag` alone, not followed by typer's `<bool>` type column (the
+    flag takes no value). A presentation detail of typer's help; skipped if typer changes that method."""
+    shown_type = getattr(option_class, "display_type_rich", None)
+    if shown_type is None:
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else shown_type(self, ctx)
+
+    option_class.display_type_rich = display_type_rich
+
+
+try:
+    from typer.core import TyperOption
+
+    _flags_without_type(TyperOption)
+except ImportError:  # another typer layout: its default help stays
+    pass
 
 app = typer.Typer(
     help="Text-to-3D by calibrated score distillation (SDS-Bridge) from a diffusion prior.\n\n"
@@ -33,10 +54,21 @@ config_app = typer.Typer(help="Show or check a resolved configuration.", no_args
 app.add_typer(config_app, name="config")
 
 OVERRIDES_HELP = "key=value overrides, e.g. train.steps=2000 guidance.guidance_scale=50 (applied last)."
+IMAGE_OVERRIDES_HELP = "key=value overrides, e.g. image.steps=500 image.guidance_scale=30 method=sds (applied last)."
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from sdsbridge import __version__
+
+        typer.echo(f"sdsbridge {__version__}")
+        raise typer.Exit(0)
 
 
 @app.callback()
-def root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs.")) -> None:
+def root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+         version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
     """Text-to-3D by calibrated score distillation."""
     configure_logging(debug)  # ours at INFO; other libraries' chatter off the terminal (quiet.py)
 
@@ -57,10 +89,12 @@ def config_check(
     file: Path = typer.Argument(..., help="A prompt YAML file."),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
-    """Validate FILE (and overrides); print OK or the first problem."""
+    """Validate FILE (and overrides) with every check `train` makes before it starts (the model is there, the
+    reference prior knows the prompt's shape); print OK or the first problem."""
     from sdsbridge.config_loader import load_config
 
     config = load_config(file, overrides or [])
+    check_run(config)
     typer.echo(f"OK: {file} ({config.method}, {config.prior.kind} prior, {config.train.steps} steps)")
 
 
@@ -104,7 +138,7 @@ def train(
         config = load_config(path, overrides)
         checkpoint = None
     torch_device = resolve_device(config.device)
-    check_prior_model(config.prior)  # a model that cannot load fails before a run directory or a scene exists
+    check_run(config)  # a model or prompt that cannot work fails before a run directory or a scene exists
     if resume is None:
         run_dir = create_run_dir(config.log.runs_dir, run_slug(config.method, config.prompt, config.log.name))
         fresh = True
@@ -221,7 +255,7 @@ def evaluate(
 @app.command()
 def image(
     file: Optional[str] = typer.Argument(None, help="prompt.yaml (with --batch, settings only)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    overrides: Optional[List[str]] = typer.Argument(None, help=IMAGE_OVERRIDES_HELP),
     seeds: str = typer.Option("0", "--seeds", help="Seeds: '0', '0-7' or '0,2,5' (one image each; a grid "
                               "compares them)."),
     batch: Optional[Path] = typer.Option(None, "--batch", help="A text file of prompts, one per line: one "
@@ -230,7 +264,7 @@ def image(
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
-    """2D score distillation: optimise an image (SD latent or reference-prior pixels) with bridge/sds/nfsd
+    """2D score distillation: optimise an image (SD latent or reference-prior pixels) with bridge/sds/nfsd/vsd
     and the official 2D settings (image.* keys)."""
     from sdsbridge.config_loader import load_config
     from sdsbridge.image2d import parse_seeds, run_image
@@ -243,10 +277,10 @@ def image(
         overrides.append(f"device={device}")
     if batch is not None and not batch.is_file():
         raise UserError(f"--batch: {batch}: file not found")
-    config = load_config(path, overrides, require_prompt=batch is None)
+    config = load_config(path, overrides, require_prompt=batch is None, command="image")
     seed_list = parse_seeds(seeds)
     torch_device = resolve_device(config.device)
-    check_prior_model(config.prior)
+    check_run(config)
     if out is None:
         name = f"image-{run_slug(config.method, batch.stem if batch else config.prompt, config.log.name)}"
         out = create_run_dir(config.log.runs_dir, name)

@@ -63,12 +63,21 @@ def _all_keys(obj: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key_message(key: str, source: str) -> str:
+IMAGE_ONLY_SECTION = "image"
+"""The section only ``sdsbridge image`` reads (the 2D mode's own steps, scales, learning rates)."""
+THREE_D_SECTIONS = ("scene", "cameras", "render", "loss", "train", "export")
+"""Sections only the 3D commands read; ``sdsbridge image`` rejects them on its command line."""
+
+
+def _unknown_key_message(key: str, source: str, command: str = "train") -> str:
     """'unknown key' with a hint: the key whose last part is the same ('train.name' -> 'log.name'; the
-    closest of several), else the closest full key, else the closest last part."""
+    closest of several, and of those the one the command reads: ``image.*`` for 'image', another section for
+    the 3D commands), else the closest full key, else the closest last part."""
     valid = _all_keys(Config())
     leaf = key.rsplit(".", 1)[-1]
     same_leaf = [k for k in valid if k.rsplit(".", 1)[-1] == leaf and k != key]
+    preferred = [k for k in same_leaf if (k.split(".")[0] == IMAGE_ONLY_SECTION) == (command == "image")]
+    same_leaf = preferred or same_leaf
     close = difflib.get_close_matches(key, same_leaf, n=1, cutoff=0.0) if same_leaf else []
     if not close:
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
@@ -79,19 +88,19 @@ def _unknown_key_message(key: str, source: str) -> str:
     return f"{source}: unknown key '{key}'{hint}"
 
 
-def _check_keys(data: dict, schema: Any, source: str, prefix: str = "") -> None:
+def _check_keys(data: dict, schema: Any, source: str, prefix: str = "", command: str = "train") -> None:
     """Unknown keys and section/value mix-ups, found before OmegaConf sees the data."""
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key, value in data.items():
         full_key = f"{prefix}{key}"
         if key not in fields:
-            raise UserError(_unknown_key_message(full_key, source))
+            raise UserError(_unknown_key_message(full_key, source, command))
         default = getattr(schema, key)
         if dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
                 raise UserError(f"{source}: key '{full_key}' is a section: expected a mapping of its keys, "
                                 f"got {value!r}")
-            _check_keys(value, default, source, full_key + ".")
+            _check_keys(value, default, source, full_key + ".", command)
         elif isinstance(value, dict):
             raise UserError(f"{source}: key '{full_key}' takes a value, not a section")
         elif isinstance(value, list) and len(value) > MAX_LIST_ITEMS:
@@ -99,8 +108,8 @@ def _check_keys(data: dict, schema: Any, source: str, prefix: str = "") -> None:
                             f"{MAX_LIST_ITEMS}")
 
 
-def _merge(base: Any, update: dict, source: str) -> Any:
-    _check_keys(update, Config(), source)
+def _merge(base: Any, update: dict, source: str, command: str = "train") -> Any:
+    _check_keys(update, Config(), source, command=command)
     try:
         return OmegaConf.merge(base, update)
     except OmegaConfBaseException as exc:
@@ -134,11 +143,13 @@ def _parse_overrides(overrides: list[str]) -> dict:
     return nested
 
 
-def load_config(path: Optional[Path], overrides: list[str] = (), require_prompt: bool = True) -> Config:
+def load_config(path: Optional[Path], overrides: list[str] = (), require_prompt: bool = True,
+                command: str = "train") -> Config:
     """Resolve a Config: schema defaults <- configs/<method>.yaml <- user file <- ``key=value`` overrides.
 
     The method is read from the overrides, else the user file, else the default ('bridge'), then its
-    preset is applied under the user's values. Raises UserError on any bad input.
+    preset is applied under the user's values. ``command`` ('train' or 'image') picks the hints for unknown
+    keys, and 'image' rejects 3D sections on the command line. Raises UserError on any bad input.
     """
     user = _read_yaml(Path(path)) if path is not None else {}
     cli = _parse_overrides(list(overrides))
@@ -149,9 +160,15 @@ def load_config(path: Optional[Path], overrides: list[str] = (), require_prompt:
     preset = _read_yaml(preset_path) if preset_path.is_file() else {}
 
     cfg = OmegaConf.structured(Config)
-    cfg = _merge(cfg, preset, str(preset_path))
-    cfg = _merge(cfg, user, str(path))
-    cfg = _merge(cfg, cli, "command line")
+    if command == "image":
+        for section in THREE_D_SECTIONS:
+            if section in cli:
+                key = f"{section}.{next(iter(cli[section]))}" if isinstance(cli[section], dict) and cli[section] else section
+                raise UserError(f"command line: '{key}' is a 3D setting, which `sdsbridge image` does not use; its "
+                                "settings are image.* (e.g. image.steps=500 image.guidance_scale=30)")
+    cfg = _merge(cfg, preset, str(preset_path), command)
+    cfg = _merge(cfg, user, str(path), command)
+    cfg = _merge(cfg, cli, "command line", command)
     try:
         config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:

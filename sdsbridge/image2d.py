@@ -12,12 +12,13 @@ distillation and one AdamW step (lr ``image.lr``, betas (0.9, 0.99), eps 1e-15, 
 Outputs in ``out_dir`` (each seed ``s``): ``seed-<s>.png`` (the final image, written atomically and last),
 ``seed-<s>.mp4`` (the initial image and one frame every ``image.video_every`` steps), ``metrics.jsonl``
 (one row every ``log.log_every`` steps and at the last step: seed, step, loss, grad_norm, t, stage),
-``config.yaml`` (the resolved config) and, for two or more seeds, ``grid.png`` (the seeds side by side).
+``config.yaml`` (the resolved config) and ``grid.png`` (the seeds side by side; the one image for one seed).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from sdsbridge.priors import load_prior
 from sdsbridge.priors.base import Prior
 from sdsbridge.prompts import PromptEmbeddings
 from sdsbridge.train_step import train_step
+
+logger = logging.getLogger("sdsbridge")
 
 VIDEO_FPS = 10
 """Frames per second of the optimisation video (the official 2D code's)."""
@@ -97,6 +100,23 @@ def image_guidance_config(config: Config) -> GuidanceConfig:
         perp_neg=False,
         lora_lr=im.lora_lr,
     )
+
+
+LOW_NOISE_T = 0.2
+"""t / T below which the optimisation removes the last noise."""
+MIN_LOW_NOISE_STEPS = 20
+"""Fewer expected steps below ``LOW_NOISE_T`` than this leave a visibly noisy image."""
+
+
+def too_few_steps(im) -> Optional[str]:
+    """A warning when ``image.steps`` gives fewer than ``MIN_LOW_NOISE_STEPS`` expected steps with t below
+    ``LOW_NOISE_T`` (t is uniform on [min_step_percent, max_step_percent] every step), else None."""
+    span = im.max_step_percent - im.min_step_percent
+    low = im.steps * max(0.0, min(LOW_NOISE_T, im.max_step_percent) - im.min_step_percent) / span if span > 0 else im.steps
+    if low >= MIN_LOW_NOISE_STEPS:
+        return None
+    return (f"image.steps={im.steps}: only about {low:.0f} steps will sample t below {LOW_NOISE_T:g} T, where the last "
+            f"noise is removed, so expect a noisy image (the official 2D runs take 1000 steps)")
 
 
 def load_image_prior(config: Config, device: torch.device | str) -> Prior:
@@ -189,9 +209,8 @@ def image_path(out_dir: Path, seed: int) -> Path:
 
 
 def is_done(out_dir: Path, seeds: list[int]) -> bool:
-    """True when every seed's final PNG (and, for several seeds, grid.png) exists."""
-    grid_ok = len(seeds) < 2 or (Path(out_dir) / "grid.png").is_file()
-    return grid_ok and all(image_path(out_dir, s).is_file() for s in seeds)
+    """True when every seed's final PNG and grid.png exist."""
+    return (Path(out_dir) / "grid.png").is_file() and all(image_path(out_dir, s).is_file() for s in seeds)
 
 
 @dataclass
@@ -203,8 +222,8 @@ class ImageResult:
     """seed -> final PNG."""
     videos: dict[int, Path]
     """seed -> optimisation mp4 (seeds optimised in this call, with ``image.video_every`` > 0)."""
-    grid: Optional[Path]
-    """grid.png (two or more seeds), else None."""
+    grid: Path
+    """grid.png (the seeds' images side by side, in the order given)."""
     metrics: Path
     config: Path
     optimised: list[int] = field(default_factory=list)
@@ -231,6 +250,9 @@ def run_image(config: Config, out_dir: Path, device: torch.device | str, seeds: 
     """
     if not seeds:
         raise UserError("seeds: no seed given")
+    warning = too_few_steps(config.image)
+    if warning:
+        logger.warning(warning)
     prior = prior if prior is not None else load_image_prior(config, device)
     method = make_method(config.method, image_guidance_config(config), prior)
     embeddings = method.prompt_embeddings(config.prompt)  # no view suffixes in 2D (image_guidance_config)
@@ -243,7 +265,7 @@ def run_image(config: Config, out_dir: Path, device: torch.device | str, seeds: 
     metrics_path = out_dir / "metrics.jsonl"
     keep_rows(metrics_path, lambda row: row.get("seed") not in todo)  # seeds about to run again start afresh
     result = ImageResult(out_dir=out_dir, images={s: image_path(out_dir, s) for s in seeds}, videos={},
-                         grid=None, metrics=metrics_path, config=config_path, optimised=todo)
+                         grid=out_dir / "grid.png", metrics=metrics_path, config=config_path, optimised=todo)
     for seed in todo:
         trace = optimise_image(method, embeddings, config, seed, progress, desc=f"{desc}seed {seed}")
         append_rows(metrics_path, trace.metrics)
@@ -253,7 +275,6 @@ def run_image(config: Config, out_dir: Path, device: torch.device | str, seeds: 
         write_png(image_path(out_dir, seed), trace.image)  # last: its presence marks the seed done
         result.seconds += trace.seconds
         result.steps += config.image.steps
-    if len(seeds) > 1:
-        result.grid = out_dir / "grid.png"
-        write_png(result.grid, np.concatenate([iio.imread(image_path(out_dir, s)) for s in seeds], axis=1))
+    result.grid = out_dir / "grid.png"  # always, also for one seed: one place to look
+    write_png(result.grid, np.concatenate([iio.imread(image_path(out_dir, s)) for s in seeds], axis=1))
     return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from sdsbridge.config import KNOWN_MIRRORS, PriorConfig
+from sdsbridge.config import KNOWN_MIRRORS, Config, PriorConfig
 from sdsbridge.errors import UserError
 
 
@@ -13,6 +13,17 @@ def _offline() -> bool:
     """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set to a true value (what ``from_pretrained`` will honour)."""
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_run(config: Config) -> None:
+    """Every check ``train`` and ``image`` make before building anything, beyond the config's own validation:
+    the prior's model (``check_prior_model``) and, on the reference prior, that the prompt names one of its
+    built-in shapes. ``config check`` runs the same, so it fails where ``train`` would."""
+    check_prior_model(config.prior)
+    if config.prior.kind == "reference" and config.prompt.strip():
+        from sdsbridge.priors.reference_prompts import parse_prompt
+
+        parse_prompt(config.prompt)
 
 
 def check_prior_model(prior: PriorConfig) -> None:

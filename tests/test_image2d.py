@@ -48,7 +48,8 @@ def test_each_method_writes_png_video_metrics_config(tiny_sd_dir, sd_prior, tmp_
 
     image = iio.imread(tmp_path / "seed-0.png")
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
-    assert result.images == {0: tmp_path / "seed-0.png"} and result.grid is None
+    assert result.images == {0: tmp_path / "seed-0.png"} and result.grid == tmp_path / "grid.png"
+    assert np.array_equal(iio.imread(result.grid), image)  # one seed: the grid is its image
     reader = imageio_v2.get_reader(result.videos[0], format="FFMPEG")
     assert reader.count_frames() == 1 + 4 // 2  # the initial image, then every video_every steps
     frame = reader.get_data(0)
@@ -190,7 +191,7 @@ def test_batch_reports_rejected_prompts_and_goes_on(tmp_path, capsys):
     items = run_image_batch(batch_config(), prompts, tmp_path / "out", "cpu", [3], progress=False)
     assert [i.status for i in items] == ["failed", "done"]
     assert "names no built-in shape" in items[0].error and not items[0].out_dir.exists()
-    assert (items[1].out_dir / "seed-3.png").is_file() and not (items[1].out_dir / "grid.png").exists()
+    assert (items[1].out_dir / "seed-3.png").is_file() and (items[1].out_dir / "grid.png").is_file()
     out = capsys.readouterr().out
     assert "1 made, 0 skipped (already done), 1 failed" in out and "a purple giraffe" in out
 
