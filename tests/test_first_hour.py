@@ -60,3 +60,25 @@ def test_too_few_image_steps_warn():
     message = too_few_steps(ImageConfig(steps=30))
     assert "image.steps=30" in message and "noisy" in message
     assert too_few_steps(ImageConfig(steps=30, max_step_percent=0.2)) is None  # every step is at low t
+
+
+def test_a_prior_that_fails_to_load_leaves_nothing_and_says_what_to_do(tmp_path, capsys, monkeypatch, caplog):
+    """The first run of a new user: no weights reachable. One error line, hints under it (other ids, offline
+    use, the CPU demo), and no run directory or runs folder left behind."""
+    import sdsbridge.train as train_module
+    from sdsbridge.errors import UserError
+    from sdsbridge.priors.stable_diffusion import model_hints
+
+    def unreachable(*args, **kwargs):
+        raise UserError("prior.model: model id 'x/y' is not in the local cache and could not be downloaded: the "
+                        "Hugging Face hub is unreachable (no network?)", hints=model_hints("x/y"))
+
+    monkeypatch.setattr(train_module, "load_prior", unreachable)
+    runs = tmp_path / "runs"
+    code, out, err = run_cli(["train", str(prompt_file(tmp_path)), f"log.runs_dir={runs}", "--device", "cpu",
+                              "scene.n_levels=4", "scene.log2_hashmap_size=12"], capsys)
+    assert code == 2 and "unreachable" in one_error_line(err)
+    hints = [line for line in err.splitlines() if line.startswith("  - ")]
+    assert len(hints) == 3 and "configs/demo.yaml" in hints[2] and "HF_HUB_OFFLINE=1" in hints[1]
+    assert any("Stable Diffusion on the CPU" in r.getMessage() for r in caplog.records)  # warned before trying
+    assert not runs.exists()

