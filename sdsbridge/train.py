@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sdsbridge import checkpoint as ckpt
 from sdsbridge.atomic import atomic_write_bytes
@@ -30,6 +31,7 @@ from sdsbridge.errors import Interrupted, RunFailed, UserError, WriteFailed
 from sdsbridge.jsonl import append_rows, keep_rows
 from sdsbridge.media import image_row, write_png
 from sdsbridge.methods import Method, make_method
+from sdsbridge.nerf import encoding as encoding_module
 from sdsbridge.priors import load_prior
 from sdsbridge.scene import Scene, build_scene
 from sdsbridge.train_step import StepResult, Views, build_optimizer, scene_step
@@ -162,12 +164,16 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
     metrics_path = run_dir / "metrics.jsonl"
     keep_rows(metrics_path, lambda row: row.get("step", 0) <= start_step)  # a resumed run redoes later steps
     bar = tqdm(total=steps, initial=start_step, disable=not show_progress, dynamic_ncols=True, unit="step")
+    compiled_before = encoding_module.compile_seconds
     bad_in_row, done, last_saved, interrupted = 0, start_step, None, False
     bad_at_start, unwritten_rows = bad_steps, []
     scene.train()
-    with stop_requests() as stop:
+    with stop_requests() as stop, logging_redirect_tqdm():  # log lines print above the bar, not glued to it
         for step in range(start_step, steps):
             views, result = scene_step(scene, method, prompts, optimizer, config, step)
+            if encoding_module.compile_seconds != compiled_before:  # a one-off kernel compile: not the rate
+                compiled_before = encoding_module.compile_seconds
+                bar.unpause()
             if result.finite:
                 bad_in_row = 0
             else:

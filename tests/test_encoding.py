@@ -283,3 +283,26 @@ def test_tcnn_and_torch_backends_agree():
     (y_slow * grad_out).sum().backward()
     assert (fast.params.grad - slow.params.grad).norm() <= 1e-3 * slow.params.grad.norm()
     assert list(fast.state_dict()) == ["params"]
+
+
+def test_first_compile_is_announced_and_its_time_counted(monkeypatch, caplog):
+    """Before the one-off compile the log says so (no silent stall), and the seconds it took are counted
+    (the training loop keeps them out of the progress bar's rate)."""
+    import time as time_module
+
+    def slow_to_compile(kernel):
+        def call(*args):
+            time_module.sleep(0.05)
+            return kernel(*args)
+        return call
+
+    monkeypatch.setattr(kernels_module, "compiled", slow_to_compile)
+    monkeypatch.setattr(encoding_module, "COMPILE_MIN_POINTS", 1)
+    enc = make(SMALL, dtype=torch.float32)
+    enc.compile_kernels, enc.compile_after_points = True, 0
+    before = encoding_module.compile_seconds
+    with caplog.at_level(logging.INFO, logger="sdsbridge"):
+        enc(torch.rand(100, 3))
+    messages = [r.getMessage() for r in caplog.records]
+    assert "compiling its CPU kernels, once per run" in messages[0] and "compiled/loaded" in messages[-1]
+    assert encoding_module.compile_seconds - before >= 0.05

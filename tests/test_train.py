@@ -232,3 +232,29 @@ def test_checkpoints_of_methods_without_state(tmp_path):
     train(small_config(tmp_path, "train.steps=3"), run_dir, torch.device("cpu"), checkpoint=checkpoint,
           show_progress=False)
     assert load_checkpoint(find_checkpoint(run_dir))["step"] == 3
+
+
+def test_a_kernel_compile_during_a_step_is_kept_out_of_the_eta(tmp_path, monkeypatch):
+    import sdsbridge.train as train_module
+    from sdsbridge.nerf import encoding as encoding_module
+
+    unpaused = []
+
+    class RecordingBar(train_module.tqdm):
+        def unpause(self):
+            unpaused.append(self.n)
+            super().unpause()
+
+    real_step = train_module.scene_step
+
+    def step_that_compiles_at_step_two(scene, method, prompts, optimizer, config, step, *args, **kwargs):
+        if step == 2:
+            monkeypatch.setattr(encoding_module, "compile_seconds", encoding_module.compile_seconds + 15.0)
+        return real_step(scene, method, prompts, optimizer, config, step, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "tqdm", RecordingBar)
+    monkeypatch.setattr(train_module, "scene_step", step_that_compiles_at_step_two)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    train(small_config(tmp_path, "train.steps=4"), run_dir, torch.device("cpu"), show_progress=True)
+    assert unpaused == [2]  # once, right after the compiling step, before it is counted

@@ -35,6 +35,9 @@ thousand points per training step, and would reach 2M points only after hundreds
 COMPILE_MIN_POINTS = 4096
 """CPU: calls with fewer points do not count towards compiling; once compiled, calls of any size use the
 compiled kernels (padded to a whole chunk they still beat eager kernels, even at 500 points)."""
+compile_seconds = 0.0
+"""Seconds this process spent compiling (or loading) hash-grid kernels: the training loop keeps that one-off
+time out of its progress bar's rate, so the ETA stays honest."""
 CHUNK_POINTS = {"cpu": 65536, "cpu-compiled-forward": 8192, "cpu-compiled-backward": 8192, "cuda": 2 ** 18}
 """Points per kernel call (best measured on 2 cores); compiled kernels only ever see this shape (the last
 chunk is zero-padded), so each compiles once. A forward chunk of 8192 runs 2^18 points as fast as 32768 did
@@ -248,8 +251,11 @@ class HashGridEncoding(nn.Module):
                 return kernel(*args)
             if kernel in self._kernels_seen:
                 return fn(*args)
+            if not self._kernels_seen:
+                logger.info("hash grid: compiling its CPU kernels, once per run (seconds; cached on disk for later "
+                            "runs)")
+            start = time.perf_counter()
             try:
-                start = time.perf_counter()
                 result = fn(*args)
             except Exception as exc:  # no C++ compiler, unsupported platform, inductor bug...
                 self.compile_kernels = False
@@ -257,6 +263,9 @@ class HashGridEncoding(nn.Module):
                 logger.warning("hash grid: torch.compile failed (%s: %s); using eager kernels",
                                type(exc).__name__, detail)
                 return kernel(*args)
+            finally:
+                global compile_seconds
+                compile_seconds += time.perf_counter() - start
             self._kernels_seen.add(kernel)
             logger.info("hash grid: %s compiled/loaded in %.1f s", kernel.__name__,
                         time.perf_counter() - start)
