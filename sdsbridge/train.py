@@ -26,7 +26,7 @@ from sdsbridge.atomic import atomic_write_bytes
 from sdsbridge.cameras import orbit_cameras
 from sdsbridge.config import Config
 from sdsbridge.config_loader import config_to_dict, to_yaml
-from sdsbridge.devices import module_device, seed_everything
+from sdsbridge.devices import fitted_cpu_threads, module_device, seed_everything
 from sdsbridge.errors import Interrupted, RunFailed, UserError, WriteFailed
 from sdsbridge.jsonl import append_rows, keep_rows
 from sdsbridge.media import image_row, write_png
@@ -37,6 +37,10 @@ from sdsbridge.scene import Scene, build_scene
 from sdsbridge.train_step import StepResult, Views, build_optimizer, scene_step
 
 log = logging.getLogger("sdsbridge")
+
+
+THREAD_CHECK_EVERY = 100
+"""CPU runs re-fit their thread count to the machine's load every this many steps (devices.CpuThreads)."""
 
 
 class TrainingDiverged(RunFailed):
@@ -168,7 +172,7 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
     bad_in_row, done, last_saved, interrupted = 0, start_step, None, False
     bad_at_start, unwritten_rows = bad_steps, []
     scene.train()
-    with stop_requests() as stop, logging_redirect_tqdm():  # log lines print above the bar, not glued to it
+    with stop_requests() as stop, logging_redirect_tqdm(), fitted_cpu_threads(device) as threads:  # log lines print above the bar, not glued to it
         for step in range(start_step, steps):
             views, result = scene_step(scene, method, prompts, optimizer, config, step)
             if encoding_module.compile_seconds != compiled_before:  # a one-off kernel compile: not the rate
@@ -186,6 +190,8 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
                         f"training diverged: {bad_in_row} non-finite steps in a row at step {step}; the last good "
                         f"state is in {path} (try lower learning rates or guidance scale)")
             done = step + 1
+            if threads is not None and done % THREAD_CHECK_EVERY == 0:
+                threads.update(time.time() - started)
 
             # Scalars reach the host only on logging steps (each .item() waits for the device).
             bar.update(1)

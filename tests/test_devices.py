@@ -58,3 +58,41 @@ def test_seed_everything_repeats_every_generator():
     seed_everything(5)
     assert torch.equal(torch.rand(3), first[0]) and np.array_equal(np.random.rand(3), first[1])
     assert random.random() == first[2]
+
+
+def test_cpu_threads_follow_the_free_cores(monkeypatch):
+    import os
+
+    import torch
+
+    from sdsbridge import devices
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SDSBRIDGE_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    before = torch.get_num_threads()
+    load = [0.2]
+    monkeypatch.setattr(os, "getloadavg", lambda: (load[0], 0.0, 0.0))
+    with devices.fitted_cpu_threads(torch.device("cpu")) as threads:
+        assert torch.get_num_threads() == 4  # an idle machine: every core
+        load[0] = 2.0 + 4.0  # two busy processes, plus our own four threads after a long while
+        assert threads.update(busy_seconds=3600) == 2 and torch.get_num_threads() == 2
+        load[0] = 9.0
+        assert threads.update(busy_seconds=3600) == 1  # never fewer than one
+    assert torch.get_num_threads() == before  # restored on exit
+    with devices.fitted_cpu_threads(torch.device("cuda")) as threads:
+        assert threads is None
+
+
+def test_cpu_threads_respect_the_users_setting(monkeypatch):
+    import os
+
+    import torch
+
+    from sdsbridge import devices
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 0.0, 0.0))
+    before = torch.get_num_threads()
+    with devices.fitted_cpu_threads(torch.device("cpu")) as threads:
+        assert threads.update(busy_seconds=100) == before  # the user's count stays, whatever the load
