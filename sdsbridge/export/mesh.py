@@ -125,24 +125,16 @@ def auto_threshold(densities: np.ndarray) -> Optional[float]:
 
 
 def _face_components(faces: np.ndarray, n_vertices: int) -> np.ndarray:
-    """[F] component label of each face (faces sharing a vertex are connected), by hooking + pointer
-    jumping on vertex labels (no scipy needed)."""
-    labels = np.arange(n_vertices)
+    """[F] component label of each face (faces sharing a vertex are connected): scipy's connected components
+    of the vertex graph, read at each face's first vertex."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]]])
-    while True:
-        a, b = labels[edges[:, 0]], labels[edges[:, 1]]
-        low = np.minimum(a, b)
-        hooked = labels.copy()
-        np.minimum.at(hooked, a, low)
-        np.minimum.at(hooked, b, low)
-        while True:  # flatten: every vertex points at its tree's root
-            jumped = hooked[hooked]
-            if np.array_equal(jumped, hooked):
-                break
-            hooked = jumped
-        if np.array_equal(hooked, labels):
-            return labels[faces[:, 0]]
-        labels = hooked
+    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])),
+                       shape=(n_vertices, n_vertices))
+    _, labels = connected_components(graph, directed=False)
+    return labels[faces[:, 0]]
 
 
 def remove_small_components(vertices: np.ndarray, faces: np.ndarray, min_fraction: float
