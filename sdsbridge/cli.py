@@ -114,6 +114,8 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run: its directory or a .ckpt file. "
                                           "Raise train.steps=N to extend a finished run."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides `device:`)."),
+    method: Optional[str] = typer.Option(None, "--method", help="bridge | sds | nfsd | vsd | bridge-vsd "
+                                         "(overrides `method:`)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Train a NeRF from a prompt by score distillation, then export the mesh and turntable video."""
@@ -127,6 +129,8 @@ def train(
     path, overrides = _split_file_and_overrides(file, overrides)
     if device is not None:
         overrides.append(f"device={device}")
+    if method is not None:
+        overrides.append(f"method={method}")
     if resume is not None:
         checkpoint_path, checkpoint = ckpt.load_newest(resume, for_resume=True)  # on the CPU: RNG states stay there
         config = config_from_dict(checkpoint["config"], overrides)
@@ -271,6 +275,8 @@ def image(
                                          "image per prompt, resumable (done prompts are skipped)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a new runs/image-...)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
+    method: Optional[str] = typer.Option(None, "--method", help="bridge | sds | nfsd | vsd | bridge-vsd "
+                                         "(overrides `method:`)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """2D score distillation: optimise an image (SD latent or reference-prior pixels) with bridge/sds/nfsd/vsd
@@ -284,6 +290,8 @@ def image(
     path, overrides = _split_file_and_overrides(file, overrides)
     if device is not None:
         overrides.append(f"device={device}")
+    if method is not None:
+        overrides.append(f"method={method}")
     if batch is not None and not batch.is_file():
         raise UserError(f"--batch: {batch}: file not found")
     config = load_config(path, overrides, require_prompt=batch is None, command="image")

@@ -250,3 +250,16 @@ def test_vsd_defaults_are_prolificdreamers():
     assert (g.vsd_guidance_scale, g.lora_lr, g.lora_rank, g.lora_condition_dropout, g.weighting) == (7.5, 1e-4, 4, 0.1, "sds")
     assert (g.perp_neg, g.view_interpolation) == (False, False)  # the paper's run has neither
     assert load_config(None, ["prompt=a cat", "method=vsd"]).image.lora_lr == 3e-4  # the official 2D code's
+
+
+def test_image_method_vsd_on_the_command_line(tmp_path, tiny_sd_dir, capsys):
+    prompt = tmp_path / "p.yaml"
+    prompt.write_text("prompt: a red torus\n")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["image", str(prompt), "--method", "vsd", f"prior.model={tiny_sd_dir}",
+                                 "image.resolution=64", "image.steps=3", "image.video_every=0", f"--out={out}",
+                                 "--device", "cpu", "--no-progress"], capsys)
+    assert code == 0, err
+    assert (out / "seed-0.png").is_file() and load_config(out / "config.yaml").method == "vsd"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2] and all("loss" in r for r in rows)  # every log.log_every, and the last
