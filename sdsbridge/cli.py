@@ -80,18 +80,27 @@ def train(
                                           "Raise train.steps=N to extend a finished run."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides `device:`)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    run_dir_option: Optional[Path] = typer.Option(None, "--run-dir", help="Train a fresh run in this directory "
+                                                  "(created; it must not exist or be empty) instead of a new one "
+                                                  "under log.runs_dir (what `sweep` uses)."),
 ) -> None:
     """Train a NeRF from a prompt by score distillation, then export the mesh and turntable video."""
     from sdsbridge import checkpoint as ckpt
-    from sdsbridge.atomic import remove_stale_temps
+    from sdsbridge.atomic import make_dirs, remove_stale_temps
     from sdsbridge.config_loader import config_from_dict, load_config
     from sdsbridge.rundir import create_run_dir, run_slug
     from sdsbridge.devices import resolve_device
-    from sdsbridge.train import train as train_run
+    from sdsbridge.train import prior_device, train as train_run
 
     path, overrides = _split_file_and_overrides(file, overrides)
     if device is not None:
         overrides.append(f"device={device}")
+    if resume is not None and run_dir_option is not None:
+        raise UserError("train: --run-dir starts a fresh run; --resume continues one in its own directory (give one)")
+    if run_dir_option is not None and run_dir_option.exists() and (
+            not run_dir_option.is_dir() or any(run_dir_option.iterdir())):
+        raise UserError(f"--run-dir: {run_dir_option} exists and is not an empty directory; an existing run is "
+                        "never reused (continue it with --resume)")
     if resume is not None:
         checkpoint_path, checkpoint = ckpt.load_newest(resume, for_resume=True)  # on the CPU: RNG states stay there
         config = config_from_dict(checkpoint["config"], overrides)
@@ -104,9 +113,11 @@ def train(
         config = load_config(path, overrides)
         checkpoint = None
     torch_device = resolve_device(config.device)
+    prior_device(config, torch_device)  # a prior.device this machine lacks fails before a run directory exists
     check_prior_model(config.prior)  # a model that cannot load fails before a run directory or a scene exists
     if resume is None:
-        run_dir = create_run_dir(config.log.runs_dir, run_slug(config.method, config.prompt, config.log.name))
+        run_dir = (make_dirs(run_dir_option) if run_dir_option is not None else
+                   create_run_dir(config.log.runs_dir, run_slug(config.method, config.prompt, config.log.name)))
         fresh = True
     typer.echo(f"run directory: {run_dir}")
     try:
@@ -202,6 +213,8 @@ def evaluate(
     run: Path = typer.Argument(..., help="A run directory (or a .ckpt file)."),
     json_output: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    views: int = typer.Option(16, "--views", help="Eval-orbit views rendered and scored."),
+    mesh_resolution: int = typer.Option(128, "--mesh-resolution", help="Marching-cubes grid of the Chamfer mesh."),
 ) -> None:
     """Score a run against the truth: PSNR on held-out views, Chamfer distance of the mesh and colour
     saturation error (reference-prior runs); Stable Diffusion runs have no ground truth to score."""
@@ -210,7 +223,11 @@ def evaluate(
     from sdsbridge.evaluation import evaluate_run
     from sdsbridge.devices import resolve_device
 
-    scores = evaluate_run(run, resolve_device(device))
+    if views <= 0:
+        raise UserError(f"--views: must be positive, got {views}")
+    if mesh_resolution < 8:
+        raise UserError(f"--mesh-resolution: must be >= 8, got {mesh_resolution}")
+    scores = evaluate_run(run, resolve_device(device), n_views=views, mesh_resolution=mesh_resolution)
     if json_output:
         typer.echo(json.dumps(scores, indent=2))
         return
