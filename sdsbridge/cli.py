@@ -17,7 +17,8 @@ from typing import List, Optional
 
 import typer
 
-from sdsbridge.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_WRITE_FAILED, Interrupted, UserError, WriteFailed
+from sdsbridge.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_WRITE_FAILED, Interrupted, RunFailed, UserError,
+                              WriteFailed)
 from sdsbridge.preflight import check_prior_model
 from sdsbridge.quiet import configure_logging
 
@@ -274,6 +275,67 @@ def image(
     typer.echo(f"images: {', '.join(str(p) for p in result.images.values())}")
     if result.grid is not None:
         typer.echo(f"grid: {result.grid}")
+
+
+@app.command()
+def sweep(
+    file: Path = typer.Argument(..., help="A sweep file: prompts, a base config and a grid of key=value variations."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value for every run (after the sweep's `set`)."),
+    launcher: str = typer.Option("local", "--launcher", help="local | ray | slurm (ray, slurm: optional extras)."),
+    jobs: int = typer.Option(1, "--jobs", help="local: runs at a time (one GPU each when there are GPUs)."),
+    retries: int = typer.Option(1, "--retries", help="Resume a run that crashed up to N more times."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Sweep directory (default: the file's `out`, else "
+                                       "sweeps/<file stem>)."),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: a running cluster (e.g. auto, "
+                                          "ray://host:10001); default: start a local one."),
+    cpus_per_run: int = typer.Option(1, "--cpus-per-run", help="ray, on a cluster without GPUs: CPUs per run; "
+                                     "slurm: CPUs per job."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="slurm: the partition."),
+    time_min: int = typer.Option(240, "--time-min", help="slurm: time limit per job in minutes (a job that "
+                                 "reaches it checkpoints and is requeued)."),
+    max_parallel: int = typer.Option(0, "--max-parallel", help="slurm: jobs of the array running at once (0: "
+                                     "no limit)."),
+    slurm_local: bool = typer.Option(False, "--slurm-local", help="slurm: run the jobs as local processes through "
+                                     "submitit (a dry run of the Slurm path, no cluster needed)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate every run and list them with their status; "
+                                 "start nothing."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the overall progress bar."),
+) -> None:
+    """Run every combination of a sweep file (prompts x grid), each an ordinary run under one sweep directory.
+    Re-running skips finished runs, resumes interrupted ones from their checkpoint and starts missing ones;
+    sweep.csv / sweep.json hold one row per run."""
+    from sdsbridge.launchers import SlurmOptions, run_sweep
+    from sdsbridge.sweep import load_sweep, run_status
+
+    if launcher not in ("local", "ray", "slurm"):
+        raise UserError(f"--launcher: '{launcher}' is not one of local, ray, slurm")
+    for name, value, low in (("--jobs", jobs, 1), ("--retries", retries, 0), ("--cpus-per-run", cpus_per_run, 1),
+                             ("--time-min", time_min, 1), ("--max-parallel", max_parallel, 0)):
+        if value < low:
+            raise UserError(f"{name}: must be >= {low}, got {value}")
+    plan = load_sweep(file, overrides or [], out)
+    if launcher == "local":
+        for run in plan.runs:
+            check_prior_model(run.config.prior)
+            if jobs > 1 and run.config.prior.device not in (None, "cpu"):
+                raise UserError(f"--jobs {jobs}: run {run.name} puts its prior on {run.config.prior.device}; "
+                                "runs that span two GPUs need --jobs 1")
+    if dry_run:
+        for run in plan.runs:
+            typer.echo(f"{run_status(plan.out, run.name):>8}  {run.name}")
+        typer.echo(f"{len(plan.runs)} runs in {plan.out}: OK")
+        return
+    if launcher != "local":
+        from sdsbridge.launchers import import_extra
+
+        import_extra("ray" if launcher == "ray" else "submitit")  # the missing extra, before anything is written
+    slurm = SlurmOptions(partition, time_min, 1, cpus_per_run, max_parallel, slurm_local)
+    rows = run_sweep(plan, launcher, jobs, retries, address, cpus_per_run, slurm, progress)
+    unfinished = [row for row in rows if row["status"] != "done"]
+    if unfinished:
+        raise RunFailed(f"sweep: {len(unfinished)} of {len(rows)} runs not done ({unfinished[0]['name']}: "
+                        f"{unfinished[0]['status']}{': ' + unfinished[0]['error'] if unfinished[0].get('error') else ''}); "
+                        f"logs in {plan.out / 'logs'}; re-run the sweep to resume them")
 
 
 @app.command()
