@@ -119,7 +119,7 @@ def _value_text(value: Any) -> str:
 
 def _name_part(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value)
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:40] or "x"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text)[:40] or "-"  # '-1' stays '-1': values must not collide
 
 
 def run_name(prompt: str, grid: dict) -> str:
