@@ -93,7 +93,7 @@ class PriorConfig:
     cache_dir: Optional[str] = None
     """Reference prior: directory to cache rendered image sets (None = memory only)."""
     device: Optional[str] = None
-    """Where the prior runs: None = the scene's ``device``; else cpu, cuda or cuda:N. Renders are moved to it
+    """Where the prior runs in 3D training: None = the scene's ``device``; else cpu, cuda or cuda:N. Renders go to it
     (resized there) and their gradients come back to the scene's device, so a second GPU can hold the UNet
     and VAE (most of the memory at 512 px) while the first holds the scene."""
 
