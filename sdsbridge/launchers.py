@@ -79,10 +79,14 @@ def _child_setup(libc) -> Callable[[], None]:
     """preexec_fn of an attempt: SIGTERM when the worker thread that started it dies (Linux), and ignore
     SIGUSR2, which Slurm sends to every process of a job before its time limit: it is the worker's cue to
     stop the child (with SIGTERM) and requeue."""
+    parent = os.getpid()
+
     def setup() -> None:
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         if libc is not None:
             libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+            if os.getppid() != parent:  # the worker died before prctl: nothing would tell this child
+                os.kill(os.getpid(), signal.SIGTERM)
     return setup
 
 
@@ -368,7 +372,8 @@ def run_sweep(sweep, launcher: str, jobs: int = 1, retries: int = 1, address: Op
             bar.update(1)
         row = next(r for r in write_tables(sweep)[2] if r["name"] == task.name)
         scores = "".join(f", {k[5:]} {row[k]:.4g}" for k in ("eval_psnr_db", "eval_chamfer") if k in row)
-        detail = f"{row['steps']}/{row['of_steps']} steps, {row['wall_s']}s{scores}" if outcome == "done" else error
+        detail = (f"{row['steps']}/{row['of_steps']} steps, {row['wall_s']}s{scores}" if outcome == "done" else
+                  "another process is running it (its lock is held)" if outcome == "busy" else error)
         bar.write(f"{outcome:>11}  {task.name}  {detail}")
 
     try:

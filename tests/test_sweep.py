@@ -148,3 +148,28 @@ def test_load_sweep_raises_user_errors_only(tmp_path):
     path.write_text("- a list\n")
     with pytest.raises(UserError, match="expected a mapping"):
         load_sweep(path)
+
+
+def test_a_run_another_process_holds_is_left_alone(tmp_path):
+    import fcntl
+
+    from sdsbridge.launchers import RunTask, execute_run
+
+    (tmp_path / "state").mkdir()
+    with open(tmp_path / "state" / "r.lock", "a+b") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as a worker of another sweep would
+        assert execute_run(RunTask(str(tmp_path), "r", "cpu", None)) == "busy"
+    assert not (tmp_path / "state" / "r.jsonl").exists() and not (tmp_path / "runs").exists()
+
+
+def test_train_run_dir_is_fresh_only(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("")
+    prompt = tmp_path / "p.yaml"
+    prompt.write_text("prompt: a red torus\n")
+    code, _, err = run_cli(["train", prompt, "--run-dir", taken], capsys)
+    assert code == 2 and "--run-dir" in one_error_line(err) and "never reused" in err
+    code, _, err = run_cli(["train", "--resume", taken, "--run-dir", tmp_path / "new"], capsys)
+    assert code == 2 and "--run-dir starts a fresh run" in one_error_line(err)
+    assert not (tmp_path / "new").exists()
