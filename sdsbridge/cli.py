@@ -325,10 +325,17 @@ def sweep(
             typer.echo(f"{run_status(plan.out, run.name):>8}  {run.name}")
         typer.echo(f"{len(plan.runs)} runs in {plan.out}: OK")
         return
+    if address is not None and launcher != "ray":
+        raise UserError("--address: only for --launcher ray")
+    if slurm_local and launcher != "slurm":
+        raise UserError("--slurm-local: only for --launcher slurm")
     if launcher != "local":
         from sdsbridge.launchers import import_extra
 
         import_extra("ray" if launcher == "ray" else "submitit")  # the missing extra, before anything is written
+    if launcher == "slurm" and not slurm_local and shutil.which("sbatch") is None:
+        raise UserError("--launcher slurm: sbatch not found (is this a Slurm login node?); --slurm-local runs the "
+                        "jobs as local processes through submitit")
     slurm = SlurmOptions(partition, time_min, 1, cpus_per_run, max_parallel, slurm_local)
     rows = run_sweep(plan, launcher, jobs, retries, address, cpus_per_run, slurm, progress)
     unfinished = [row for row in rows if row["status"] != "done"]

@@ -71,7 +71,7 @@ def import_extra(module: str):
         return __import__(module)
     except ImportError:
         extra = EXTRAS[module]
-        raise UserError(f"--launcher {'slurm' if extra == 'slurm' else extra}: needs the '{module}' package; "
+        raise UserError(f"--launcher {extra}: needs the '{module}' package; "
                         f"install it with: pip install 'sdsbridge[{extra}]'") from None
 
 
@@ -324,10 +324,7 @@ def launch_slurm(tasks: list[RunTask], sweep_dir: Path, options: SlurmOptions, r
         gpus = tuple(int(g) for g in _visible_gpus())
         executor.update_parameters(timeout_min=options.time_min, gpus_per_node=options.gpus_per_run if gpus else 0,
                                    visible_gpus=gpus)
-    else:
-        if shutil.which("sbatch") is None:
-            raise UserError("--launcher slurm: sbatch not found (is this a Slurm login node?); --slurm-local runs "
-                            "the jobs as local processes through submitit")
+    else:  # cli.py checked that sbatch is there
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
         executor.update_parameters(timeout_min=options.time_min, gpus_per_node=options.gpus_per_run,
                                    cpus_per_task=options.cpus_per_run, name="sdsbridge-sweep",

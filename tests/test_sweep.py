@@ -102,11 +102,15 @@ def test_a_missing_extra_names_the_pip_command(tmp_path, capsys, monkeypatch, la
     assert not (tmp_path / "out").exists()
 
 
-def test_options_are_checked(tmp_path, capsys):
+def test_options_are_checked(tmp_path, capsys, monkeypatch):
     path = write_sweep(tmp_path)
-    for args, expected in ((["--launcher", "k8s"], "--launcher: 'k8s'"), (["--jobs", "0"], "--jobs: must be >= 1")):
-        code, _, err = run_cli(["sweep", path, *args], capsys)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    for args, expected in ((["--launcher", "k8s"], "--launcher: 'k8s'"), (["--jobs", "0"], "--jobs: must be >= 1"),
+                           (["--address", "auto"], "--address: only for --launcher ray"),
+                           (["--launcher", "slurm"], "sbatch not found")):
+        code, _, err = run_cli(["sweep", path, "--out", tmp_path / "out", *args], capsys)
         assert code == 2 and expected in one_error_line(err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_one_run_sweep_runs_scores_and_is_skipped_when_run_again(tmp_path, capsys):
