@@ -183,3 +183,16 @@ def test_slurm_path_requeues_a_timed_out_job_which_resumes_its_run(tmp_path):
     assert runs[0]["worker_pid"] != runs[2]["worker_pid"]  # a new job process: submitit requeued it
     assert losses(out, TORUS_BRIDGE) == losses(out, TORUS_SDS)
     rerun_starts_nothing(path, out)
+
+
+@pytest.mark.slow
+def test_local_jobs_run_side_by_side(tmp_path):
+    path, out = write_sweep(tmp_path, ["a red torus"]), tmp_path / "sweep"
+    sweep = start_sweep(path, out, "--jobs", "2")
+    text, _ = sweep.communicate(timeout=600)
+    assert sweep.returncode == 0, text
+    check_complete_exactly_once(out, [TORUS_BRIDGE, TORUS_SDS])
+    (start_a, end_a), (start_b, end_b) = (
+        (a[0]["time"], a[0]["time"] + a[1]["seconds"]) for a in (attempts(out, TORUS_BRIDGE), attempts(out, TORUS_SDS)))
+    assert start_a < end_b and start_b < end_a  # the two attempts overlapped
+    assert losses(out, TORUS_BRIDGE) == losses(out, TORUS_SDS)
