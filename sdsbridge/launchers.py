@@ -157,7 +157,10 @@ def _evaluate(task: RunTask, lock_fd: int, env: dict) -> dict:
     if done.returncode != 0:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         return {"error": (lines or [f"exit code {done.returncode}"])[-1][:500]}
-    return json.loads(done.stdout)
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return {"error": f"eval printed no JSON: {done.stdout.strip()[:200]}"}
 
 
 def execute_run(task: RunTask, env_update: Optional[dict] = None,

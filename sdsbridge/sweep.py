@@ -56,6 +56,8 @@ MAX_VALUES_PER_KEY = 64
 """Most values one grid key may list."""
 MAX_PROMPTS = 5_000
 """Most prompts one sweep may hold."""
+MAX_PROMPTS_BYTES = 4 << 20
+"""Largest prompts file read."""
 EVAL_KEYS = ("psnr_db", "chamfer", "saturation_error", "mask_iou")
 """``eval`` scores copied into a run's row (as ``eval_<key>``)."""
 FINAL_KEYS = ("loss", "loss_guidance", "grad_norm", "bad_steps")
@@ -138,6 +140,8 @@ def _read_prompts(path: Path, spec: SweepFile) -> list[str]:
         file = path.parent / str(spec.prompts_file)
         if not file.is_file():
             raise _fail(path, f"prompts_file: {file}: file not found")
+        if file.stat().st_size > MAX_PROMPTS_BYTES:
+            raise _fail(path, f"prompts_file: {file}: larger than {MAX_PROMPTS_BYTES >> 20} MiB")
         try:
             lines = file.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError:
@@ -282,7 +286,8 @@ def sweep_rows(sweep: Sweep) -> list[dict]:
         attempts = read_jsonl(state_path(sweep.out, run.name, ".jsonl"))
         ends = [a for a in attempts if a.get("event") == "end"]
         status = run_status(sweep.out, run.name)
-        if status != "done" and ends and ends[-1].get("exit_code") not in (0, 130):
+        if status != "done" and attempts and attempts[-1].get("event") == "end" and \
+                attempts[-1].get("exit_code") not in (0, 130):  # the newest attempt failed
             status = "failed"
         metrics = read_jsonl(folder / "metrics.jsonl")
         last = metrics[-1] if metrics else {}
