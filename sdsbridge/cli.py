@@ -18,7 +18,8 @@ from typing import List, Optional
 
 import typer
 
-from sdsbridge.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_WRITE_FAILED, Interrupted, UserError, WriteFailed
+from sdsbridge.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_WRITE_FAILED, Interrupted, RunFailed, UserError,
+                              WriteFailed)
 from sdsbridge.preflight import check_run
 from sdsbridge.quiet import configure_logging
 
@@ -117,20 +118,29 @@ def train(
     method: Optional[str] = typer.Option(None, "--method", help="bridge | sds | nfsd | vsd | bridge-vsd "
                                          "(overrides `method:`)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    run_dir_option: Optional[Path] = typer.Option(None, "--run-dir", help="Train a fresh run in this directory "
+                                                  "(created; it must not exist or be empty) instead of a new one "
+                                                  "under log.runs_dir (what `sweep` uses)."),
 ) -> None:
     """Train a NeRF from a prompt by score distillation, then export the mesh and turntable video."""
     from sdsbridge import checkpoint as ckpt
-    from sdsbridge.atomic import remove_stale_temps
+    from sdsbridge.atomic import make_dirs, remove_stale_temps
     from sdsbridge.config_loader import config_from_dict, load_config
     from sdsbridge.rundir import create_run_dir, run_slug
     from sdsbridge.devices import resolve_device
-    from sdsbridge.train import train as train_run
+    from sdsbridge.train import prior_device, train as train_run
 
     path, overrides = _split_file_and_overrides(file, overrides)
     if device is not None:
         overrides.append(f"device={device}")
     if method is not None:
         overrides.append(f"method={method}")
+    if resume is not None and run_dir_option is not None:
+        raise UserError("train: --run-dir starts a fresh run; --resume continues one in its own directory (give one)")
+    if run_dir_option is not None and run_dir_option.exists() and (
+            not run_dir_option.is_dir() or any(run_dir_option.iterdir())):
+        raise UserError(f"--run-dir: {run_dir_option} exists and is not an empty directory; an existing run is "
+                        "never reused (continue it with --resume)")
     if resume is not None:
         checkpoint_path, checkpoint = ckpt.load_newest(resume, for_resume=True)  # on the CPU: RNG states stay there
         config = config_from_dict(checkpoint["config"], overrides)
@@ -143,6 +153,7 @@ def train(
         config = load_config(path, overrides)
         checkpoint = None
     torch_device = resolve_device(config.device)
+    prior_device(config, torch_device)  # a prior.device this machine lacks fails before a run directory exists
     check_run(config)  # a model or prompt that cannot work fails before a run directory or a scene exists
     if torch_device.type == "cpu" and config.prior.kind == "stable-diffusion":
         logging.getLogger("sdsbridge").warning(
@@ -151,7 +162,8 @@ def train(
     runs_root = Path(config.log.runs_dir)
     runs_root_existed = runs_root.exists()
     if resume is None:
-        run_dir = create_run_dir(config.log.runs_dir, run_slug(config.method, config.prompt, config.log.name))
+        run_dir = (make_dirs(run_dir_option) if run_dir_option is not None else
+                   create_run_dir(config.log.runs_dir, run_slug(config.method, config.prompt, config.log.name)))
         fresh = True
     typer.echo(f"run directory: {run_dir}")
     try:
@@ -249,6 +261,8 @@ def evaluate(
     run: Path = typer.Argument(..., help="A run directory (or a .ckpt file)."),
     json_output: bool = typer.Option(False, "--json", help="Print the scores as JSON."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    views: int = typer.Option(16, "--views", help="Eval-orbit views rendered and scored."),
+    mesh_resolution: int = typer.Option(128, "--mesh-resolution", help="Marching-cubes grid of the Chamfer mesh."),
 ) -> None:
     """Score a run against the truth: PSNR on held-out views, Chamfer distance of the mesh and colour
     saturation error (reference-prior runs); Stable Diffusion runs have no ground truth to score."""
@@ -257,7 +271,11 @@ def evaluate(
     from sdsbridge.evaluation import evaluate_run
     from sdsbridge.devices import resolve_device
 
-    scores = evaluate_run(run, resolve_device(device))
+    if views <= 0:
+        raise UserError(f"--views: must be positive, got {views}")
+    if mesh_resolution < 8:
+        raise UserError(f"--mesh-resolution: must be >= 8, got {mesh_resolution}")
+    scores = evaluate_run(run, resolve_device(device), n_views=views, mesh_resolution=mesh_resolution)
     if json_output:
         typer.echo(json.dumps(scores, indent=2))
         return
@@ -308,6 +326,74 @@ def image(
     typer.echo(f"images: {', '.join(str(p) for p in result.images.values())}")
     if result.grid is not None:
         typer.echo(f"grid: {result.grid}")
+
+
+@app.command()
+def sweep(
+    file: Path = typer.Argument(..., help="A sweep file: prompts, a base config and a grid of key=value variations."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="key=value for every run (after the sweep's `set`)."),
+    launcher: str = typer.Option("local", "--launcher", help="local | ray | slurm (ray, slurm: optional extras)."),
+    jobs: int = typer.Option(1, "--jobs", help="local: runs at a time (one GPU each when there are GPUs)."),
+    retries: int = typer.Option(1, "--retries", help="Resume a run that crashed up to N more times."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Sweep directory (default: the file's `out`, else "
+                                       "sweeps/<file stem>)."),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: a running cluster (e.g. auto, "
+                                          "ray://host:10001); default: start a local one."),
+    cpus_per_run: int = typer.Option(1, "--cpus-per-run", help="ray, on a cluster without GPUs: CPUs per run; "
+                                     "slurm: CPUs per job."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="slurm: the partition."),
+    time_min: int = typer.Option(240, "--time-min", help="slurm: time limit per job in minutes (a job that "
+                                 "reaches it checkpoints and is requeued)."),
+    max_parallel: int = typer.Option(0, "--max-parallel", help="slurm: jobs of the array running at once (0: "
+                                     "no limit)."),
+    slurm_local: bool = typer.Option(False, "--slurm-local", help="slurm: run the jobs as local processes through "
+                                     "submitit (a dry run of the Slurm path, no cluster needed)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate every run and list them with their status; "
+                                 "start nothing."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the overall progress bar."),
+) -> None:
+    """Run every combination of a sweep file (prompts x grid), each an ordinary run under one sweep directory.
+    Re-running skips finished runs, resumes interrupted ones from their checkpoint and starts missing ones;
+    sweep.csv / sweep.json hold one row per run."""
+    from sdsbridge.launchers import SlurmOptions, run_sweep
+    from sdsbridge.sweep import load_sweep, run_status
+
+    if launcher not in ("local", "ray", "slurm"):
+        raise UserError(f"--launcher: '{launcher}' is not one of local, ray, slurm")
+    for name, value, low in (("--jobs", jobs, 1), ("--retries", retries, 0), ("--cpus-per-run", cpus_per_run, 1),
+                             ("--time-min", time_min, 1), ("--max-parallel", max_parallel, 0)):
+        if value < low:
+            raise UserError(f"{name}: must be >= {low}, got {value}")
+    plan = load_sweep(file, overrides or [], out)
+    if launcher == "local":
+        for run in plan.runs:
+            check_run(run.config)
+            if jobs > 1 and run.config.prior.device not in (None, "cpu"):
+                raise UserError(f"--jobs {jobs}: run {run.name} puts its prior on {run.config.prior.device}; "
+                                "runs that span two GPUs need --jobs 1")
+    if dry_run:
+        for run in plan.runs:
+            typer.echo(f"{run_status(plan.out, run.name):>8}  {run.name}")
+        typer.echo(f"{len(plan.runs)} runs in {plan.out}: OK")
+        return
+    if address is not None and launcher != "ray":
+        raise UserError("--address: only for --launcher ray")
+    if slurm_local and launcher != "slurm":
+        raise UserError("--slurm-local: only for --launcher slurm")
+    if launcher != "local":
+        from sdsbridge.launchers import import_extra
+
+        import_extra("ray" if launcher == "ray" else "submitit")  # the missing extra, before anything is written
+    if launcher == "slurm" and not slurm_local and shutil.which("sbatch") is None:
+        raise UserError("--launcher slurm: sbatch not found (is this a Slurm login node?); --slurm-local runs the "
+                        "jobs as local processes through submitit")
+    slurm = SlurmOptions(partition, time_min, 1, cpus_per_run, max_parallel, slurm_local)
+    rows = run_sweep(plan, launcher, jobs, retries, address, cpus_per_run, slurm, progress)
+    unfinished = [row for row in rows if row["status"] != "done"]
+    if unfinished:
+        raise RunFailed(f"sweep: {len(unfinished)} of {len(rows)} runs not done ({unfinished[0]['name']}: "
+                        f"{unfinished[0]['status']}{': ' + unfinished[0]['error'] if unfinished[0].get('error') else ''}); "
+                        f"logs in {plan.out / 'logs'}; re-run the sweep to resume them")
 
 
 @app.command()

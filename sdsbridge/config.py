@@ -119,6 +119,10 @@ class PriorConfig:
     """Reference prior: condition on the K reference views nearest the camera (0 = by view label)."""
     cache_dir: Optional[str] = None
     """Reference prior: directory to cache rendered image sets (None = memory only)."""
+    device: Optional[str] = None
+    """Where the prior runs in 3D training: None = the scene's ``device``; else cpu, cuda or cuda:N. Renders go to it
+    (resized there) and their gradients come back to the scene's device, so a second GPU can hold the UNet
+    and VAE (most of the memory at 512 px) while the first holds the scene."""
 
 
 @dataclass

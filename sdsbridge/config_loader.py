@@ -275,6 +275,8 @@ def validate(c: Config, require_prompt: bool = True) -> None:
     _check(p.resolution > 0, "prior.resolution", "must be positive")
     _check(p.views_per_label > 0, "prior.views_per_label", "must be positive")
     _check(p.nearest_views >= 0, "prior.nearest_views", "must be >= 0")
+    _check(p.device is None or re.match(DEVICE_PATTERN, p.device) is not None, "prior.device",
+           f"'{p.device}' is not one of null (the scene's device), auto, cpu, cuda, cuda:N")
     s = c.scene
     _check_choice(s.backend, "scene.backend", ("auto", "torch", "tcnn"))
     _check(s.radius > 0, "scene.radius", "must be positive")

@@ -26,7 +26,7 @@ from sdsbridge.atomic import atomic_write_bytes
 from sdsbridge.cameras import orbit_cameras
 from sdsbridge.config import Config
 from sdsbridge.config_loader import config_to_dict, to_yaml
-from sdsbridge.devices import fitted_cpu_threads, module_device, seed_everything
+from sdsbridge.devices import fitted_cpu_threads, module_device, resolve_device, seed_everything
 from sdsbridge.errors import Interrupted, RunFailed, UserError, WriteFailed
 from sdsbridge.jsonl import append_rows, keep_rows
 from sdsbridge.media import image_row, write_png
@@ -134,6 +134,12 @@ def stop_requests() -> Iterator[dict]:
             signal.signal(sig, old)
 
 
+def prior_device(config: Config, scene_device: torch.device) -> torch.device:
+    """The prior's device: ``prior.device`` when set (UserError for a device this machine lacks), else the
+    scene's."""
+    return scene_device if config.prior.device is None else resolve_device(config.prior.device)
+
+
 def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optional[dict] = None,
           show_progress: bool = True) -> TrainResult:
     """Train (or continue training, from a ``checkpoint`` dict as ``load_checkpoint`` returns it) the scene
@@ -145,7 +151,7 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
     parameters = [p for group in scene.param_groups().values() for p in group]
     ckpt.check_room(run_dir, ckpt.estimate_checkpoint_bytes(parameters))
     atomic_write_bytes(run_dir / "config.yaml", to_yaml(config).encode("utf-8"))
-    prior = load_prior(config.prior, device, config.cameras)
+    prior = load_prior(config.prior, prior_device(config, device), config.cameras)
     method = make_method(config.method, config.guidance, prior)
     prompts = method.prompt_embeddings(config.prompt)
     optimizer = build_optimizer(scene, method, config.train)
