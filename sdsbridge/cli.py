@@ -155,9 +155,14 @@ def export(
     format: Optional[str] = typer.Option(None, "--format", help="glb | obj | ply (default: export.format)."),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Marching-cubes grid size (default 256)."),
     threshold: Optional[str] = typer.Option(None, "--threshold", help="'auto' or a density level."),
+    texture: Optional[bool] = typer.Option(None, "--texture/--no-texture", help="UV atlas + baked texture: "
+                                           "mesh.glb and mesh.obj/.mtl/.png (default: export.texture)."),
+    texture_size: Optional[int] = typer.Option(None, "--texture-size", help="Texture size in texels "
+                                               "(default: export.texture_size, 1024)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
-    """Extract a coloured mesh from a trained run (marching cubes on the density) to RUN/mesh/."""
+    """Extract a coloured mesh from a trained run (marching cubes on the density) to RUN/mesh/; with
+    --texture a UV-unwrapped mesh with a texture baked from the field."""
     from sdsbridge.export.mesh import export_run_mesh
     from sdsbridge.devices import resolve_device
 
@@ -165,13 +170,17 @@ def export(
         raise UserError(f"--format: '{format}' is not one of glb, obj, ply")
     if resolution is not None and resolution < 8:
         raise UserError(f"--resolution: must be >= 8, got {resolution}")
+    if texture_size is not None and not 16 <= texture_size <= 8192:
+        raise UserError(f"--texture-size: must lie in [16, 8192], got {texture_size}")
+    if texture and format not in (None, "glb", "obj"):
+        raise UserError(f"--format {format}: a textured mesh is written as glb and obj")
     level: Optional[str | float] = threshold
     if threshold not in (None, "auto"):
         try:
             level = float(threshold)
         except ValueError:
             raise UserError(f"--threshold: expected 'auto' or a number, got '{threshold}'") from None
-    path = export_run_mesh(run, format, resolution, level, resolve_device(device))
+    path = export_run_mesh(run, format, resolution, level, resolve_device(device), texture, texture_size)
     typer.echo(f"mesh: {path}")
 
 

@@ -268,7 +268,15 @@ class ExportConfig:
     min_component_fraction: float = 0.05
     """Drop connected components with fewer faces than this fraction of the largest."""
     decimate_faces: int = 0
-    """Target face count for decimation (0 = none)."""
+    """Target face count for decimation (0 = none), by quadric decimation (fast-simplification)."""
+    texture: bool = False
+    """Write a textured mesh: UV atlas (xatlas) + base-colour texture baked from the field, as mesh.glb (PBR
+    base-colour texture) and mesh.obj + mesh.mtl + mesh.png (``export.format`` is then not used)."""
+    texture_size: int = 1024
+    """Texture width and height in texels."""
+    texture_faces: int = 20000
+    """Face budget of a textured mesh: it is decimated to this many faces before unwrapping (xatlas takes
+    about 3 s for 20,000 faces on one CPU core, and grows faster than linearly); 0 = keep all faces."""
     video_frames: Optional[int] = None
     """Turntable frames; None = what fits the device: 120 on CUDA, 60 on the CPU (the log says which)."""
     video_resolution: Optional[int] = None
