@@ -192,17 +192,21 @@ def video(
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Frame height in pixels (default: "
                                              "export.video_resolution, else 512 on CUDA, 256 on the CPU)."),
     fps: Optional[int] = typer.Option(None, "--fps", help="Frames per second (default 30)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Panels side by side, from rgb,normal,shaded,depth "
+                                       "(default: export.video_modes, rgb,normal)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
-    """Render a turntable video (rgb | depth) of a trained run to RUN/video/turntable.mp4."""
-    from sdsbridge.export.video import render_run_video
+    """Render a turntable video (default rgb | normal; shaded = textureless diffuse geometry) of a trained run
+    to RUN/video/turntable.mp4."""
+    from sdsbridge.export.video import parse_modes, render_run_video
     from sdsbridge.devices import resolve_device
 
     for name, value in (("--frames", frames), ("--resolution", resolution), ("--fps", fps)):
         if value is not None and value <= 0:
             raise UserError(f"{name}: must be positive, got {value}")
-    path = render_run_video(run, frames, resolution, fps, resolve_device(device), progress=progress)
+    modes = parse_modes(mode) if mode is not None else None
+    path = render_run_video(run, frames, resolution, fps, resolve_device(device), progress=progress, modes=modes)
     typer.echo(f"video: {path}")
 
 
