@@ -127,17 +127,21 @@ def train(
 
 
 def _export_after_training(config, result, progress: bool) -> tuple[list[tuple[str, Path]], int]:
-    """Mesh and turntable of the trained scene in memory at the end of `train` (export.mesh / export.video).
+    """Mesh, turntable and report page of the trained scene in memory at the end of `train` (export.mesh /
+    export.video / export.report).
     A failed export is reported in one line and does not hide the other output; the trained run is kept
     either way. Returns the outputs and the exit code: 0, 1 (an export failed) or 3 (one could not be
     written)."""
     from sdsbridge.export.mesh import export_mesh
     from sdsbridge.export.video import export_video
 
+    from sdsbridge.report import write_report
+
     outputs, code = [], 0
     steps = [("mesh", config.export.mesh, lambda: export_mesh(result.scene, config, result.run_dir)),
              ("video", config.export.video, lambda: export_video(result.scene, config, result.run_dir,
-                                                                 progress=progress))]
+                                                                 progress=progress)),
+             ("report", config.export.report, lambda: write_report([result.run_dir]))]
     for name, wanted, make in steps:
         if not wanted:
             continue
@@ -208,6 +212,22 @@ def video(
     modes = parse_modes(mode) if mode is not None else None
     path = render_run_video(run, frames, resolution, fps, resolve_device(device), progress=progress, modes=modes)
     typer.echo(f"video: {path}")
+
+
+@app.command()
+def report(
+    runs: List[Path] = typer.Argument(..., help="One or more run directories (several: side by side)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file (default: RUN/report.html; for several "
+                                       "runs, compare-<names>.html beside the first)."),
+) -> None:
+    """Write a self-contained HTML page to look at a run: the prompt and config, an interactive 3D view of the
+    mesh, the turntable videos, the validation grids as a timeline and the training curves."""
+    from sdsbridge.report import write_report
+
+    for run in runs:
+        if not run.is_dir():
+            raise UserError(f"report: {run}: no such run directory")
+    typer.echo(f"report: {write_report(list(runs), out)}")
 
 
 @app.command("eval")

@@ -283,6 +283,9 @@ class ExportConfig:
     """Turntable resolution; None = what fits the device: 512 on CUDA, 256 on the CPU."""
     video_fps: int = 30
     """Turntable frames per second."""
+    report: bool = True
+    """Write report.html (report.py: mesh viewer, turntable, validation timeline, plots, config) when training
+    ends; `sdsbridge report RUN` writes it any time."""
     video_modes: list[str] = field(default_factory=lambda: ["rgb", "normal"])
     """Turntable panels, left to right: rgb (the colour render), normal (camera-space normals of the density
     gradient), shaded (textureless diffuse shading of the geometry), depth."""
