@@ -7,7 +7,8 @@ the validation grids of ``validation/`` as a timeline (a slider over the steps);
 an inline module script, the mesh, videos and images as base64 ``data:`` URIs), so the page fetches nothing.
 
 The page records what a browser made of it, for the browser test and for anyone debugging: ``<body>`` gets
-``data-models-loaded`` (model-viewer ``load`` events) and each video ``data-duration`` once its metadata
+``data-models-loaded`` (model-viewer ``load`` events), each viewer ``data-rect`` (its page position in CSS
+pixels: left,top,width,height) and each video ``data-duration`` once its metadata
 loads; errors (uncaught, ``console.error``, model-viewer ``error`` events, media errors) are appended to
 ``<pre id="page-errors">``.
 """
@@ -154,6 +155,8 @@ const record = window.recordPageError;
 document.body.dataset.modelsLoaded = '0';
 for (const viewer of document.querySelectorAll('model-viewer')) {
   viewer.addEventListener('load', () => {
+    const box = viewer.getBoundingClientRect();  // where a screenshot shows it (the browser test crops there)
+    viewer.dataset.rect = [box.left, box.top + window.scrollY, box.width, box.height].map(Math.round).join(',');
     document.body.dataset.modelsLoaded = String(Number(document.body.dataset.modelsLoaded) + 1); });
   viewer.addEventListener('error', (e) => record('model-viewer error: ' + JSON.stringify(e.detail || {})));
 }
