@@ -3,6 +3,10 @@
 docs/report.png.
 
     python scripts/report_screenshot.py [RUN_DIR] [--out docs/report.png] [--width 1000 --height 1100]
+                                        [--texture] [--mode rgb,normal,shaded,depth]
+
+--texture runs `sdsbridge export RUN --texture` and --mode `sdsbridge video RUN --mode ...` on the run first
+(README's picture: both, as below).
 
 Needs a chromium binary (Debian: apt-get install chromium). Without RUN_DIR the demo trains in a temporary
 runs folder first (about a minute on 2 cores with OMP_NUM_THREADS=1).
@@ -38,12 +42,19 @@ def main(argv=None) -> Path:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "report.png")
     parser.add_argument("--width", type=int, default=1000)
     parser.add_argument("--height", type=int, default=1100)
+    parser.add_argument("--texture", action="store_true", help="Bake a textured mesh first (export --texture).")
+    parser.add_argument("--mode", help="Render the turntable with these panels first (video --mode).")
     args = parser.parse_args(argv)
     browser = find_chromium()
     if browser is None:
         parser.error("no chromium binary on PATH (Debian: apt-get install chromium)")
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = args.run_dir or train_demo(Path(tmp))
+        if args.texture:
+            subprocess.run([sys.executable, "-m", "sdsbridge", "export", str(run_dir), "--texture"], check=True)
+        if args.mode:
+            subprocess.run([sys.executable, "-m", "sdsbridge", "video", str(run_dir), "--mode", args.mode,
+                            "--no-progress"], check=True)
         page = write_report([run_dir], Path(tmp) / "report.html")
         shot = screenshot(browser, page, Path(tmp) / "shot.png", args.width, args.height)
         image = Image.open(shot).convert("RGB")
