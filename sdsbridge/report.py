@@ -24,7 +24,8 @@ from typing import Optional
 
 from sdsbridge.atomic import atomic_write_bytes
 from sdsbridge.errors import UserError
-from sdsbridge.plots import PLOTS, TITLES, read_metrics, stage2_step, write_plots
+from sdsbridge.plots import PLOTS, TITLES, read_metrics, write_plots
+from sdsbridge.safe_yaml import load_yaml
 
 logger = logging.getLogger("sdsbridge")
 
@@ -59,17 +60,17 @@ def viewer_script() -> str:
 def collect_run(run_dir: Path) -> RunPage:
     """The files of a run directory the report shows; UserError when ``run_dir`` is not a run (no config.yaml).
     Plots are written first when the run has metrics but no plots/."""
-    import yaml
-
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise UserError(f"report: {run_dir} is not a run directory (no config.yaml)")
-    config_text = config_path.read_text(encoding="utf-8")
     try:
-        config = yaml.safe_load(config_text) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"report: {config_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        config_text = config_path.read_text(encoding="utf-8")
+        config = load_yaml(config_text) or {}  # bounded: a hostile file fails in one line
+    except UnicodeDecodeError:
+        raise UserError(f"report: {config_path}: not a UTF-8 text file") from None
+    except UserError as exc:
+        raise UserError(f"report: {config_path}: {exc}") from None
     if not isinstance(config, dict):
         raise UserError(f"report: {config_path}: expected a mapping of settings")
     rows = read_metrics(run_dir / "metrics.jsonl")

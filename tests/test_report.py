@@ -60,4 +60,4 @@ def test_not_a_run_is_one_line_error(tmp_path, capsys):
     assert code == 2 and "not a run directory (no config.yaml)" in err and "Traceback" not in err
     (tmp_path / "config.yaml").write_text("a: [1\n")
     code, _, err = run_cli(["report", tmp_path], capsys)
-    assert code == 2 and "config.yaml: not valid YAML" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "config.yaml: line 2: malformed YAML" in err and len(err.strip().splitlines()) == 1

@@ -158,6 +158,11 @@ def test_textured_glb_passes_the_khronos_gltf_validator(baked, tmp_path):
     assert result.returncode == 0 and report["errors"] == 0 and report["warnings"] == 0, result.stdout
 
 
+def test_train_exports_a_textured_mesh_when_asked(tmp_path):
+    run = train_tiny_run(tmp_path, "train.steps=2", "export.mesh=true", "export.texture=true", "export.texture_size=32")
+    assert sorted(p.name for p in (run / "mesh").iterdir()) == ["mesh.glb", "mesh.mtl", "mesh.obj", "mesh.png"]
+
+
 def test_cli_export_texture_on_a_trained_run(tmp_path, capsys):
     run = train_tiny_run(tmp_path, "train.steps=4")
     capsys.readouterr()
