@@ -6,6 +6,10 @@ the validation grids of ``validation/`` as a timeline (a slider over the steps);
 (written here from ``metrics.jsonl`` when missing); the resolved config. Everything is embedded (the viewer as
 an inline module script, the mesh, videos and images as base64 ``data:`` URIs), so the page fetches nothing.
 
+Known limit, headless only: under Chromium's ``--virtual-time-budget`` with ``--dump-dom``, a *textured* mesh
+stops at 88% of its load (the texture's image decode does not finish in virtual time), so its ``load`` event is
+not seen there; screenshots draw it, and the browser test uses the vertex-coloured mesh of ``train``.
+
 The page records what a browser made of it, for the browser test and for anyone debugging: ``<body>`` gets
 ``data-models-loaded`` (model-viewer ``load`` events), each viewer ``data-rect`` (its page position in CSS
 pixels: left,top,width,height) and each video ``data-duration`` once its metadata
@@ -142,8 +146,12 @@ video,.plot{width:100%;display:block;margin-bottom:6px}
 """
 
 RECORDER = """
-const errors = document.getElementById('page-errors');
-const record = (what) => { errors.textContent += String(what) + '\\n'; };
+const early = [];  // errors before the page-errors element exists
+const record = (what) => {
+  const errors = document.getElementById('page-errors');
+  if (errors === null) { early.push(String(what)); return; }
+  errors.textContent += early.splice(0).map((e) => e + '\\n').join('') + String(what) + '\\n';
+};
 window.addEventListener('error', (e) => record('error: ' + (e.message || e.type)));
 window.addEventListener('unhandledrejection', (e) => record('unhandled rejection: ' + e.reason));
 const consoleError = console.error.bind(console);
@@ -155,16 +163,18 @@ BEHAVIOUR = """
 const record = window.recordPageError;
 document.body.dataset.modelsLoaded = '0';
 for (const viewer of document.querySelectorAll('model-viewer')) {
-  viewer.addEventListener('load', () => {
+  const loaded = () => {
     const box = viewer.getBoundingClientRect();  // where a screenshot shows it (the browser test crops there)
     viewer.dataset.rect = [box.left, box.top + window.scrollY, box.width, box.height].map(Math.round).join(',');
-    document.body.dataset.modelsLoaded = String(Number(document.body.dataset.modelsLoaded) + 1); });
+    document.body.dataset.modelsLoaded = String(Number(document.body.dataset.modelsLoaded) + 1); };
+  viewer.addEventListener('load', loaded);
+  if (viewer.loaded) loaded();  // loaded before this module ran (a failed load shows in console.error, recorded)
   viewer.addEventListener('error', (e) => record('model-viewer error: ' + JSON.stringify(e.detail || {})));
 }
 for (const video of document.querySelectorAll('video')) {
   const noteDuration = () => { video.dataset.duration = String(video.duration); };
   video.addEventListener('loadedmetadata', noteDuration);
-  if (video.readyState >= 1) noteDuration();  // loaded before this module ran
+  if (video.readyState >= 1) noteDuration();  // loaded before this script ran
   video.addEventListener('error', () => record('video error: ' + (video.error && video.error.code)));
   if (video.error) record('video error: ' + video.error.code);
 }

@@ -42,3 +42,17 @@ def test_report_page_draws_the_mesh_plays_videos_and_logs_no_errors(browser, tmp
     view = shot[top + 4:top + height - 4, left + 4:left + width - 4]  # inside the border
     drawn = (np.abs(view - BACKGROUND).sum(-1) > 40).mean()
     assert drawn > 0.01, f"only {drawn:.2%} of the 3D view differs from its background"
+
+
+def test_a_broken_mesh_shows_as_a_page_error(browser, tmp_path):
+    """The checks above can fail: a .glb that does not parse leaves the model unloaded and an error on the page."""
+    from sdsbridge.report import write_report
+
+    run = tmp_path / "run"
+    (run / "mesh").mkdir(parents=True)
+    (run / "config.yaml").write_text("prompt: a red torus\nmethod: sds\n")
+    (run / "mesh" / "mesh.glb").write_bytes(b"glTF" + bytes(range(256)) * 8)
+    dom = dump_dom(browser, write_report([run]))
+    assert 'data-models-loaded="0"' in dom
+    errors = re.search(r'<pre id="page-errors">(.*?)</pre>', dom, re.S).group(1)
+    assert "model-viewer error" in errors or "console.error" in errors
