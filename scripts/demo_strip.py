@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def train_demo(runs_dir: Path) -> Path:
     """Run the README demo command into ``runs_dir``; returns the run directory."""
     subprocess.run([sys.executable, "-m", "sdsbridge", "train", str(ROOT / "configs" / "demo.yaml"),
-                    f"log.runs_dir={runs_dir}", "--no-progress"], check=True)
+                    f"log.runs_dir={runs_dir}", "export.video_modes=[rgb,depth]", "--no-progress"], check=True)
     (run_dir,) = [p for p in runs_dir.iterdir() if p.is_dir()]
     return run_dir
 

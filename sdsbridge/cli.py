@@ -186,17 +186,21 @@ def train(
 
 
 def _export_after_training(config, result, progress: bool) -> tuple[list[tuple[str, Path]], int]:
-    """Mesh and turntable of the trained scene in memory at the end of `train` (export.mesh / export.video).
+    """Mesh, turntable and report page of the trained scene in memory at the end of `train` (export.mesh /
+    export.video / export.report).
     A failed export is reported in one line and does not hide the other output; the trained run is kept
     either way. Returns the outputs and the exit code: 0, 1 (an export failed) or 3 (one could not be
     written)."""
     from sdsbridge.export.mesh import export_mesh
     from sdsbridge.export.video import export_video
 
+    from sdsbridge.report import write_report
+
     outputs, code = [], 0
     steps = [("mesh", config.export.mesh, lambda: export_mesh(result.scene, config, result.run_dir)),
              ("video", config.export.video, lambda: export_video(result.scene, config, result.run_dir,
-                                                                 progress=progress))]
+                                                                 progress=progress)),
+             ("report", config.export.report, lambda: write_report([result.run_dir]))]
     for name, wanted, make in steps:
         if not wanted:
             continue
@@ -214,9 +218,14 @@ def export(
     format: Optional[str] = typer.Option(None, "--format", help="glb | obj | ply (default: export.format)."),
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Marching-cubes grid size (default 256)."),
     threshold: Optional[str] = typer.Option(None, "--threshold", help="'auto' or a density level."),
+    texture: Optional[bool] = typer.Option(None, "--texture/--no-texture", help="UV atlas + baked texture: "
+                                           "mesh.glb and mesh.obj/.mtl/.png (default: export.texture)."),
+    texture_size: Optional[int] = typer.Option(None, "--texture-size", help="Texture size in texels "
+                                               "(default: export.texture_size, 1024)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
-    """Extract a coloured mesh from a trained run (marching cubes on the density) to RUN/mesh/."""
+    """Extract a coloured mesh from a trained run (marching cubes on the density) to RUN/mesh/; with
+    --texture a UV-unwrapped mesh with a texture baked from the field."""
     from sdsbridge.export.mesh import export_run_mesh
     from sdsbridge.devices import resolve_device
 
@@ -224,13 +233,17 @@ def export(
         raise UserError(f"--format: '{format}' is not one of glb, obj, ply")
     if resolution is not None and resolution < 8:
         raise UserError(f"--resolution: must be >= 8, got {resolution}")
+    if texture_size is not None and not 16 <= texture_size <= 8192:
+        raise UserError(f"--texture-size: must lie in [16, 8192], got {texture_size}")
+    if texture and format not in (None, "glb", "obj"):
+        raise UserError(f"--format {format}: a textured mesh is written as glb and obj")
     level: Optional[str | float] = threshold
     if threshold not in (None, "auto"):
         try:
             level = float(threshold)
         except ValueError:
             raise UserError(f"--threshold: expected 'auto' or a number, got '{threshold}'") from None
-    path = export_run_mesh(run, format, resolution, level, resolve_device(device))
+    path = export_run_mesh(run, format, resolution, level, resolve_device(device), texture, texture_size)
     typer.echo(f"mesh: {path}")
 
 
@@ -242,18 +255,38 @@ def video(
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Frame height in pixels (default: "
                                              "export.video_resolution, else 512 on CUDA, 256 on the CPU)."),
     fps: Optional[int] = typer.Option(None, "--fps", help="Frames per second (default 30)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Panels side by side, from rgb,normal,shaded,depth "
+                                       "(default: export.video_modes, rgb,normal)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
-    """Render a turntable video (rgb | depth) of a trained run to RUN/video/turntable.mp4."""
-    from sdsbridge.export.video import render_run_video
+    """Render a turntable video (default rgb | normal; shaded = textureless diffuse geometry) of a trained run
+    to RUN/video/turntable.mp4."""
+    from sdsbridge.export.video import parse_modes, render_run_video
     from sdsbridge.devices import resolve_device
 
     for name, value in (("--frames", frames), ("--resolution", resolution), ("--fps", fps)):
         if value is not None and value <= 0:
             raise UserError(f"{name}: must be positive, got {value}")
-    path = render_run_video(run, frames, resolution, fps, resolve_device(device), progress=progress)
+    modes = parse_modes(mode) if mode is not None else None
+    path = render_run_video(run, frames, resolution, fps, resolve_device(device), progress=progress, modes=modes)
     typer.echo(f"video: {path}")
+
+
+@app.command()
+def report(
+    runs: List[Path] = typer.Argument(..., help="One or more run directories (several: side by side)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file (default: RUN/report.html; for several "
+                                       "runs, compare-<names>.html beside the first)."),
+) -> None:
+    """Write a self-contained HTML page to look at a run: the prompt and config, an interactive 3D view of the
+    mesh, the turntable videos, the validation grids as a timeline and the training curves."""
+    from sdsbridge.report import write_report
+
+    for run in runs:
+        if not run.is_dir():
+            raise UserError(f"report: {run}: no such run directory")
+    typer.echo(f"report: {write_report(list(runs), out)}")
 
 
 @app.command("eval")

@@ -299,13 +299,27 @@ class ExportConfig:
     min_component_fraction: float = 0.05
     """Drop connected components with fewer faces than this fraction of the largest."""
     decimate_faces: int = 0
-    """Target face count for decimation (0 = none)."""
+    """Target face count for decimation (0 = none), by quadric decimation (fast-simplification)."""
+    texture: bool = False
+    """Write a textured mesh: UV atlas (xatlas) + base-colour texture baked from the field, as mesh.glb (PBR
+    base-colour texture) and mesh.obj + mesh.mtl + mesh.png (``export.format`` is then not used)."""
+    texture_size: int = 1024
+    """Texture width and height in texels."""
+    texture_faces: int = 20000
+    """Face budget of a textured mesh: it is decimated to this many faces before unwrapping (xatlas takes
+    about 3 s for 20,000 faces on one CPU core, and grows faster than linearly); 0 = keep all faces."""
     video_frames: Optional[int] = None
     """Turntable frames; None = what fits the device: 120 on CUDA, 60 on the CPU (the log says which)."""
     video_resolution: Optional[int] = None
     """Turntable resolution; None = what fits the device: 512 on CUDA, 256 on the CPU."""
     video_fps: int = 30
     """Turntable frames per second."""
+    report: bool = True
+    """Write report.html (report.py: mesh viewer, turntable, validation timeline, plots, config) when training
+    ends; `sdsbridge report RUN` writes it any time."""
+    video_modes: list[str] = field(default_factory=lambda: ["rgb", "normal"])
+    """Turntable panels, left to right: rgb (the colour render), normal (camera-space normals of the density
+    gradient), shaded (textureless diffuse shading of the geometry), depth."""
 
 
 @dataclass

@@ -333,6 +333,11 @@ def validate(c: Config, require_prompt: bool = True) -> None:
            "export.threshold", f"expected 'auto' or a number, got {e.threshold!r}")
     _check(0.0 <= e.min_component_fraction <= 1.0, "export.min_component_fraction", "must lie in [0, 1]")
     _check(e.decimate_faces >= 0, "export.decimate_faces", "must be >= 0")
+    _check(16 <= e.texture_size <= 8192, "export.texture_size", "must lie in [16, 8192]")
+    _check(e.texture_faces == 0 or e.texture_faces >= 4, "export.texture_faces", "must be 0 or >= 4")
+    _check(isinstance(e.video_modes, list) and len(e.video_modes) > 0 and len(set(e.video_modes)) == len(e.video_modes)
+           and all(m in ("rgb", "normal", "shaded", "depth") for m in e.video_modes), "export.video_modes",
+           f"expected a list of distinct panels from rgb, normal, shaded, depth, got {e.video_modes!r}")
     for key in ("video_frames", "video_resolution", "video_fps"):
         _check(getattr(e, key) is None or getattr(e, key) > 0, f"export.{key}", "must be positive")
     im = c.image

@@ -32,6 +32,7 @@ from sdsbridge.jsonl import append_rows, keep_rows
 from sdsbridge.media import image_row, write_png
 from sdsbridge.methods import Method, make_method
 from sdsbridge.nerf import encoding as encoding_module
+from sdsbridge.plots import stage2_step, write_plots
 from sdsbridge.priors import load_prior
 from sdsbridge.scene import Scene, build_scene
 from sdsbridge.train_step import StepResult, Views, build_optimizer, scene_step
@@ -210,6 +211,7 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
             if config.log.val_every and done % config.log.val_every == 0:
                 try_write("validation image", lambda: save_validation(
                     scene, config, run_dir / "validation" / f"step-{done:07d}.png"))
+                try_write("plots", lambda: write_plots(run_dir, stage2_step(config)))
             if stop["signal"] is not None:
                 last_saved = save(done, final=True)
                 interrupted = True
@@ -219,6 +221,8 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
             if done % config.log.checkpoint_every == 0 or done == steps:
                 last_saved = save(done, final=done == steps) or last_saved
     bar.close()
+    if done > start_step:
+        try_write("plots", lambda: write_plots(run_dir, stage2_step(config)))
     if bad_steps:
         log.warning(f"{bad_steps} non-finite step(s) were skipped in this run")
     if not interrupted and done > start_step and bad_steps - bad_at_start == done - start_step:

@@ -155,17 +155,15 @@ def remove_small_components(vertices: np.ndarray, faces: np.ndarray, min_fractio
     return vertices[used], remap[faces], int((~keep_component).sum())
 
 
-def _decimate(vertices: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[np.ndarray, np.ndarray]:
-    """Quadric decimation to about ``target_faces`` faces via trimesh + fast_simplification; a log line
-    and no change when fast_simplification is not installed."""
-    try:
-        import fast_simplification  # noqa: F401  (trimesh imports it lazily; probe it for a clear message)
-    except ImportError:
-        logger.warning("mesh: decimation skipped: it needs the 'fast-simplification' package "
-                       "(pip install fast-simplification)")
-        return vertices, faces
-    simple = trimesh.Trimesh(vertices, faces, process=False).simplify_quadric_decimation(face_count=target_faces)
-    return np.asarray(simple.vertices, dtype=np.float32), np.asarray(simple.faces, dtype=np.int64)
+def decimate(vertices: np.ndarray, faces: np.ndarray, target_faces: int) -> tuple[np.ndarray, np.ndarray]:
+    """Quadric decimation (fast-simplification) of [V, 3] vertices and [F, 3] faces to about
+    ``target_faces`` faces; returns (vertices [V', 3] float32, faces [F', 3] int64)."""
+    import fast_simplification
+
+    points, triangles = fast_simplification.simplify(np.ascontiguousarray(vertices, dtype=np.float64),
+                                                     np.ascontiguousarray(faces, dtype=np.int32),
+                                                     target_count=int(target_faces))
+    return np.asarray(points, dtype=np.float32), np.asarray(triangles, dtype=np.int64)
 
 
 @torch.no_grad()
@@ -193,7 +191,7 @@ def extract_mesh(field: nn.Module, radius: float, resolution: int = 256,
         threshold: density level of the surface (a number or numeric string), or "auto" (module docstring).
         chunk: points per field call (bounds memory: 256^3 runs in ~0.5 GB on the CPU).
         min_component_fraction: drop components with fewer faces than this fraction of the largest.
-        decimate_faces: target face count (0 = keep all); needs fast_simplification.
+        decimate_faces: target face count (0 = keep all), by quadric decimation.
 
     Raises UserError (one line, with the density range and a suggested level) when the level gives no
     surface.
@@ -223,7 +221,7 @@ def extract_mesh(field: nn.Module, radius: float, resolution: int = 256,
     faces = faces.astype(np.int64)
     vertices, faces, removed = remove_small_components(vertices, faces, min_component_fraction)
     if decimate_faces and faces.shape[0] > decimate_faces:
-        vertices, faces = _decimate(vertices, faces, decimate_faces)
+        vertices, faces = decimate(vertices, faces, decimate_faces)
     if faces.shape[0] < 4:
         raise UserError(f"mesh: degenerate surface ({faces.shape[0]} faces) at density level {level:.3g} "
                         f"({where}); suggested threshold: {_suggest(densities)}")
@@ -255,28 +253,41 @@ def save_mesh(result: MeshResult, path: Path, format: Optional[str] = None) -> P
 
 
 def export_mesh(scene, config, run_dir: Path, format: Optional[str] = None, resolution: Optional[int] = None,
-                threshold: Union[str, float, None] = None) -> Path:
+                threshold: Union[str, float, None] = None, texture: Optional[bool] = None,
+                texture_size: Optional[int] = None) -> Path:
     """Extract the mesh of a trained scene (anything with a ``field``, e.g. ``scene.Scene``) and save it as
-    ``<run_dir>/mesh/mesh.<format>``. Unset arguments come from ``config.export`` (format glb, resolution
-    256, threshold auto). Returns the path."""
+    ``<run_dir>/mesh/mesh.<format>``, or with ``texture`` as ``mesh.glb`` + ``mesh.obj`` / ``.mtl`` / ``.png``
+    (texture.py). Unset arguments come from ``config.export`` (format glb, resolution 256, threshold auto,
+    texture off, 1024 texels). Returns the path (the .glb of a textured mesh)."""
     export = config.export
     fmt = (format or export.format).lower()
     if fmt not in FORMATS:
         raise UserError(f"mesh format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    textured = export.texture if texture is None else texture
     result = extract_mesh(scene.field, config.scene.radius, resolution or export.resolution,
                           export.threshold if threshold is None else threshold,
                           min_component_fraction=export.min_component_fraction,
                           decimate_faces=export.decimate_faces)
-    return save_mesh(result, Path(run_dir) / "mesh" / f"mesh.{fmt}", fmt)
+    folder = Path(run_dir) / "mesh"
+    if not textured:
+        return save_mesh(result, folder / f"mesh.{fmt}", fmt)
+    from sdsbridge.export.texture import bake_texture, save_textured
+
+    vertices, faces = result.vertices, result.faces
+    if export.texture_faces and faces.shape[0] > export.texture_faces:
+        vertices, faces = decimate(vertices, faces, export.texture_faces)
+    baked = bake_texture(scene.field, vertices, faces, texture_size or export.texture_size)
+    return save_textured(baked, folder)[0]
 
 
 def export_run_mesh(run_dir: Path, format: Optional[str] = None, resolution: Optional[int] = None,
-                    threshold: Union[str, float, None] = None, device: Union[torch.device, str] = "cpu") -> Path:
+                    threshold: Union[str, float, None] = None, device: Union[torch.device, str] = "cpu",
+                    texture: Optional[bool] = None, texture_size: Optional[int] = None) -> Path:
     """``export_mesh`` of a finished run's last checkpoint (``run_dir``: a run directory or a checkpoint
-    file); writes ``<run_dir>/mesh/mesh.<format>``."""
+    file); writes ``<run_dir>/mesh/mesh.<format>`` (textured: mesh.glb, mesh.obj, mesh.mtl, mesh.png)."""
     checkpoint = find_checkpoint(Path(run_dir))
     remove_stale_temps(run_dir_of(checkpoint))  # left by a killed write
     scene, config, step = load_trained_scene(Path(run_dir), torch.device(device))
-    path = export_mesh(scene, config, run_dir_of(checkpoint), format, resolution, threshold)
+    path = export_mesh(scene, config, run_dir_of(checkpoint), format, resolution, threshold, texture, texture_size)
     logger.info("mesh: step %d -> %s", step, path)
     return path

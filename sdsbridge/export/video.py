@@ -1,7 +1,9 @@
-"""Turntable video: the eval orbit rendered frame by frame, rgb | depth side by side, as H.264 mp4.
+"""Turntable video: the eval orbit rendered frame by frame, panels side by side (``MODES``: rgb, normal,
+shaded, depth; default rgb | normal), as H.264 mp4.
 
-Frames are [R, 2R, 3] uint8 (R = resolution, padded by one edge pixel to even sizes when R is odd, as
-yuv420p needs); depth is shaded on a range fixed for the whole video (camera distance -/+ scene radius,
+Frames are [R, k*R, 3] uint8 for k panels (R = resolution, padded by one edge pixel to even sizes when R is
+odd, as yuv420p needs). Normal and shaded panels come from the density gradient at each ray's expected surface
+point (shading.py). Depth is shaded on a range fixed for the whole video (camera distance -/+ scene radius,
 near = bright), so it does not flicker, and fades to black with opacity.
 """
 
@@ -16,17 +18,32 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sdsbridge.cameras import Cameras, orbit_cameras
+from sdsbridge.cameras import Cameras, camera_rays, orbit_cameras
 from sdsbridge.atomic import remove_stale_temps
 from sdsbridge.checkpoint import find_checkpoint, run_dir_of
 from sdsbridge.config import CameraConfig
 from sdsbridge.devices import module_device
 from sdsbridge.errors import UserError
+from sdsbridge.export.shading import normal_panel, shaded_panel, surface_normals, to_camera
 from sdsbridge.media import pad_to_even, to_uint8, write_video
 from sdsbridge.nerf.renderer import RenderOutput, Renderer
 from sdsbridge.scene import load_trained_scene
 
 logger = logging.getLogger("sdsbridge")
+
+MODES = ("rgb", "normal", "shaded", "depth")
+"""Turntable panels: the colour render, camera-space normals, textureless diffuse shading, depth."""
+DEFAULT_MODES = ("rgb", "normal")
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    """'rgb,normal' -> ('rgb', 'normal'); UserError naming --mode for an unknown or repeated panel."""
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in modes if m not in MODES]
+    if not modes or unknown or len(set(modes)) != len(modes):
+        raise UserError(f"--mode: '{text}' is not a comma-separated list of distinct panels from "
+                        f"{', '.join(MODES)}")
+    return modes
 
 
 def depth_panel(depth: torch.Tensor, opacity: torch.Tensor, near: float, far: float) -> torch.Tensor:
@@ -39,16 +56,21 @@ def depth_panel(depth: torch.Tensor, opacity: torch.Tensor, near: float, far: fl
     return (shade.clamp(0, 1) * opacity.clamp(0, 1)).float()
 
 
-def turntable_frame(out: RenderOutput, index: int, near: float, far: float) -> np.ndarray:
-    """View ``index`` of a render as [H, 2W, 3] uint8 (rgb | depth), padded to even height and width."""
-    return pad_to_even(np.concatenate([to_uint8(out.rgb[index]),
-                                       to_uint8(depth_panel(out.depth[index], out.opacity[index], near, far))], axis=1))
+def turntable_frame(out: RenderOutput, index: int, near: float, far: float, modes: Sequence[str] = ("rgb", "depth"),
+                    normals_cam: Optional[torch.Tensor] = None) -> np.ndarray:
+    """View ``index`` of a render as [H, k*W, 3] uint8, the ``modes`` panels side by side, padded to even height
+    and width. ``normals_cam`` ([H, W, 3] camera-space normals of that view) is needed for normal / shaded."""
+    opacity = out.opacity[index]
+    panels = {"rgb": lambda: out.rgb[index], "depth": lambda: depth_panel(out.depth[index], opacity, near, far),
+              "normal": lambda: normal_panel(normals_cam, opacity), "shaded": lambda: shaded_panel(normals_cam, opacity)}
+    return pad_to_even(np.concatenate([to_uint8(panels[mode]()) for mode in modes], axis=1))
 
 
 @torch.no_grad()
 def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 120, resolution: int = 512,
                      fps: int = 30, chunk_rays: Optional[int] = None,
-                     background_color: Optional[Sequence[float]] = None, progress: bool = True) -> Path:
+                     background_color: Optional[Sequence[float]] = None, progress: bool = True,
+                     modes: Sequence[str] = DEFAULT_MODES) -> Path:
     """Render ``frames`` views of the eval orbit (``camera_cfg.eval_elevation`` / ``eval_distance`` /
     ``eval_fovy``, azimuth from 0 in equal steps) one at a time and write an mp4 (libx264, yuv420p) at
     ``fps`` to ``path``, atomically (``media.write_video``).
@@ -59,8 +81,11 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
         chunk_rays: rays per field call (default ``renderer.cfg.chunk_rays``).
         background_color: RGB in [0, 1] behind the object (default: the scene's learnt background).
         progress: show a tqdm bar.
+        modes: the panels, left to right (``MODES``).
     Returns ``path``.
     """
+    if not modes or any(m not in MODES for m in modes):
+        raise UserError(f"video: modes must be a non-empty list of {', '.join(MODES)}, got {list(modes)}")
     if frames < 1 or resolution < 2 or fps < 1:
         raise UserError(f"video: frames, fps must be >= 1 and resolution >= 2 (got frames={frames}, "
                         f"resolution={resolution}, fps={fps})")
@@ -77,16 +102,23 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
 
     def rendered_frames():
         for i in tqdm(range(frames), disable=not progress, desc="turntable", unit="frame", dynamic_ncols=True):
-            out = renderer.render(_one(cameras, i), resolution, resolution, background_color=background,
+            camera = _one(cameras, i)
+            out = renderer.render(camera, resolution, resolution, background_color=background,
                                   chunk_rays=chunk_rays or renderer.cfg.chunk_rays)
-            yield turntable_frame(out, 0, near, far)
+            normals_cam = None
+            if "normal" in modes or "shaded" in modes:
+                origins, dirs = camera_rays(camera, resolution, resolution)
+                normals = surface_normals(renderer.field, origins[0], dirs[0], out.depth[0], out.opacity[0],
+                                          renderer.radius)
+                normals_cam = to_camera(normals, camera.c2w[0])
+            yield turntable_frame(out, 0, near, far, modes, normals_cam)
 
     try:
         write_video(path, rendered_frames(), fps)
     finally:
         renderer.train(was_training)
-    logger.info("video: %d frames of %dx%d at %d fps in %.1f s -> %s", frames, 2 * resolution, resolution, fps,
-                time.time() - started, path)
+    logger.info("video: %d frames of %dx%d (%s) at %d fps in %.1f s -> %s", frames, len(modes) * resolution,
+                resolution, " | ".join(modes), fps, time.time() - started, path)
     return path
 
 
@@ -97,27 +129,28 @@ def _one(cameras: Cameras, i: int) -> Cameras:
 
 
 def export_video(scene, config, run_dir: Path, frames: Optional[int] = None, resolution: Optional[int] = None,
-                 fps: Optional[int] = None, progress: bool = True) -> Path:
+                 fps: Optional[int] = None, progress: bool = True, modes: Optional[Sequence[str]] = None) -> Path:
     """The turntable of a trained scene as ``<run_dir>/video/turntable.mp4``. Unset arguments come from
-    ``config.export``, and where that leaves frames or resolution unset, from ``turntable_size`` (what fits
-    the scene's device). Returns the path."""
+    ``config.export`` (``video_modes`` for the panels), and where that leaves frames or resolution unset, from
+    ``turntable_size`` (what fits the scene's device). Returns the path."""
     export = config.export
     frames, resolution = turntable_size(frames or export.video_frames, resolution or export.video_resolution,
                                         module_device(scene.field))
     return render_turntable(scene, config.cameras, Path(run_dir) / "video" / "turntable.mp4",
                             frames=frames, resolution=resolution, fps=fps or export.video_fps,
-                            chunk_rays=config.render.chunk_rays, progress=progress)
+                            chunk_rays=config.render.chunk_rays, progress=progress,
+                            modes=tuple(modes or export.video_modes))
 
 
 def render_run_video(run_dir: Path, frames: Optional[int] = None, resolution: Optional[int] = None,
                      fps: Optional[int] = None, device: Union[torch.device, str] = "cpu",
-                     progress: bool = True) -> Path:
+                     progress: bool = True, modes: Optional[Sequence[str]] = None) -> Path:
     """``export_video`` of a finished run's last checkpoint (``run_dir``: a run directory or a checkpoint
     file); writes ``<run_dir>/video/turntable.mp4``."""
     checkpoint = find_checkpoint(Path(run_dir))
     remove_stale_temps(run_dir_of(checkpoint))  # left by a killed write
     scene, config, _ = load_trained_scene(Path(run_dir), torch.device(device))
-    return export_video(scene, config, run_dir_of(checkpoint), frames, resolution, fps, progress)
+    return export_video(scene, config, run_dir_of(checkpoint), frames, resolution, fps, progress, modes)
 
 
 TURNTABLE_SIZES = {"cuda": (120, 512), "cpu": (60, 256)}
