@@ -20,6 +20,8 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
+from sdsbridge.outputs import newest_output
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -57,9 +59,9 @@ def main(argv=None) -> Path:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = args.run_dir or train_demo(Path(tmp))
-        video = run_dir / "video" / "turntable.mp4"
-        if not video.is_file():
-            parser.error(f"{video} does not exist (train with export.video=true)")
+        video = newest_output(run_dir / "video", "turntable", "mp4")
+        if video is None:
+            parser.error(f"{run_dir / 'video'} holds no turntable (train with export.video=true)")
         image = strip(read_frames(video), args.frames)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(args.out, optimize=True)

@@ -145,6 +145,11 @@ def train(
         checkpoint_path, checkpoint = ckpt.load_newest(resume, for_resume=True)  # on the CPU: RNG states stay there
         config = config_from_dict(checkpoint["config"], overrides)
         run_dir, fresh = ckpt.run_dir_of(checkpoint_path), False
+        if checkpoint["step"] >= config.train.steps:
+            typer.echo(f"{run_dir} is finished (step {checkpoint['step']} of {config.train.steps}): nothing to do. "
+                       f"Raise train.steps to train on (`sdsbridge train --resume {run_dir} train.steps=N`); "
+                       f"`sdsbridge export` / `video` / `report` {run_dir} make outputs.")
+            return
         remove_stale_temps(run_dir)
         typer.echo(f"resuming from {checkpoint_path} (step {checkpoint['step']})")
     else:
@@ -197,8 +202,8 @@ def _export_after_training(config, result, progress: bool) -> tuple[list[tuple[s
     from sdsbridge.report import write_report
 
     outputs, code = [], 0
-    steps = [("mesh", config.export.mesh, lambda: export_mesh(result.scene, config, result.run_dir)),
-             ("video", config.export.video, lambda: export_video(result.scene, config, result.run_dir,
+    steps = [("mesh", config.export.mesh, lambda: export_mesh(result.scene, config, result.run_dir, result.step)),
+             ("video", config.export.video, lambda: export_video(result.scene, config, result.run_dir, result.step,
                                                                  progress=progress)),
              ("report", config.export.report, lambda: write_report([result.run_dir]))]
     for name, wanted, make in steps:
@@ -222,9 +227,12 @@ def export(
                                            "mesh.glb and mesh.obj/.mtl/.png (default: export.texture)."),
     texture_size: Optional[int] = typer.Option(None, "--texture-size", help="Texture size in texels "
                                                "(default: export.texture_size, 1024)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file (.glb, .obj or .ply; textured: .glb, "
+                                       "with .obj/.mtl/.png beside it). Default: RUN/mesh/mesh-step<N>[-settings].<fmt>."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
-    """Extract a coloured mesh from a trained run (marching cubes on the density) to RUN/mesh/; with
+    """Extract a coloured mesh from a trained run (marching cubes on the density) to RUN/mesh/, named by the
+    checkpoint step and the settings that differ from the run's (never replacing another export); with
     --texture a UV-unwrapped mesh with a texture baked from the field."""
     from sdsbridge.export.mesh import export_run_mesh
     from sdsbridge.devices import resolve_device
@@ -237,13 +245,18 @@ def export(
         raise UserError(f"--texture-size: must lie in [16, 8192], got {texture_size}")
     if texture and format not in (None, "glb", "obj"):
         raise UserError(f"--format {format}: a textured mesh is written as glb and obj")
+    if out is not None:
+        suffix = out.suffix.lstrip(".").lower()
+        if suffix not in (("glb",) if texture else ("glb", "obj", "ply")) or (format and not texture and format != suffix):
+            raise UserError(f"--out: {out}: expected a {'.glb' if texture else '.glb, .obj or .ply'} file"
+                            + (f" matching --format {format}" if format and not texture else ""))
     level: Optional[str | float] = threshold
     if threshold not in (None, "auto"):
         try:
             level = float(threshold)
         except ValueError:
             raise UserError(f"--threshold: expected 'auto' or a number, got '{threshold}'") from None
-    path = export_run_mesh(run, format, resolution, level, resolve_device(device), texture, texture_size)
+    path = export_run_mesh(run, format, resolution, level, resolve_device(device), texture, texture_size, out)
     typer.echo(f"mesh: {path}")
 
 
@@ -257,11 +270,14 @@ def video(
     fps: Optional[int] = typer.Option(None, "--fps", help="Frames per second (default 30)."),
     mode: Optional[str] = typer.Option(None, "--mode", help="Panels side by side, from rgb,normal,shaded,depth "
                                        "(default: export.video_modes, rgb,normal)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output .mp4 (default: RUN/video/turntable-step<N>"
+                                       "[-settings].mp4)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """Render a turntable video (default rgb | normal; shaded = textureless diffuse geometry) of a trained run
-    to RUN/video/turntable.mp4."""
+    to RUN/video/, named by the checkpoint step and the settings that differ from the run's (never replacing
+    another video)."""
     from sdsbridge.export.video import parse_modes, render_run_video
     from sdsbridge.devices import resolve_device
 
@@ -269,7 +285,10 @@ def video(
         if value is not None and value <= 0:
             raise UserError(f"{name}: must be positive, got {value}")
     modes = parse_modes(mode) if mode is not None else None
-    path = render_run_video(run, frames, resolution, fps, resolve_device(device), progress=progress, modes=modes)
+    if out is not None and out.suffix.lower() != ".mp4":
+        raise UserError(f"--out: {out}: expected an .mp4 file")
+    path = render_run_video(run, frames, resolution, fps, resolve_device(device), progress=progress, modes=modes,
+                            out=out)
     typer.echo(f"video: {path}")
 
 

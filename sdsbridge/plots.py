@@ -37,7 +37,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 def stage2_step(config) -> Optional[int]:
     """The step where the bridge's stage two starts, None for methods with one stage."""
-    return int(config.guidance.stage2_start_step) if config.method == "bridge" else None
+    return int(config.guidance.stage2_start_step) if config.method in ("bridge", "bridge-vsd") else None
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:

@@ -1,6 +1,6 @@
 """The report page: one self-contained HTML file to look at one run, or several side by side.
 
-Per run (a column): the prompt, method and step; an interactive 3D view of ``mesh/mesh.glb`` (Google's
+Per run (a column): the prompt, method and step; an interactive 3D view of the newest ``mesh/mesh-step*.glb`` (Google's
 ``<model-viewer>``, vendored in ``assets/viewer/``: orbit with the mouse); the turntable videos of ``video/``;
 the validation grids of ``validation/`` as a timeline (a slider over the steps); the plots of ``plots/``
 (written here from ``metrics.jsonl`` when missing); the resolved config. Everything is embedded (the viewer as
@@ -28,6 +28,7 @@ from typing import Optional
 
 from sdsbridge.atomic import atomic_write_bytes
 from sdsbridge.errors import UserError
+from sdsbridge.outputs import newest_output
 from sdsbridge.plots import PLOTS, TITLES, read_metrics, write_plots
 from sdsbridge.safe_yaml import load_yaml
 
@@ -81,13 +82,13 @@ def collect_run(run_dir: Path) -> RunPage:
     plots = [run_dir / "plots" / f"{name}.png" for name in PLOTS]
     if rows and not all(p.is_file() for p in plots):
         guidance = config.get("guidance") or {}
-        stage2 = guidance.get("stage2_start_step") if config.get("method") == "bridge" else None
+        stage2 = guidance.get("stage2_start_step") if config.get("method") in ("bridge", "bridge-vsd") else None
         write_plots(run_dir, int(stage2) if isinstance(stage2, (int, float)) else None)
-    mesh = run_dir / "mesh" / "mesh.glb"
+    mesh = newest_output(run_dir / "mesh", "mesh", "glb")
     return RunPage(
         run_dir=run_dir, prompt=str(config.get("prompt", "")), method=str(config.get("method", "")),
         config_text=config_text, step=rows[-1]["step"] if rows else None,
-        mesh=mesh if mesh.is_file() else None,
+        mesh=mesh,
         videos=sorted((run_dir / "video").glob("*.mp4")) if (run_dir / "video").is_dir() else [],
         validation=sorted((run_dir / "validation").glob("step-*.png")) if (run_dir / "validation").is_dir() else [],
         plots=[p for p in plots if p.is_file()])
@@ -109,7 +110,7 @@ def _run_column(page: RunPage, index: int) -> str:
                      'camera-controls auto-rotate interaction-prompt="none" shadow-intensity="0.6" '
                      f'exposure="1.0" alt="3D mesh of {esc(page.prompt)}"></model-viewer>')
     else:
-        parts.append(f'<p class="missing">no mesh/mesh.glb (make one: <code>sdsbridge export {esc(str(page.run_dir))}'
+        parts.append(f'<p class="missing">no mesh/*.glb (make one: <code>sdsbridge export {esc(str(page.run_dir))}'
                      "</code>)</p>")
     parts.append("<h3>Turntable</h3>")
     for video in page.videos:

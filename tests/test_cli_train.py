@@ -26,8 +26,8 @@ def test_demo_config_trains_exports_and_evaluates(tmp_path, capsys):
     code, out, err = run_cli(["train", DEMO, f"log.runs_dir={runs}", *SHORT], capsys)
     assert code == 0, err
     run_dir = runs / "bridge-a-red-torus"
-    assert (run_dir / "mesh" / "mesh.glb").stat().st_size > 0
-    assert (run_dir / "video" / "turntable.mp4").stat().st_size > 0
+    assert (run_dir / "mesh" / "mesh-step0000006.glb").stat().st_size > 0  # named by the step it comes from
+    assert (run_dir / "video" / "turntable-step0000006.mp4").stat().st_size > 0
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "config.yaml").is_file()
     assert "done: 6 steps" in out
 

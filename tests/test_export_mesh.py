@@ -122,7 +122,7 @@ def test_formats_reload_with_counts_and_colours(tmp_path, fmt):
     assert path.is_file() and [p.name for p in path.parent.iterdir()] == [f"mesh.{fmt}"]  # no temp left
     loaded = trimesh.load(path, force="mesh", process=False)
     assert len(loaded.vertices) == len(mesh.vertices) and len(loaded.faces) == len(mesh.faces)
-    np.testing.assert_allclose(np.asarray(loaded.vertices), mesh.vertices, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(loaded.vertices), mesh.vertices[:, [1, 2, 0]], atol=1e-5)  # Y up
     assert (np.asarray(loaded.visual.vertex_colors)[:, :3] == mesh.vertex_colors).all()
 
 
@@ -142,3 +142,14 @@ def test_decimation_reduces_faces():
     mesh = extract_mesh(Balls(), 1.0, 32, decimate_faces=500)
     assert len(full.faces) > 2000 and 400 <= len(mesh.faces) <= 600
     assert len(mesh.vertex_colors) == len(mesh.vertices)
+
+
+def test_files_are_y_up_with_the_front_towards_plus_z():
+    """glTF's axes (what viewers assume): the scene's up (+z) becomes +Y, its front (+x, azimuth 0) +Z, and
+    the map is a rotation (orientation and winding kept)."""
+    from sdsbridge.export.mesh import to_file_axes
+
+    axes = np.eye(3)
+    x, y, z = to_file_axes(axes)
+    assert np.array_equal(z, [0, 1, 0]) and np.array_equal(x, [0, 0, 1])
+    assert np.isclose(np.linalg.det(to_file_axes(axes)), 1.0)

@@ -272,7 +272,7 @@ def test_sigterm_while_the_turntable_is_written_leaves_no_temp_file(trained_run,
                             "--no-progress"], capsys)
     assert code == EXIT_INTERRUPTED
     assert one_error_line(err).startswith("interrupted (SIGTERM)")
-    assert not temp_files(trained_run) and not (trained_run / "video" / "turntable.mp4").exists()
+    assert not temp_files(trained_run) and not list((trained_run / "video").glob("*.mp4"))
 
 
 def test_sigint_during_export_prints_one_line_and_exits_130(trained_run, capsys, monkeypatch):

@@ -51,7 +51,7 @@ def test_a_broken_mesh_shows_as_a_page_error(browser, tmp_path):
     run = tmp_path / "run"
     (run / "mesh").mkdir(parents=True)
     (run / "config.yaml").write_text("prompt: a red torus\nmethod: sds\n")
-    (run / "mesh" / "mesh.glb").write_bytes(b"glTF" + bytes(range(256)) * 8)
+    (run / "mesh" / "mesh-step0000010.glb").write_bytes(b"glTF" + bytes(range(256)) * 8)
     dom = dump_dom(browser, write_report([run]))
     assert 'data-models-loaded="0"' in dom
     errors = re.search(r'<pre id="page-errors">(.*?)</pre>', dom, re.S).group(1)

@@ -137,14 +137,25 @@ def test_a_one_run_sweep_runs_scores_and_is_skipped_when_run_again(tmp_path, cap
     assert list((out / "runs").iterdir()) == [run]
 
 
-def test_an_unknown_shape_fails_its_run_and_the_sweep_says_so(tmp_path, capsys):
+def test_an_unknown_shape_is_refused_before_the_sweep_starts(tmp_path, capsys):
     path = write_sweep(tmp_path, prompts=["a purple giraffe"], grid={})
     code, _, err = run_cli(["sweep", path, "--out", tmp_path / "out", "--no-progress"], capsys)
     line = one_error_line(err)
-    assert code == 1 and "1 of 1 runs not done (a-purple-giraffe: failed" in line and "torus" in line
+    # every combination gets train's own checks before anything starts (the reference prompt names no shape)
+    assert code == 2 and "a purple giraffe" in line and "torus" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_that_fails_is_retried_then_reported(tmp_path, capsys):
+    """A run that fails while training (here: every step non-finite, so it stops as diverged) is retried
+    (--retries, default 1), then marked failed in sweep.csv, and the sweep exits 1 naming it."""
+    path = write_sweep(tmp_path, prompts=["a red torus"], grid={},
+                       set={**TINY_SET, "guidance.guidance_scale": 1e38, "train.max_bad_steps": 1})
+    code, _, err = run_cli(["sweep", path, "--out", tmp_path / "out", "--no-progress"], capsys)
+    line = one_error_line(err)
+    assert code == 1 and "1 of 1 runs not done (a-red-torus: failed" in line
     rows = list(csv.DictReader((tmp_path / "out" / "sweep.csv").open()))
-    assert rows[0]["status"] == "failed" and rows[0]["attempts"] == "1"  # bad input: not retried
-    assert not (tmp_path / "out" / "runs" / "a-purple-giraffe").exists()  # no checkpoint: no run directory
+    assert rows[0]["status"] == "failed" and rows[0]["attempts"] == "2"
 
 
 def test_load_sweep_raises_user_errors_only(tmp_path):

@@ -160,7 +160,8 @@ def test_textured_glb_passes_the_khronos_gltf_validator(baked, tmp_path):
 
 def test_train_exports_a_textured_mesh_when_asked(tmp_path):
     run = train_tiny_run(tmp_path, "train.steps=2", "export.mesh=true", "export.texture=true", "export.texture_size=32")
-    assert sorted(p.name for p in (run / "mesh").iterdir()) == ["mesh.glb", "mesh.mtl", "mesh.obj", "mesh.png"]
+    stem = "mesh-step0000002-textured"
+    assert sorted(p.name for p in (run / "mesh").iterdir()) == [f"{stem}.{ext}" for ext in ("glb", "mtl", "obj", "png")]
 
 
 def test_cli_export_texture_on_a_trained_run(tmp_path, capsys):
@@ -168,9 +169,10 @@ def test_cli_export_texture_on_a_trained_run(tmp_path, capsys):
     capsys.readouterr()
     code, out, err = run_cli(["export", run, "--texture", "--texture-size", "64", "--device", "cpu"], capsys)
     assert code == 0, err
-    assert out.strip() == f"mesh: {run / 'mesh' / 'mesh.glb'}"
-    assert sorted(p.name for p in (run / "mesh").iterdir()) == ["mesh.glb", "mesh.mtl", "mesh.obj", "mesh.png"]
-    assert Image.open(run / "mesh" / "mesh.png").size == (64, 64)
+    stem = "mesh-step0000004-textured-tex64"  # named by the step and the settings that differ from the run's
+    assert out.strip() == f"mesh: {run / 'mesh' / (stem + '.glb')}"
+    assert sorted(p.name for p in (run / "mesh").iterdir()) == [f"{stem}.{ext}" for ext in ("glb", "mtl", "obj", "png")]
+    assert Image.open(run / "mesh" / f"{stem}.png").size == (64, 64)
     code, _, err = run_cli(["export", run, "--texture", "--format", "ply"], capsys)
     assert code == 2 and "--format ply" in err
     code, _, err = run_cli(["export", run, "--texture", "--texture-size", "8"], capsys)

@@ -187,20 +187,21 @@ def trained_run(tmp_path_factory):
 
 
 def test_export_on_a_full_disk(trained_run, capsys, faults):
-    faults.fail(r"^mesh\.glb$")
+    faults.fail(r"^mesh-step0000002\.glb$")
     code, _, err = run_cli(["export", trained_run, "--resolution", "16", "--device", "cpu"], capsys)
     assert code == EXIT_WRITE_FAILED
-    assert re.fullmatch(r"error: no space left on device writing .*mesh/mesh\.glb", one_error_line(err))
-    assert not (trained_run / "mesh" / "mesh.glb").exists() and not temp_files(trained_run)
+    assert re.fullmatch(r"error: no space left on device writing .*mesh/mesh-step0000002\.glb", one_error_line(err))
+    assert not list((trained_run / "mesh").glob("*.glb")) and not temp_files(trained_run)
 
 
 def test_video_on_a_read_only_folder(trained_run, capsys, faults):
-    faults.fail(r"^turntable\.mp4$", code=errno.EROFS, at_commit=True)  # ffmpeg wrote it; the rename fails
+    faults.fail(r"^turntable-step0000002-2f\.mp4$", code=errno.EROFS, at_commit=True)  # ffmpeg wrote it; the rename fails
     code, _, err = run_cli(["video", trained_run, "--frames", "2", "--resolution", "16", "--device", "cpu",
                             "--no-progress"], capsys)
     assert code == EXIT_WRITE_FAILED
-    assert re.fullmatch(r"error: read-only file system writing .*video/turntable\.mp4", one_error_line(err))
-    assert not (trained_run / "video" / "turntable.mp4").exists() and not temp_files(trained_run)
+    assert re.fullmatch(r"error: read-only file system writing .*video/turntable-step0000002-2f\.mp4",
+                        one_error_line(err))
+    assert not list((trained_run / "video").glob("*.mp4")) and not temp_files(trained_run)
 
 
 def test_image_on_a_full_disk(tmp_path, capsys, faults):

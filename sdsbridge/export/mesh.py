@@ -35,6 +35,7 @@ from sdsbridge.atomic import atomic_write_bytes, remove_stale_temps
 from sdsbridge.checkpoint import find_checkpoint, run_dir_of
 from sdsbridge.devices import module_device
 from sdsbridge.errors import UserError
+from sdsbridge.outputs import output_name
 from sdsbridge.scene import load_trained_scene
 
 logger = logging.getLogger("sdsbridge")
@@ -234,9 +235,17 @@ def extract_mesh(field: nn.Module, radius: float, resolution: int = 256,
     return MeshResult(vertices, faces, colors, level, density_range)
 
 
+def to_file_axes(vertices: np.ndarray) -> np.ndarray:
+    """[V, 3] scene coordinates (z up, the object's front towards +x) -> the axes mesh files use, glTF's: +Y up,
+    the front towards +Z (where viewers put their camera), +X to the right: (x, y, z) -> (y, z, x), a rotation
+    (normals map the same way, winding is kept)."""
+    return np.ascontiguousarray(vertices[:, [1, 2, 0]])
+
+
 def save_mesh(result: MeshResult, path: Path, format: Optional[str] = None) -> Path:
     """Write a mesh with vertex colours as glb, obj (colours as 'v x y z r g b', which trimesh reloads)
     or ply (binary), atomically: a temporary file in the same directory, then a rename over ``path``.
+    Positions are in file axes (``to_file_axes``: Y up, front towards +Z).
 
     ``format`` defaults to the file suffix. Returns ``path``.
     """
@@ -245,49 +254,74 @@ def save_mesh(result: MeshResult, path: Path, format: Optional[str] = None) -> P
     if fmt not in FORMATS:
         raise UserError(f"mesh format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     rgba = np.concatenate([result.vertex_colors, np.full((result.vertex_colors.shape[0], 1), 255, np.uint8)], 1)
-    mesh = trimesh.Trimesh(result.vertices, result.faces, vertex_colors=rgba, process=False)
+    mesh = trimesh.Trimesh(to_file_axes(result.vertices), result.faces, vertex_colors=rgba, process=False)
     data = mesh.export(file_type=fmt, include_color=True) if fmt == "obj" else mesh.export(file_type=fmt)
     data = data.encode("utf-8") if isinstance(data, str) else data
     atomic_write_bytes(path, data)
     return path
 
 
-def export_mesh(scene, config, run_dir: Path, format: Optional[str] = None, resolution: Optional[int] = None,
-                threshold: Union[str, float, None] = None, texture: Optional[bool] = None,
-                texture_size: Optional[int] = None) -> Path:
-    """Extract the mesh of a trained scene (anything with a ``field``, e.g. ``scene.Scene``) and save it as
-    ``<run_dir>/mesh/mesh.<format>``, or with ``texture`` as ``mesh.glb`` + ``mesh.obj`` / ``.mtl`` / ``.png``
-    (texture.py). Unset arguments come from ``config.export`` (format glb, resolution 256, threshold auto,
-    texture off, 1024 texels). Returns the path (the .glb of a textured mesh)."""
+def mesh_path(config, run_dir: Path, step: int, fmt: str, resolution: Optional[int], threshold,
+              textured: bool, texture_size: Optional[int]) -> Path:
+    """``<run_dir>/mesh/mesh-step<step>[-tags].<fmt>`` (outputs.py): tagged with the settings that differ from
+    ``config.export`` (resolution 'res128', threshold 'level2.5', texture size 'tex512') and 'textured' for
+    a textured mesh (its .glb would otherwise take the plain one's name)."""
     export = config.export
-    fmt = (format or export.format).lower()
+    tags = []
+    if resolution is not None and resolution != export.resolution:
+        tags.append(f"res{resolution}")
+    if threshold is not None and str(threshold) != str(export.threshold):
+        tags.append("auto" if threshold == "auto" else f"level{float(threshold):g}")
+    if textured:
+        tags.append("textured")
+        if texture_size is not None and texture_size != export.texture_size:
+            tags.append(f"tex{texture_size}")
+    return Path(run_dir) / "mesh" / output_name("mesh", step, tags, f".{fmt}")
+
+
+def export_mesh(scene, config, run_dir: Path, step: int, format: Optional[str] = None,
+                resolution: Optional[int] = None, threshold: Union[str, float, None] = None,
+                texture: Optional[bool] = None, texture_size: Optional[int] = None, out: Optional[Path] = None) -> Path:
+    """Extract the mesh of a trained scene (anything with a ``field``, e.g. ``scene.Scene``) at training step
+    ``step`` and save it as ``out``, else as ``mesh_path`` (``<run_dir>/mesh/mesh-step<step>[-tags].<format>``);
+    with ``texture`` as that .glb plus .obj / .mtl / .png of the same stem (texture.py). Unset arguments come
+    from ``config.export`` (format glb, resolution 256, threshold auto, texture off, 1024 texels). Returns the
+    path (the .glb of a textured mesh)."""
+    export = config.export
+    fmt = (format or (Path(out).suffix.lstrip(".") if out is not None and not texture else "") or export.format).lower()
     if fmt not in FORMATS:
         raise UserError(f"mesh format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     textured = export.texture if texture is None else texture
+    if textured:
+        fmt = "glb"
+    path = Path(out) if out is not None else mesh_path(config, run_dir, step, fmt, resolution, threshold, textured,
+                                                       texture_size)
     result = extract_mesh(scene.field, config.scene.radius, resolution or export.resolution,
                           export.threshold if threshold is None else threshold,
                           min_component_fraction=export.min_component_fraction,
                           decimate_faces=export.decimate_faces)
-    folder = Path(run_dir) / "mesh"
     if not textured:
-        return save_mesh(result, folder / f"mesh.{fmt}", fmt)
+        return save_mesh(result, path, fmt)
     from sdsbridge.export.texture import bake_texture, save_textured
 
     vertices, faces = result.vertices, result.faces
     if export.texture_faces and faces.shape[0] > export.texture_faces:
         vertices, faces = decimate(vertices, faces, export.texture_faces)
     baked = bake_texture(scene.field, vertices, faces, texture_size or export.texture_size)
-    return save_textured(baked, folder)[0]
+    return save_textured(baked, path.parent, path.stem)[0]
 
 
 def export_run_mesh(run_dir: Path, format: Optional[str] = None, resolution: Optional[int] = None,
                     threshold: Union[str, float, None] = None, device: Union[torch.device, str] = "cpu",
-                    texture: Optional[bool] = None, texture_size: Optional[int] = None) -> Path:
-    """``export_mesh`` of a finished run's last checkpoint (``run_dir``: a run directory or a checkpoint
-    file); writes ``<run_dir>/mesh/mesh.<format>`` (textured: mesh.glb, mesh.obj, mesh.mtl, mesh.png)."""
+                    texture: Optional[bool] = None, texture_size: Optional[int] = None,
+                    out: Optional[Path] = None) -> Path:
+    """``export_mesh`` of a run's newest checkpoint (``run_dir``: a run directory or a checkpoint file); writes
+    ``out``, else ``<run_dir>/mesh/mesh-step<step>[-tags].<format>`` (``mesh_path``), never replacing the
+    outputs of other steps or settings."""
     checkpoint = find_checkpoint(Path(run_dir))
     remove_stale_temps(run_dir_of(checkpoint))  # left by a killed write
     scene, config, step = load_trained_scene(Path(run_dir), torch.device(device))
-    path = export_mesh(scene, config, run_dir_of(checkpoint), format, resolution, threshold, texture, texture_size)
+    path = export_mesh(scene, config, run_dir_of(checkpoint), step, format, resolution, threshold, texture,
+                       texture_size, out)
     logger.info("mesh: step %d -> %s", step, path)
     return path

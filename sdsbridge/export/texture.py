@@ -13,6 +13,7 @@ filtering and mip-maps at chart edges read the chart's colour, not the empty atl
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import time
@@ -189,8 +190,12 @@ def obj_text(mesh: TexturedMesh, mtl_name: str, material: str = "baked") -> str:
 
 def save_textured(mesh: TexturedMesh, folder: Path, stem: str = "mesh") -> list[Path]:
     """Write ``<stem>.glb`` (base-colour texture in a PBR material, vertex normals) and ``<stem>.obj`` +
-    ``<stem>.mtl`` + ``<stem>.png`` into ``folder``, each atomically. Returns the paths, glb first."""
+    ``<stem>.mtl`` + ``<stem>.png`` into ``folder``, each atomically, positions in file axes (Y up, front
+    towards +Z: ``mesh.to_file_axes``). Returns the paths, glb first."""
+    from sdsbridge.export.mesh import to_file_axes
+
     folder = Path(folder)
+    mesh = dataclasses.replace(mesh, vertices=to_file_axes(mesh.vertices))
     glb = _trimesh(mesh).export(file_type="glb", include_normals=True)
     png = io.BytesIO()
     Image.fromarray(mesh.texture).save(png, format="PNG")

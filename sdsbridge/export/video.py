@@ -27,6 +27,7 @@ from sdsbridge.errors import UserError
 from sdsbridge.export.shading import normal_panel, shaded_panel, surface_normals, to_camera
 from sdsbridge.media import pad_to_even, to_uint8, write_video
 from sdsbridge.nerf.renderer import RenderOutput, Renderer
+from sdsbridge.outputs import output_name
 from sdsbridge.scene import load_trained_scene
 
 logger = logging.getLogger("sdsbridge")
@@ -128,29 +129,45 @@ def _one(cameras: Cameras, i: int) -> Cameras:
                    cameras.azimuth[i:i + 1], cameras.distance[i:i + 1], cameras.labels[i:i + 1])
 
 
-def export_video(scene, config, run_dir: Path, frames: Optional[int] = None, resolution: Optional[int] = None,
-                 fps: Optional[int] = None, progress: bool = True, modes: Optional[Sequence[str]] = None) -> Path:
-    """The turntable of a trained scene as ``<run_dir>/video/turntable.mp4``. Unset arguments come from
-    ``config.export`` (``video_modes`` for the panels), and where that leaves frames or resolution unset, from
+def video_path(run_dir: Path, step: int, frames: int, resolution: int, fps: int, modes: Sequence[str],
+               defaults: tuple[int, int, int, Sequence[str]]) -> Path:
+    """``<run_dir>/video/turntable-step<step>[-tags].mp4`` (outputs.py), tagged with what differs from
+    ``defaults`` (frames, resolution, fps, modes: what the end of `train` uses): '12f', '64px', '10fps',
+    'rgb_depth'."""
+    default_frames, default_resolution, default_fps, default_modes = defaults
+    tags = [f"{frames}f" if frames != default_frames else "", f"{resolution}px" if resolution != default_resolution else "",
+            f"{fps}fps" if fps != default_fps else "", "_".join(modes) if tuple(modes) != tuple(default_modes) else ""]
+    return Path(run_dir) / "video" / output_name("turntable", step, tags, ".mp4")
+
+
+def export_video(scene, config, run_dir: Path, step: int, frames: Optional[int] = None,
+                 resolution: Optional[int] = None, fps: Optional[int] = None, progress: bool = True,
+                 modes: Optional[Sequence[str]] = None, out: Optional[Path] = None) -> Path:
+    """The turntable of a trained scene at training step ``step`` as ``out``, else as ``video_path``
+    (``<run_dir>/video/turntable-step<step>[-tags].mp4``). Unset arguments come from ``config.export``
+    (``video_modes`` for the panels), and where that leaves frames or resolution unset, from
     ``turntable_size`` (what fits the scene's device). Returns the path."""
     export = config.export
-    frames, resolution = turntable_size(frames or export.video_frames, resolution or export.video_resolution,
-                                        module_device(scene.field))
-    return render_turntable(scene, config.cameras, Path(run_dir) / "video" / "turntable.mp4",
-                            frames=frames, resolution=resolution, fps=fps or export.video_fps,
-                            chunk_rays=config.render.chunk_rays, progress=progress,
-                            modes=tuple(modes or export.video_modes))
+    device = module_device(scene.field)
+    defaults = (*turntable_size(export.video_frames, export.video_resolution, device, log=False), export.video_fps,
+                tuple(export.video_modes))
+    frames, resolution = turntable_size(frames or export.video_frames, resolution or export.video_resolution, device)
+    fps, modes = fps or export.video_fps, tuple(modes or export.video_modes)
+    path = Path(out) if out is not None else video_path(run_dir, step, frames, resolution, fps, modes, defaults)
+    return render_turntable(scene, config.cameras, path, frames=frames, resolution=resolution, fps=fps,
+                            chunk_rays=config.render.chunk_rays, progress=progress, modes=modes)
 
 
 def render_run_video(run_dir: Path, frames: Optional[int] = None, resolution: Optional[int] = None,
                      fps: Optional[int] = None, device: Union[torch.device, str] = "cpu",
-                     progress: bool = True, modes: Optional[Sequence[str]] = None) -> Path:
-    """``export_video`` of a finished run's last checkpoint (``run_dir``: a run directory or a checkpoint
-    file); writes ``<run_dir>/video/turntable.mp4``."""
+                     progress: bool = True, modes: Optional[Sequence[str]] = None, out: Optional[Path] = None) -> Path:
+    """``export_video`` of a run's newest checkpoint (``run_dir``: a run directory or a checkpoint file); writes
+    ``out``, else ``<run_dir>/video/turntable-step<step>[-tags].mp4`` (``video_path``), never replacing the
+    videos of other steps or settings."""
     checkpoint = find_checkpoint(Path(run_dir))
     remove_stale_temps(run_dir_of(checkpoint))  # left by a killed write
-    scene, config, _ = load_trained_scene(Path(run_dir), torch.device(device))
-    return export_video(scene, config, run_dir_of(checkpoint), frames, resolution, fps, progress, modes)
+    scene, config, step = load_trained_scene(Path(run_dir), torch.device(device))
+    return export_video(scene, config, run_dir_of(checkpoint), step, frames, resolution, fps, progress, modes, out)
 
 
 TURNTABLE_SIZES = {"cuda": (120, 512), "cpu": (60, 256)}
@@ -158,10 +175,12 @@ TURNTABLE_SIZES = {"cuda": (120, 512), "cpu": (60, 256)}
 of a default-size scene takes about a second with the occupancy grid (a 512x512 one about four)."""
 
 
-def turntable_size(frames: Optional[int], resolution: Optional[int], device: torch.device) -> tuple[int, int]:
-    """Frames and resolution of a turntable: the given ones, else ``TURNTABLE_SIZES`` for the device (logged)."""
+def turntable_size(frames: Optional[int], resolution: Optional[int], device: torch.device,
+                   log: bool = True) -> tuple[int, int]:
+    """Frames and resolution of a turntable: the given ones, else ``TURNTABLE_SIZES`` for the device (logged
+    with ``log``)."""
     default_frames, default_resolution = TURNTABLE_SIZES["cuda" if device.type == "cuda" else "cpu"]
-    if frames is None or resolution is None:
+    if log and (frames is None or resolution is None):
         logger.info("video: %s frames at %s px (%s; set export.video_frames / export.video_resolution, or "
                     "--frames / --resolution, for another size)", frames or default_frames,
                     resolution or default_resolution, f"the default on {device.type.upper()}")
