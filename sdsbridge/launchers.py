@@ -347,10 +347,11 @@ def run_sweep(sweep, launcher: str, jobs: int = 1, retries: int = 1, address: Op
               cpus_per_run: int = 1, slurm: Optional[SlurmOptions] = None, progress: bool = True) -> list[dict]:
     """Bring every run of ``sweep`` (sweep.Sweep) to done: skip done runs, resume partial ones, start missing
     ones, with ``launcher`` ('local' | 'ray' | 'slurm'). Prints a line per finished run and an overall bar;
-    rewrites sweep.csv / sweep.json after each run and at the end. Returns the rows (sweep.sweep_rows)."""
+    rewrites sweep.csv / sweep.json after each run and at the end, then the side-by-side report page of each
+    prompt's finished runs (sweep.write_reports). Returns the rows (sweep.sweep_rows)."""
     from tqdm import tqdm
 
-    from sdsbridge.sweep import run_status, write_run_config, write_tables
+    from sdsbridge.sweep import run_status, write_reports, write_run_config, write_tables
 
     out = make_dirs(Path(sweep.out))
     statuses = {run.name: run_status(out, run.name) for run in sweep.runs}
@@ -388,5 +389,8 @@ def run_sweep(sweep, launcher: str, jobs: int = 1, retries: int = 1, address: Op
     finally:
         bar.close()
         csv_path, _, rows = write_tables(sweep)
-    print(f"sweep: {sum(r['status'] == 'done' for r in rows)} of {len(rows)} runs done; table: {csv_path}", flush=True)
+    reports = write_reports(sweep)
+    where = f"; side-by-side reports: {Path(sweep.out) / 'reports'}" if reports else ""
+    print(f"sweep: {sum(r['status'] == 'done' for r in rows)} of {len(rows)} runs done; table: {csv_path}{where}",
+          flush=True)
     return rows

@@ -24,6 +24,7 @@ The sweep directory::
     state/<name>.done.json  written last, when the run trained to the end (and was scored): the run is done
     state/<name>.lock       held (flock) while a worker runs it, so two sweeps never run it at once
     sweep.csv, sweep.json   one row per run (``sweep_rows``)
+    reports/<prompt>.html   the report page (report.py) of each prompt's finished runs side by side
 
 A run is *done* when its ``.done.json`` exists, *partial* when its run directory holds a checkpoint (it is
 resumed from there), else *missing* (started fresh). ``<name>`` is ``<prompt slug>__key=value__...`` over the
@@ -321,6 +322,18 @@ def write_tables(sweep: Sweep) -> tuple[Path, Path, list[dict]]:
     atomic_write_bytes(csv_path, buffer.getvalue().encode("utf-8"))
     atomic_write_bytes(json_path, (json.dumps({"sweep": str(sweep.path), "runs": rows}, indent=2) + "\n").encode())
     return csv_path, json_path, rows
+
+
+def write_reports(sweep: Sweep) -> list[Path]:
+    """``reports/<prompt slug>.html``: for every prompt with finished runs, their report pages side by side (one
+    column per grid combination, e.g. bridge beside sds). Returns the pages written."""
+    from sdsbridge.report import write_report
+
+    done: dict[str, list[Path]] = {}
+    for run in sweep.runs:
+        if run_status(sweep.out, run.name) == "done":
+            done.setdefault(run.prompt, []).append(run_dir(sweep.out, run.name))
+    return [write_report(runs, Path(sweep.out) / "reports" / f"{slugify(prompt)}.html") for prompt, runs in done.items()]
 
 
 def write_run_config(sweep: Sweep, run: SweepRun) -> Path:

@@ -125,6 +125,8 @@ def test_a_one_run_sweep_runs_scores_and_is_skipped_when_run_again(tmp_path, cap
     assert math.isfinite(float(rows[0]["eval_psnr_db"])) and float(rows[0]["eval_chamfer"]) >= 0
     assert json.loads((out / "sweep.json").read_text())["runs"][0]["status"] == "done"
     assert f"done  {name}  4/4 steps" in stdout
+    page = (out / "reports" / "a-red-torus.html").read_text()  # the prompt's report page
+    assert page.count('<section class="run">') == 1 and "a red torus" in page
     run = out / "runs" / name
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "config.yaml").is_file()
     assert "prompt: a red torus" in (out / "configs" / f"{name}.yaml").read_text()
