@@ -36,8 +36,13 @@ def test_update_matches_nerfacc_estimator_on_the_cpu():
         ours.update_every_n_steps(step, fn, occ_thre=0.01, n=16)
         torch.manual_seed(step)
         theirs.update_every_n_steps(step, fn, occ_thre=0.01, n=16)
-        assert torch.equal(ours.occs, theirs.occs), step
-        assert torch.equal(ours.binaries, theirs.binaries), step
+        # the same rule, except that a cell drawn twice keeps its largest sample (nerfacc: the last write, which
+        # depends on the thread count): ours is never below nerfacc's and differs only on such cells
+        differ = ours.occs != theirs.occs
+        assert (ours.occs >= theirs.occs).all() and differ.float().mean() < 0.02, step
+        assert torch.equal(ours.binaries.flatten()[~differ], theirs.binaries.flatten()[~differ]), step
+        ours.occs.copy_(theirs.occs)  # the next update starts from the same grid
+        ours.binaries.copy_(theirs.binaries)
     assert 0 < ours.binaries.sum() < ours.cells
     ours.update_every_n_steps(3, lambda x: pytest.fail("updated off the n-step schedule"), n=16)
     with pytest.raises(RuntimeError, match="training"):
@@ -211,3 +216,19 @@ def test_coarser_step_keeps_the_alpha_thresholds_density(scale, visible):
         samples = march(grid, origins, dirs, t_min, t_max, step, fog, early_stop_eps=0.0, alpha_thre=0.01,
                         alpha_step=dt)
         assert (samples.ray_indices.numel() > 0) == visible, step
+
+
+def test_update_is_the_same_for_any_thread_count():
+    """Cells drawn more than once get the maximum of their samples, so the grid does not depend on the order in
+    which threads write (nerfacc's indexed write did: runs on two threads diverged from step 256 on)."""
+    grids = []
+    for threads in (1, 2, 1):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        grid = OccupancyGrid(radius=1.0, resolution=32).train()
+        for step in range(0, 400, 16):
+            torch.manual_seed(step)
+            grid.update_every_n_steps(step, lambda x: ball_opacity(x, radius=0.5 + 0.3 * torch.rand(x.shape[0])), n=16)
+        torch.set_num_threads(before)
+        grids.append(grid.occs.clone())
+    assert torch.equal(grids[0], grids[1]) and torch.equal(grids[0], grids[2])

@@ -176,7 +176,9 @@ def packed_weights(t_starts: Tensor, t_ends: Tensor, sigmas: Tensor, ray_indices
     counts = torch.bincount(ray_indices, minlength=n_rays)
     first = torch.cumsum(counts, 0) - counts  # index of each ray's first sample
     exclusive = torch.cumsum(tau.double(), 0) - tau.double()
-    exclusive = exclusive - exclusive[first[ray_indices]]
+    # index_select, not exclusive[...]: its backward is index_add (the same sums whatever the thread count), where
+    # advanced indexing's index_put(accumulate=True) adds a ray's gradients in a thread-dependent order.
+    exclusive = exclusive - exclusive.index_select(0, first[ray_indices])
     return (torch.exp(-exclusive).to(tau.dtype)) * (1.0 - torch.exp(-tau))
 
 

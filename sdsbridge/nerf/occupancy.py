@@ -10,6 +10,8 @@ a grid saved from either implementation loads into the other.
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Union
 
 import nerfacc
@@ -91,7 +93,11 @@ class OccupancyGrid(nn.Module):
         unit = (coords + torch.rand_like(coords, dtype=torch.float32)) / self.resolution
         x = self.aabb[:3] + unit * (self.aabb[3:] - self.aabb[:3])
         occ = occ_eval_fn(x).squeeze(-1)
-        self.occs[indices] = torch.maximum(self.occs[indices] * ema_decay, occ)
+        # A cell drawn twice (the draws are with replacement) takes its largest sample: nerfacc's plain indexed
+        # write keeps whichever duplicate lands last, which depends on the thread count and varies run to run.
+        best = torch.full_like(self.occs, -math.inf).scatter_reduce(0, indices, occ, reduce="amax")
+        cells = torch.unique(indices)
+        self.occs[cells] = torch.maximum(self.occs[cells] * ema_decay, best[cells])
         thre = torch.clamp(self.occs[self.occs >= 0].mean(), max=occ_thre)
         self.binaries = (self.occs > thre).view(self.binaries.shape)
 
