@@ -3,7 +3,7 @@ steps/s, the speed-up, `sdsbridge eval` figures of both runs, and where a traini
 
     python scripts/bench_demo_training.py                       # configs/demo.yaml, 1500 steps each
     python scripts/bench_demo_training.py --steps 300 --no-eval  # quicker, speed only
-    python scripts/bench_demo_training.py --grid render.num_samples_occupancy=96
+    python scripts/bench_demo_training.py --grid render.num_samples_occupancy=64   # another grid step
 
 Each run is ``sdsbridge train configs/demo.yaml render.sampler=... export.mesh=false export.video=false`` in a
 temporary runs folder (``--keep DIR`` to keep them); both train at the same time (``--sequential``: one after
@@ -30,9 +30,9 @@ from pathlib import Path
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 SAMPLERS = {"dense": ["render.sampler=stratified"],
-            "grid": ["render.sampler=occupancy-torch", "render.num_samples_occupancy=64"]}
-"""Overrides per run; the grid's step (1.732 * 2 * radius / 64 = 0.041 at the demo's radius 0.75) is close to
-the dense sampler's spacing (the chord / 32 samples, at most 0.047)."""
+            "grid": ["render.sampler=occupancy-torch"]}
+"""Overrides per run; the grid keeps the demo's step (1.732 * 2 * radius / 96 = 0.027 at its radius 0.75; the
+dense sampler's spacing is the chord / 32 samples, at most 0.047)."""
 
 
 def sdsbridge(*args: str, env: dict) -> subprocess.Popen:
