@@ -7,12 +7,12 @@ matplotlib's object API (``Figure``, no pyplot state) renders off screen; files 
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 from typing import Optional
 
 from sdsbridge.atomic import atomic_write_bytes
+from sdsbridge.jsonl import read_rows
 
 PLOTS = ("losses", "grad_norm", "t", "resolution")
 """The PNGs written, ``plots/<name>.png``."""
@@ -21,18 +21,8 @@ TITLES = {"losses": "loss terms", "grad_norm": "guidance gradient norm", "t": "t
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl (a torn last line, as a killed process leaves, is skipped)."""
-    rows = []
-    if not Path(path).is_file():
-        return rows
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-            rows.append(row)
-    return rows
+    """The rows of a metrics.jsonl that have a step (a torn last line, as a killed process leaves, is skipped)."""
+    return [row for row in read_rows(path) if isinstance(row.get("step"), (int, float))]
 
 
 def stage2_step(config) -> Optional[int]:

@@ -49,6 +49,7 @@ from sdsbridge.atomic import atomic_write_bytes
 from sdsbridge.config import Config
 from sdsbridge.config_loader import _check_keys, _parse_overrides, _read_yaml, load_config, to_yaml
 from sdsbridge.errors import UserError
+from sdsbridge.jsonl import read_rows
 from sdsbridge.rundir import slugify
 
 MAX_RUNS = 10_000
@@ -263,20 +264,6 @@ def run_status(sweep_dir: Path, name: str) -> str:
     return "partial" if has_checkpoint(run_dir(sweep_dir, name)) else "missing"
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The JSON-object lines of ``path`` ([] if missing); torn lines are skipped."""
-    rows = []
-    if Path(path).is_file():
-        for line in Path(path).read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
-
-
 def sweep_rows(sweep: Sweep) -> list[dict]:
     """One row per run: name, prompt, the grid values, status (done | partial | missing | failed: the last
     attempt failed and left it unfinished), steps trained / of, attempts started, wall_s (seconds of the
@@ -284,13 +271,13 @@ def sweep_rows(sweep: Sweep) -> list[dict]:
     rows = []
     for run in sweep.runs:
         folder = run_dir(sweep.out, run.name)
-        attempts = read_jsonl(state_path(sweep.out, run.name, ".jsonl"))
+        attempts = read_rows(state_path(sweep.out, run.name, ".jsonl"))
         ends = [a for a in attempts if a.get("event") == "end"]
         status = run_status(sweep.out, run.name)
         if status != "done" and attempts and attempts[-1].get("event") == "end" and \
                 attempts[-1].get("exit_code") not in (0, 130):  # the newest attempt failed
             status = "failed"
-        metrics = read_jsonl(folder / "metrics.jsonl")
+        metrics = read_rows(folder / "metrics.jsonl")
         last = metrics[-1] if metrics else {}
         row = {"name": run.name, "prompt": run.prompt, **run.grid, "status": status, "steps": last.get("step", 0),
                "of_steps": run.config.train.steps, "attempts": sum(a.get("event") == "start" for a in attempts),

@@ -13,17 +13,11 @@ import pytest
 import torch
 
 import sdsbridge.train as train_module
-from sdsbridge.cli import main
 from sdsbridge.config_loader import load_config
 from sdsbridge.export.video import turntable_size
 from sdsbridge.image2d import run_image
 
-
-def run_cli(args, capsys):
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return info.value.code, captured.out, captured.err
+from cli_helpers import run_cli
 
 
 def test_image_on_the_reference_prior_uses_its_own_resolution(tmp_path):

@@ -1,7 +1,5 @@
 """Output names (outputs.py) and what the commands do with them: nothing overwrites another output."""
 
-from pathlib import Path
-
 from sdsbridge.outputs import newest_output, output_name
 
 from cli_helpers import run_cli, train_tiny_run
