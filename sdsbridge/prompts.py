@@ -58,21 +58,28 @@ def role_prompts(texts: dict[str, str], view_dependent: bool = True,
             for role, text in texts.items()}
 
 
+def azimuth_segments(azimuth: torch.Tensor, labels: list[str]) -> list[tuple[str, float]]:
+    """Where each of N cameras ([N] azimuths in degrees, 0 = front; N view labels) lies between the views, as
+    threestudio's Perp-Neg reads it: ('overhead', 0) for an overhead camera, ('front-side', r) for |azimuth| < 90
+    with r = 1 - |azimuth| / 90 (1 at the front), else ('side-back', r) with r = 2 - |azimuth| / 90 (1 at the
+    side)."""
+    angles = ((azimuth.detach().float().cpu() + 180.0) % 360.0 - 180.0).abs().tolist()
+    return [("overhead", 0.0) if label == "overhead" else ("front-side", 1.0 - a / 90.0) if a < 90.0
+            else ("side-back", 2.0 - a / 90.0) for a, label in zip(angles, labels)]
+
+
 def view_blend_weights(azimuth: torch.Tensor, labels: list[str]) -> torch.Tensor:
-    """[N] azimuths (degrees, 0 = front) and N view labels -> [N, 4] weights over ``VIEW_LABELS``: for
-    |azimuth| < 90 front r and side 1 - r with r = 1 - |azimuth| / 90; beyond, side r and back 1 - r with
-    r = 2 - |azimuth| / 90; an 'overhead' camera is all overhead. Rows sum to 1."""
-    a = ((azimuth.detach().float().cpu() + 180.0) % 360.0 - 180.0).abs()
+    """[N] azimuths and N view labels -> [N, 4] weights over ``VIEW_LABELS`` (``azimuth_segments``): front r
+    and side 1 - r between front and side, side r and back 1 - r between side and back, all overhead for an
+    overhead camera. Rows sum to 1."""
     weights = torch.zeros(len(labels), len(VIEW_LABELS))
     front, side, back, overhead = (VIEW_LABELS.index(v) for v in ("front", "side", "back", "overhead"))
-    for n, (angle, label) in enumerate(zip(a.tolist(), labels)):
-        if label == "overhead":
+    for n, (segment, r) in enumerate(azimuth_segments(azimuth, labels)):
+        if segment == "overhead":
             weights[n, overhead] = 1.0
-        elif angle < 90.0:
-            r = 1.0 - angle / 90.0
+        elif segment == "front-side":
             weights[n, front], weights[n, side] = r, 1.0 - r
         else:
-            r = 2.0 - angle / 90.0
             weights[n, side], weights[n, back] = r, 1.0 - r
     return weights
 
@@ -85,7 +92,7 @@ def perp_neg_negatives(azimuth: torch.Tensor, labels: list[str], f: PerpNegWeigh
                        ) -> tuple[list[tuple[Optional[str], Optional[str]]], torch.Tensor]:
     """Perp-Neg's two negatives per camera (threestudio's ``get_text_embeddings_perp_neg``): view labels
     (None = the empty prompt) and [N, 2] weights (negative: pushed away from). With r as in
-    ``view_blend_weights``: between front and side the negatives are front and side with weights
+    ``azimuth_segments``: between front and side the negatives are front and side with weights
     -f_fs(r), -f_sf(1 - r); between side and back, side and front with -f_sb(r), -f_fsb(r); overhead
     cameras get none (the empty prompt, weight 0)."""
     f_sb, f_fsb, f_fs, f_sf = f
@@ -94,18 +101,15 @@ def perp_neg_negatives(azimuth: torch.Tensor, labels: list[str], f: PerpNegWeigh
         a, b, c = abc
         return a * math.exp(-b * r) + c
 
-    a = ((azimuth.detach().float().cpu() + 180.0) % 360.0 - 180.0).abs()
     negatives, weights = [], []
-    for angle, label in zip(a.tolist(), labels):
-        if label == "overhead":
+    for segment, r in azimuth_segments(azimuth, labels):
+        if segment == "overhead":
             negatives.append((None, None))
             weights.append([0.0, 0.0])
-        elif angle < 90.0:
-            r = 1.0 - angle / 90.0
+        elif segment == "front-side":
             negatives.append(("front", "side"))
             weights.append([-decay(f_fs, r), -decay(f_sf, 1.0 - r)])
         else:
-            r = 2.0 - angle / 90.0
             negatives.append(("side", "front"))
             weights.append([-decay(f_sb, r), -decay(f_fsb, r)])
     return negatives, torch.tensor(weights, dtype=torch.float32)

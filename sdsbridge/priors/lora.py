@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding
 
 from sdsbridge.errors import UserError
+from sdsbridge.guidance import noisy_latents
 
 ADAPTER_NAME = "sdsbridge_vsd"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -144,8 +145,7 @@ class LoraSource:
         noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype).to(latents.device)
         keep = torch.rand((), generator=generator, device=device) >= condition_dropout  # no host sync
         camera = camera * keep.to(camera.device, camera.dtype)
-        abar = prior.alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = abar.sqrt() * latents + (1.0 - abar).sqrt() * noise
+        noisy = noisy_latents(latents, t, noise, prior.alphas_cumprod)
         with self.active():
             output = prior.unet_output(noisy, t, conditions, class_labels=camera)
         return F.mse_loss(output, prior.diffusion_target(latents, noise, t).float())
