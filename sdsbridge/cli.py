@@ -20,7 +20,7 @@ import typer
 
 from sdsbridge.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_WRITE_FAILED, Interrupted, RunFailed, UserError,
                               WriteFailed)
-from sdsbridge.preflight import check_run
+from sdsbridge.preflight import check_prompt, check_run
 from sdsbridge.quiet import configure_logging
 
 
@@ -198,7 +198,6 @@ def _export_after_training(config, result, progress: bool) -> tuple[list[tuple[s
     written)."""
     from sdsbridge.export.mesh import export_mesh
     from sdsbridge.export.video import export_video
-
     from sdsbridge.report import write_report
 
     outputs, code = [], 0
@@ -417,7 +416,9 @@ def sweep(
         if value < low:
             raise UserError(f"{name}: must be >= {low}, got {value}")
     plan = load_sweep(file, overrides or [], out)
-    if launcher == "local":
+    for run in plan.runs:
+        check_prompt(run.config)
+    if launcher == "local":  # the model is on this machine's disk only for runs started here
         for run in plan.runs:
             check_run(run.config)
             if jobs > 1 and run.config.prior.device not in (None, "cpu"):

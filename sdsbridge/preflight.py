@@ -17,9 +17,14 @@ def _offline() -> bool:
 
 def check_run(config: Config) -> None:
     """Every check ``train`` and ``image`` make before building anything, beyond the config's own validation:
-    the prior's model (``check_prior_model``) and, on the reference prior, that the prompt names one of its
-    built-in shapes. ``config check`` runs the same, so it fails where ``train`` would."""
+    the prior's model (``check_prior_model``, this machine's disk) and the prompt (``check_prompt``). ``config
+    check`` runs the same, so it fails where ``train`` would."""
     check_prior_model(config.prior)
+    check_prompt(config)
+
+
+def check_prompt(config: Config) -> None:
+    """On the reference prior, that the prompt names one of its built-in shapes (true on any machine)."""
     if config.prior.kind == "reference" and config.prompt.strip():
         from sdsbridge.priors.reference_prompts import parse_prompt
 

@@ -146,6 +146,9 @@ def test_an_unknown_shape_is_refused_before_the_sweep_starts(tmp_path, capsys):
     # every combination gets train's own checks before anything starts (the reference prompt names no shape)
     assert code == 2 and "a purple giraffe" in line and "torus" in line
     assert not (tmp_path / "out").exists()
+    code, _, err = run_cli(["sweep", path, "--out", tmp_path / "out", "--launcher", "slurm", "--slurm-local"], capsys)
+    assert code == 2 and "a purple giraffe" in one_error_line(err)  # on every launcher, not only local ones
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_run_that_fails_is_retried_then_reported(tmp_path, capsys):
