@@ -237,6 +237,27 @@ def test_nearest_view_conditioning_uses_the_matching_camera():
     assert torch.allclose((x_t - (1 - a) ** 0.5 * eps_label) / a ** 0.5, x0, atol=1e-2)
 
 
+def test_nearest_views_denoise_over_exactly_the_nearest_cameras_images():
+    # The prior gathers each sample's nearest cameras' images from every block (clean and degraded copies,
+    # several shapes); the result must be the optimal denoiser over that set, as a mask over the whole set gives.
+    prior = ReferencePrior(resolution=8, views_per_label=6, nearest_views=5)
+    ids = prior.embed_prompts(["a red torus and a box, blurry", "a capsule"])
+    g = torch.Generator().manual_seed(3)
+    positions = torch.randn(3, 3, generator=g) * 1.5
+    x_t = torch.randn(3, 3, 8, 8, generator=g)
+    t, conditions = torch.tensor([400, 700, 150]), ids[torch.tensor([0, 1, 0])]
+    got = prior.predict_noise(x_t, t, conditions, camera_positions=positions)
+    for r in range(3):
+        images, _, cams = prior._blocks(prior.condition(int(conditions[r])), all_views=True)
+        directions = torch.nn.functional.normalize(positions[r], dim=-1)
+        nearest = torch.topk(prior.directions @ directions, 5).indices
+        mask = torch.isin(torch.cat(cams), nearest)
+        assert mask.sum() == 5 * len(images)  # every block holds every camera
+        x0 = optimal_denoiser(x_t[r:r + 1], t[r:r + 1], torch.cat(images), AC, mask=mask[None])
+        want = noise_from_denoised(x_t[r:r + 1], x0, t[r:r + 1], AC)
+        assert torch.allclose(got[r:r + 1], want, atol=1e-5), r
+
+
 def test_disk_cache_round_trip(tmp_path, monkeypatch):
     first = ReferencePrior(resolution=8, views_per_label=2, cache_dir=str(tmp_path))
     rendered = first.clean_renders("capsule")

@@ -263,17 +263,29 @@ class ReferencePrior:
         for cid in torch.unique(conditions).tolist():
             rows = torch.nonzero(conditions == cid).squeeze(1)
             images, sqnorms, cams = self._blocks(self.condition(cid), all_views=nearest)
-            mask = None
-            if nearest:
-                query = F.normalize(camera_positions[rows].to(self.device, torch.float32), dim=-1)
-                k = min(self.nearest_views, self.directions.shape[0])
-                closest = torch.topk(query @ self.directions.T, k, dim=1).indices  # [m, k]
-                per_camera = torch.zeros(rows.numel(), self.directions.shape[0], dtype=torch.bool,
-                                         device=self.device).scatter_(1, closest, True)
-                mask = per_camera[:, torch.cat(cams)]
-            x0 = optimal_denoiser(x[rows], t[rows], images, self.alphas_cumprod, mask, sqnorms)
+            if not nearest:
+                x0 = optimal_denoiser(x[rows], t[rows], images, self.alphas_cumprod, None, sqnorms)
+            else:
+                x0 = torch.cat([self._nearest_denoised(x[r:r + 1], t[r:r + 1], camera_positions[r], images,
+                                                       sqnorms, cams) for r in rows.tolist()])
             out[rows] = noise_from_denoised(x[rows], x0, t[rows], self.alphas_cumprod)
         return out
+
+    def _nearest_denoised(self, x: torch.Tensor, t: torch.Tensor, camera_position: torch.Tensor,
+                          images: list[torch.Tensor], sqnorms: list[torch.Tensor], cams: list[torch.Tensor]
+                          ) -> torch.Tensor:
+        """E[x0 | x_t] of one sample [1, 3, R, R] over the images of its ``nearest_views`` closest reference
+        cameras: those rows are gathered from each block first (a set ~50x smaller than the blocks, which
+        hold every view; masking the full set gave the same values at 50x the cost)."""
+        query = F.normalize(camera_position.to(self.device, torch.float32), dim=-1)
+        k = min(self.nearest_views, self.directions.shape[0])
+        closest = torch.topk((query[None] @ self.directions.T)[0], k).indices  # [k] camera indices
+        chosen = torch.zeros(self.directions.shape[0], dtype=torch.bool, device=self.device)
+        chosen[closest] = True
+        picks = [chosen[c].nonzero().squeeze(1) for c in cams]  # rows of each block, in block order
+        kept = [i for i, p in enumerate(picks) if p.numel()]
+        return optimal_denoiser(x, t, [images[i][picks[i]] for i in kept], self.alphas_cumprod, None,
+                                [sqnorms[i][picks[i]] for i in kept])
 
     # --- disk cache ---------------------------------------------------------------------------------
     def _cache_key(self, shape_name: str) -> str:
