@@ -258,3 +258,25 @@ def test_a_kernel_compile_during_a_step_is_kept_out_of_the_eta(tmp_path, monkeyp
     run_dir.mkdir()
     train(small_config(tmp_path, "train.steps=4"), run_dir, torch.device("cpu"), show_progress=True)
     assert unpaused == [2]  # once, right after the compiling step, before it is counted
+
+
+def test_finite_check_finds_any_bad_gradient_and_no_false_alarm_from_overflow():
+    from sdsbridge.train_step import loss_and_grads_finite
+
+    def params(*grads):
+        out = []
+        for g in grads:
+            p = torch.nn.Parameter(torch.zeros_like(g))
+            p.grad = g
+            out.append(p)
+        return out
+
+    loss, big = torch.tensor(1.0), torch.full((4,), 3e38)  # big.sum() overflows to inf in float32
+    assert loss_and_grads_finite(loss, params(torch.randn(1000), torch.randn(7)))
+    assert loss_and_grads_finite(loss, params(big, torch.randn(7)))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        grad = torch.randn(1000)
+        grad[417] = bad
+        assert not loss_and_grads_finite(loss, params(torch.randn(7), grad))
+        assert not loss_and_grads_finite(torch.tensor(bad), params(torch.randn(7)))
+    assert not loss_and_grads_finite(loss, params(torch.tensor([float("inf"), -float("inf")])))  # sum: nan
