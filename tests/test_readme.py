@@ -25,6 +25,16 @@ def test_every_module_that_does_a_step_of_the_flow_is_named():
     named = set(re.findall(r"[\w/]+\.py|\b\w+/", architecture_block()))
     top_level = {p.name for p in PACKAGE.glob("*.py")} | {f"{p.name}/" for p in PACKAGE.iterdir()
                                                          if (p / "__init__.py").is_file() and p.name != "export"}
-    support = {"__init__.py", "__main__.py", "cli.py", "errors.py", "doctor.py", "rundir.py", "schedules.py",
+    support = {"__init__.py", "__main__.py", "cli/", "errors.py", "doctor.py", "rundir.py", "schedules.py",
                "devices.py", "random_sd.py", "quiet.py"}  # entry points and helpers every layer uses; random_sd: a fixture
     assert top_level - support - named == set()
+
+
+def test_every_subpackage_is_installed():
+    # pyproject lists packages by name, and README installs with `pip install .` (not editable): a subpackage
+    # missing from the list is missing from every user's install while tests from the checkout still pass.
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    subpackages = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert subpackages - listed == set()

@@ -1,0 +1,3 @@
+from sdsbridge.cli import main
+
+main()
