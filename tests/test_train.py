@@ -280,3 +280,18 @@ def test_finite_check_finds_any_bad_gradient_and_no_false_alarm_from_overflow():
         assert not loss_and_grads_finite(loss, params(torch.randn(7), grad))
         assert not loss_and_grads_finite(torch.tensor(bad), params(torch.randn(7)))
     assert not loss_and_grads_finite(loss, params(torch.tensor([float("inf"), -float("inf")])))  # sum: nan
+
+
+def test_long_cpu_runs_compile_the_hash_grid_from_the_first_step(tmp_path, monkeypatch):
+    from sdsbridge import train as train_module
+    from sdsbridge.nerf.encoding import COMPILE_AFTER_POINTS
+
+    monkeypatch.setenv("SDSBRIDGE_COMPILE", "0")  # the setting is what is checked here, not a compile
+    monkeypatch.setattr(train_module, "LONG_RUN_STEPS", 3)
+    thresholds = {}
+    for steps in (2, 3):
+        run_dir = tmp_path / f"run{steps}"
+        run_dir.mkdir()
+        result = train(small_config(tmp_path, f"train.steps={steps}"), run_dir, torch.device("cpu"), show_progress=False)
+        thresholds[steps] = result.scene.field.encoding.compile_after_points
+    assert thresholds == {2: COMPILE_AFTER_POINTS, 3: 0}
