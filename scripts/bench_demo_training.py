@@ -12,8 +12,9 @@ the other), so load from other processes hits both alike. Steps/s comes from eac
 once, over the time both were past their first 200 steps (compiled kernels) and neither had finished: the
 speed-up printed is that one, the fairest on a machine whose load changes. ``--threads N`` sets
 OMP_NUM_THREADS for the runs (default 1: two runs on two cores). The breakdown times ``--breakdown-steps``
-steps of the same loop in this process (render forward, guidance = prior + loss, backward, optimizer,
-occupancy-grid update) after as many untimed ones.
+steps of the same loop in this process (render forward, guidance = everything else: encode, prior, loss,
+finiteness check; backward, optimizer, occupancy-grid update) after ``--breakdown-warmup`` untimed ones (past
+the grid's warm-up, with compiled kernels, as most of a run is), one run after the other.
 """
 
 from __future__ import annotations
@@ -101,8 +102,9 @@ def train_all(samplers: dict[str, list[str]], runs: Path, args: argparse.Namespa
 
 
 def breakdown(overrides: list[str], args: argparse.Namespace) -> dict[str, float]:
-    """Mean ms per section of ``scene_step`` over ``--breakdown-steps`` steps (after as many untimed);
-    'guidance' is what the step spends outside the timed sections (VAE encode, UNet/prior, loss)."""
+    """Mean ms per section of ``scene_step`` over ``--breakdown-steps`` steps (after ``--breakdown-warmup``
+    untimed, the kernels compiled from the first as in a long run); 'guidance' is what the step spends outside
+    the timed sections (encode, UNet/prior, loss, finiteness check), 'wall' the whole step."""
     from contextlib import contextmanager
 
     import torch
@@ -123,9 +125,10 @@ def breakdown(overrides: list[str], args: argparse.Namespace) -> dict[str, float
     prompts = method.prompt_embeddings(config.prompt)
     optimizer = build_optimizer(scene, method, config.train)
     scene.train()
+    scene.field.encoding.compile_after_points = 0  # as train() does for a long run
     totals = dict.fromkeys(("render", "guidance", "backward", "optimizer", "occupancy"), 0.0)
-    n = args.breakdown_steps
-    for step in range(2 * n):
+    n, warmup = args.breakdown_steps, args.breakdown_warmup
+    for step in range(warmup + n):
         ms: dict[str, float] = {}
 
         @contextmanager
@@ -137,7 +140,7 @@ def breakdown(overrides: list[str], args: argparse.Namespace) -> dict[str, float
         start = time.perf_counter()
         scene_step(scene, method, prompts, optimizer, config, step, timer=timer)
         ms["guidance"] = (time.perf_counter() - start) * 1e3 - sum(ms.values())
-        if step >= n:
+        if step >= warmup:
             for key in totals:
                 totals[key] += ms.get(key, 0.0) / n
     return totals
@@ -152,6 +155,7 @@ def main() -> None:
     parser.add_argument("--grid", nargs="*", default=[], help="extra overrides for the grid run")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for both runs (e.g. train.seed=1)")
     parser.add_argument("--breakdown-steps", type=int, default=100, help="0: no step-time breakdown")
+    parser.add_argument("--breakdown-warmup", type=int, default=300, help="untimed steps before the breakdown")
     parser.add_argument("--keep", type=Path, help="keep the runs in this folder")
     parser.add_argument("--sequential", action="store_true", help="one run after the other (default: both at "
                         "once, each on its own thread, so that other load on the machine hits both alike)")
@@ -180,7 +184,7 @@ def main() -> None:
     print(f"training speed-up grid vs dense: {results['grid'][key] / results['dense'][key]:.2f}x "
           f"({'while both ran' if key != 'steps_per_s' else 'whole runs'}; target >= 1.5x)")
     if args.breakdown_steps:
-        print(f"ms per step ({args.breakdown_steps} steps after as many untimed, in this process):")
+        print(f"ms per step ({args.breakdown_steps} steps after {args.breakdown_warmup} untimed, in this process):")
         for name, overrides in samplers.items():
             parts = breakdown(overrides, args)
             print(f"  {name:5s} total {sum(parts.values()):6.1f}: " +
