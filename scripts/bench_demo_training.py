@@ -104,7 +104,7 @@ def train_all(samplers: dict[str, list[str]], runs: Path, args: argparse.Namespa
 def breakdown(overrides: list[str], args: argparse.Namespace) -> dict[str, float]:
     """Mean ms per section of ``scene_step`` over ``--breakdown-steps`` steps (after ``--breakdown-warmup``
     untimed, the kernels compiled from the first as in a long run); 'guidance' is what the step spends outside
-    the timed sections (encode, UNet/prior, loss, finiteness check), 'wall' the whole step."""
+    the timed sections (encode, UNet/prior, loss, finiteness check); the sections add up to the whole step."""
     from contextlib import contextmanager
 
     import torch
