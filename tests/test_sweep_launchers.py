@@ -104,6 +104,19 @@ def rerun_starts_nothing(path, out):
     assert {p.name: p.read_text() for p in (out / "state").glob("*.jsonl")} == before
 
 
+def signal_at_first_checkpoint(sweep, out, pid, signum):
+    """Once the torus bridge run has checkpointed, send ``signum`` to the process ``pid()`` names, then let the
+    sweep finish (killed if the test fails first); it must exit 0."""
+    try:
+        wait_for(lambda: has_checkpoint(out, TORUS_BRIDGE), "the first checkpoint", timeout=300)
+        os.kill(pid(), signum)
+        text, _ = sweep.communicate(timeout=600)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    assert sweep.returncode == 0, text
+
+
 @pytest.mark.slow
 def test_local_sweep_killed_twice_and_rerun_completes_every_run_exactly_once(tmp_path):
     path, out = write_sweep(tmp_path, ["a red torus", "a blue box"]), tmp_path / "sweep"
@@ -146,14 +159,8 @@ def test_ray_sweep_retries_a_killed_run_from_its_checkpoint(tmp_path):
     pytest.importorskip("ray")
     path, out = write_sweep(tmp_path, ["a red torus"]), tmp_path / "sweep"
     sweep = start_sweep(path, out, "--launcher", "ray", "--retries", "2")
-    try:
-        wait_for(lambda: has_checkpoint(out, TORUS_BRIDGE), "the first checkpoint", timeout=300)
-        os.kill(started_child(out, TORUS_BRIDGE), signal.SIGKILL)  # the Ray task fails; Ray runs it again
-        text, _ = sweep.communicate(timeout=600)
-    finally:
-        if sweep.poll() is None:
-            sweep.kill()
-    assert sweep.returncode == 0, text
+    # the Ray task fails; Ray runs it again
+    signal_at_first_checkpoint(sweep, out, lambda: started_child(out, TORUS_BRIDGE), signal.SIGKILL)
     check_complete_exactly_once(out, [TORUS_BRIDGE, TORUS_SDS])
     assert [(a["mode"], a.get("exit_code")) for a in attempts(out, TORUS_BRIDGE) if a["event"] == "start"] == \
         [("fresh", None), ("resume", None)]
@@ -167,15 +174,8 @@ def test_slurm_path_requeues_a_timed_out_job_which_resumes_its_run(tmp_path):
     pytest.importorskip("submitit")
     path, out = write_sweep(tmp_path, ["a red torus"]), tmp_path / "sweep"
     sweep = start_sweep(path, out, "--launcher", "slurm", "--slurm-local", "--time-min", "10")
-    try:
-        wait_for(lambda: has_checkpoint(out, TORUS_BRIDGE), "the first checkpoint", timeout=300)
-        job = [a for a in attempts(out, TORUS_BRIDGE) if a["event"] == "start"][-1]["worker_pid"]
-        os.kill(job, signal.SIGUSR2)  # what Slurm sends before a time limit or on preemption
-        text, _ = sweep.communicate(timeout=600)
-    finally:
-        if sweep.poll() is None:
-            sweep.kill()
-    assert sweep.returncode == 0, text
+    job = lambda: [a for a in attempts(out, TORUS_BRIDGE) if a["event"] == "start"][-1]["worker_pid"]  # noqa: E731
+    signal_at_first_checkpoint(sweep, out, job, signal.SIGUSR2)  # what Slurm sends before a time limit or on preemption
     check_complete_exactly_once(out, [TORUS_BRIDGE, TORUS_SDS])
     runs = attempts(out, TORUS_BRIDGE)
     assert [(a["event"], a.get("mode"), a.get("exit_code")) for a in runs] == [
