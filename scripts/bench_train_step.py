@@ -227,7 +227,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="diffusers pipeline folder or hub id (default: tiny random pipeline)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "fp16", "fp32"),
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp16", "bf16", "fp32"),
                         help="prior dtype (auto: fp16 on CUDA, fp32 on CPU)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last UNet and VAE")
     parser.add_argument("--attention", default="sdpa", choices=("sdpa", "default", "slicing"))

@@ -104,7 +104,8 @@ class PriorConfig:
     model: str = DEFAULT_SD_MODEL
     """Hub id or local directory of a diffusers Stable Diffusion pipeline."""
     dtype: str = "auto"
-    """'auto' (fp16 on CUDA, fp32 on CPU), 'fp16' or 'fp32'."""
+    """UNet and VAE weights: 'auto' (fp16 on CUDA, fp32 on CPU), 'fp16', 'bf16' or 'fp32'. The CLIP text encoder,
+    VSD's LoRA and camera embedding, renders and gradients stay fp32 whatever this says."""
     attention_slicing: bool = False
     """Slice attention to save memory (slower)."""
     channels_last: bool = False

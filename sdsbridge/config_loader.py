@@ -270,7 +270,7 @@ def validate(c: Config, require_prompt: bool = True) -> None:
         _check(not used or key == "method" or g.view_dependent, key, "needs guidance.view_dependent: true")
     p = c.prior
     _check_choice(p.kind, "prior.kind", ("stable-diffusion", "reference"))
-    _check_choice(p.dtype, "prior.dtype", ("auto", "fp16", "fp32"))
+    _check_choice(p.dtype, "prior.dtype", ("auto", "fp16", "bf16", "fp32"))
     _check(bool(p.model.strip()), "prior.model", "must not be empty")
     _check(p.resolution > 0, "prior.resolution", "must be positive")
     _check(p.views_per_label > 0, "prior.views_per_label", "must be positive")

@@ -30,10 +30,10 @@ _HUB_ID = re.compile(HUB_ID_PATTERN)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> fp16 on CUDA, fp32 elsewhere; 'fp16' / 'fp32' as named."""
+    """'auto' -> fp16 on CUDA, fp32 elsewhere; 'fp16' / 'bf16' / 'fp32' as named."""
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    return {"fp16": torch.float16, "fp32": torch.float32}[name]
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
 def hub_offline() -> bool:
