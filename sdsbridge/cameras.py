@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from sdsbridge.config import CameraConfig
+from sdsbridge.devices import generator_device
 
 VIEW_LABELS = ("front", "side", "back", "overhead")
 
@@ -97,7 +98,7 @@ def cameras_from_angles(elevation: torch.Tensor, azimuth: torch.Tensor, distance
 
 
 def _uniform(n: int, bounds: list[float], generator: Optional[torch.Generator]) -> torch.Tensor:
-    return bounds[0] + (bounds[1] - bounds[0]) * torch.rand(n, generator=generator)
+    return bounds[0] + (bounds[1] - bounds[0]) * torch.rand(n, generator=generator, device=generator_device(generator))
 
 
 def sample_elevation(bounds: list[float], n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -105,7 +106,7 @@ def sample_elevation(bounds: list[float], n: int, generator: Optional[torch.Gene
     per batch picks either uniform in angle, or "uniform on the sphere" in threestudio's form, where
     sin(elevation) is uniform between low / 90 and high / 90 (their inverse-transform sampling maps the
     range linearly to [-1, 1] before the arcsine; for [-10, 45] that is [-6.4, 30] degrees)."""
-    if torch.rand((), generator=generator) < 0.5:
+    if torch.rand((), generator=generator, device=generator_device(generator)) < 0.5:  # (on the CPU: no device sync)
         return _uniform(n, bounds, generator)
     sine = _uniform(n, [bounds[0] / 90.0, bounds[1] / 90.0], generator)
     return torch.rad2deg(torch.asin(sine))
@@ -127,10 +128,11 @@ def orbit_cameras(cfg: CameraConfig, n_views: Optional[int] = None) -> Cameras:
     """Evaluation / turntable cameras: ``n_views`` (default cfg.eval_views) evenly spaced azimuths,
     starting at the front, at the eval elevation, distance and fovy."""
     n = n_views or cfg.eval_views
-    azimuth = torch.arange(n, dtype=torch.float32) * (360.0 / n)
-    return cameras_from_angles(torch.full((n,), float(cfg.eval_elevation)), azimuth,
-                               torch.full((n,), float(cfg.eval_distance)), torch.full((n,), float(cfg.eval_fovy)),
-                               cfg)
+    cpu = torch.device("cpu")
+    azimuth = torch.arange(n, dtype=torch.float32, device=cpu) * (360.0 / n)
+    return cameras_from_angles(torch.full((n,), float(cfg.eval_elevation), device=cpu), azimuth,
+                               torch.full((n,), float(cfg.eval_distance), device=cpu),
+                               torch.full((n,), float(cfg.eval_fovy), device=cpu), cfg)
 
 
 def camera_rays(cameras: Cameras, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,6 +49,13 @@ def module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def generator_device(generator: Optional[torch.Generator]) -> torch.device:
+    """Where random numbers from ``generator`` are drawn: its own device, or the CPU for the global RNG (None).
+    The step draws its cameras, background colours and timesteps there, on the CPU, whatever the run's device
+    (then moves a few bytes); ray jitter and noise are drawn on the device that uses them."""
+    return torch.device("cpu") if generator is None else generator.device
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and every CUDA device), numpy and python's ``random``."""
     torch.manual_seed(seed)

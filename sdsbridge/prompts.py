@@ -72,7 +72,7 @@ def view_blend_weights(azimuth: torch.Tensor, labels: list[str]) -> torch.Tensor
     """[N] azimuths and N view labels -> [N, 4] weights over ``VIEW_LABELS`` (``azimuth_segments``): front r
     and side 1 - r between front and side, side r and back 1 - r between side and back, all overhead for an
     overhead camera. Rows sum to 1."""
-    weights = torch.zeros(len(labels), len(VIEW_LABELS))
+    weights = torch.zeros(len(labels), len(VIEW_LABELS), device=torch.device("cpu"))  # host math, moved by the caller
     front, side, back, overhead = (VIEW_LABELS.index(v) for v in ("front", "side", "back", "overhead"))
     for n, (segment, r) in enumerate(azimuth_segments(azimuth, labels)):
         if segment == "overhead":
@@ -112,7 +112,7 @@ def perp_neg_negatives(azimuth: torch.Tensor, labels: list[str], f: PerpNegWeigh
         else:
             negatives.append(("side", "front"))
             weights.append([-decay(f_sb, r), -decay(f_fsb, r)])
-    return negatives, torch.tensor(weights, dtype=torch.float32)
+    return negatives, torch.tensor(weights, dtype=torch.float32, device=torch.device("cpu"))
 
 
 PERP_NEG_ROLES = ("perp_neg_0", "perp_neg_1")

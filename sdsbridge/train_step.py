@@ -69,9 +69,9 @@ def with_random_backgrounds(out: RenderOutput, probability: float) -> torch.Tens
     """[N, H, W, 3] rgb where each image's background is, with ``probability``, replaced by a random solid
     colour (so the field cannot paint the background into the object). Always draws the same random
     numbers, whatever the outcome, so runs stay reproducible."""
-    n = out.rgb.shape[0]
-    use_solid = (torch.rand(n) < probability).to(out.rgb.device)
-    colors = torch.rand(n, 3).to(out.rgb.device)
+    n, cpu = out.rgb.shape[0], torch.device("cpu")  # drawn on the CPU's global RNG, as the cameras
+    use_solid = (torch.rand(n, device=cpu) < probability).to(out.rgb.device)
+    colors = torch.rand(n, 3, device=cpu).to(out.rgb.device)
     transparency = 1.0 - out.opacity
     recomposited = out.rgb - transparency * out.background + transparency * colors[:, None, None, :]
     return torch.where(use_solid[:, None, None, None], recomposited, out.rgb)
@@ -161,13 +161,16 @@ def render_views(scene: Scene, method: Method, prompts: PromptEmbeddings, config
     backgrounds (``scene.random_background_prob``) -> ``method.prior.encode_images``, plus the
     regularisers of the renders' opacity."""
     with timer("render"):
-        cameras = sample_cameras(config.cameras, config.train.batch_size).to(module_device(scene.field))
+        drawn = sample_cameras(config.cameras, config.train.batch_size)  # on the CPU
+        # The conditions read the azimuths on the host (view blend, Perp-Neg): from the CPU copy, so no device sync.
+        conditions = prompts.conditions(drawn.labels, drawn.azimuth)
+        cameras = drawn.to(module_device(scene.field))
         resolution = int(round(schedule_value(config.render.resolution, step)))
         out = scene.renderer.render(cameras, resolution, resolution)
         images = with_random_backgrounds(out, config.scene.random_background_prob).permute(0, 3, 1, 2)
     latents = method.prior.encode_images(images)  # [N, 3, H, W] -> [N, C, h, w]
-    return Views(latents, prompts.conditions(cameras.labels, cameras.azimuth), cameras, regularizer_losses(out.opacity, step, config.loss),
-                 resolution, out.samples_per_ray)
+    return Views(latents, conditions, cameras, regularizer_losses(out.opacity, step, config.loss), resolution,
+                 out.samples_per_ray)
 
 
 def scene_step(scene: Scene, method: Method, prompts: PromptEmbeddings, optimizer: torch.optim.Optimizer,

@@ -32,6 +32,7 @@ class OccupancyGrid(nn.Module):
         super().__init__()
         r, res = float(radius), int(resolution)
         self.cells = res ** 3
+        self.radius = r
         self.register_buffer("resolution", torch.tensor([res] * 3, dtype=torch.int32))
         self.register_buffer("aabb", torch.tensor([-r, -r, -r, r, r, r]))
         self.register_buffer("occs", torch.zeros(self.cells))
@@ -47,7 +48,7 @@ class OccupancyGrid(nn.Module):
     @property
     def cell_size(self) -> float:
         """Side of one cell in world units."""
-        return float(self.aabb[3] - self.aabb[0]) / self.res
+        return 2.0 * self.radius / self.res  # from the Python float: reading ``aabb`` would wait for the device
 
     # ---- lookups --------------------------------------------------------------------------------------
     def cell_index(self, x: Tensor) -> Tensor:
