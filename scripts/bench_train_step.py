@@ -4,6 +4,7 @@
     python scripts/bench_train_step.py --steps 2 --warmup 1 --resolutions 32 --set scene.n_levels=4
     python scripts/make_random_sd.py --arch sd21-base /tmp/sd21 --dtype fp16     # then, on a GPU:
     python scripts/bench_train_step.py --model /tmp/sd21 --dtype fp16 --resolutions 64,512
+    python scripts/bench_train_step.py --estimate     # forecast GPU memory per method, full-size SD 2.1-base, no GPU
 
 Cases, each timed for ``--steps`` steps after ``--warmup`` untimed ones:
 
@@ -246,6 +247,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. scene.n_levels=8 render.num_samples=32")
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
+    parser.add_argument("--estimate", action="store_true",
+                        help="forecast the peak GPU memory of every method (no GPU needed; sdsbridge.memory) instead "
+                        "of timing")
+    parser.add_argument("--samples-per-ray", type=int, help="--estimate: field samples per ray assumed for the render")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -308,8 +313,70 @@ def format_report(header: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+ESTIMATE_METHODS = ("sds", "bridge", "nfsd", "vsd", "bridge-vsd")
+
+
+def estimate(args: argparse.Namespace) -> tuple[str, list[dict]]:
+    """``--estimate``: the forecast peak GPU memory of one step (``sdsbridge.memory``) for every method at each
+    resolution, on one GPU, with ``prior.cpu_offload`` and with ``prior.device`` on a second GPU (scene GPU |
+    prior GPU). The architecture is ``--model``'s (its configs, no weights) or SD 2.1-base's; dtype fp16 unless
+    ``--dtype`` says otherwise."""
+    from sdsbridge.memory import (DEFAULT_SAMPLES_PER_RAY, GIB, Architecture, architecture_of, forecast_step, meta_prior,
+                                  render_bytes)
+    from sdsbridge.random_sd import ARCHITECTURES
+
+    if args.model:
+        arch = architecture_of(args.model)
+        if arch is None:
+            raise UserError(f"--model: cannot read the unet/vae/text_encoder configs of '{args.model}' (a local "
+                            "pipeline folder or a hub id in the local cache)")
+    else:
+        arch = Architecture(**{k: ARCHITECTURES["sd21-base"][k] for k in ("unet", "vae", "text_encoder")})
+    dtype = {"auto": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    samples = args.samples_per_ray or DEFAULT_SAMPLES_PER_RAY
+    rows, priors = [], {}
+    for method in ESTIMATE_METHODS:
+        config = load_config(None, [f"prompt={args.prompt}", f"method={method}", *args.set])
+        costs = render_bytes(config)
+        for resolution in args.resolutions:
+            # a fresh meta prior per method: VSD adds its adapter to the UNet
+            one = forecast_step(config, arch, dtype, resolution, samples, costs, prior=priors.setdefault(
+                (method, resolution), meta_prior(arch, dtype)))
+            forecasts = {"one GPU": one, "cpu_offload": one.with_options(cpu_offload=True),
+                         "prior.device": one.with_options(prior_on_other_gpu=True)}
+            rows.append({"method": method, "resolution": resolution,
+                         "parts": {k: v / GIB for k, v in forecasts["one GPU"].parts.items()},
+                         **{name: {which: f.gpu_bytes(which) / GIB for which in f.devices}
+                            for name, f in forecasts.items()}})
+    header = (f"forecast peak GPU memory of one training step, GiB ({args.model or 'SD 2.1-base architecture'}, "
+              f"{str(dtype).replace('torch.', '')}, batch {config.train.batch_size}, {samples} samples/ray assumed, "
+              f"PyTorch hash grid; CUDA context and allocator slack included)")
+    return header, rows
+
+
+def format_estimate(header: str, rows: list[dict]) -> str:
+    lines = [header, "", f"{'method':<12}{'render':>8}{'one GPU':>10}{'cpu_offload':>13}{'prior.device (scene | prior)':>31}"
+             f"   {'prior weights / activations / render':>36}"]
+    for r in rows:
+        split = f"{r['prior.device']['scene']:.1f} | {r['prior.device']['prior']:.1f}"
+        p = r["parts"]
+        lines.append(f"{r['method']:<12}{r['resolution']:>6}px{r['one GPU']['scene']:>10.1f}{r['cpu_offload']['scene']:>13.1f}"
+                     f"{split:>31}   {p['prior weights']:>14.2f} / {p['prior activations']:.2f} / {p['render']:.2f}")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.estimate:
+        try:
+            header, rows = estimate(args)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(format_estimate(header, rows))
+        if args.json:
+            args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+        return 0
     try:
         with tempfile.TemporaryDirectory(prefix="sdsbridge-bench-") as tmp:
             model = args.model or str(build_random_pipeline(Path(tmp) / "tiny-sd", arch="tiny", seed=0))

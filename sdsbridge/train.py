@@ -146,6 +146,24 @@ def prior_device(config: Config, scene_device: torch.device) -> torch.device:
     return scene_device if config.prior.device is None else resolve_device(config.prior.device)
 
 
+def warn_if_gpu_too_small(config: Config, device: torch.device) -> Optional[str]:
+    """Before the prior loads: on a CUDA device, a warning (logged and returned) when the forecast peak memory of
+    the run's largest step (``memory.fit_advice``) exceeds the GPU's, naming the settings that would fit. Reads the
+    pipeline's configs only; silent when they cannot be read (the loader reports that)."""
+    if device.type != "cuda" or config.prior.kind != "stable-diffusion":
+        return None
+    from sdsbridge import memory
+
+    arch = memory.architecture_of(config.prior.model)
+    if arch is None:
+        return None
+    advice = memory.fit_advice(config, arch, torch.cuda.get_device_properties(device).total_memory,
+                               torch.cuda.device_count())
+    if advice:
+        log.warning(advice)
+    return advice
+
+
 def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optional[dict] = None,
           show_progress: bool = True) -> TrainResult:
     """Train (or continue training, from a ``checkpoint`` dict as ``load_checkpoint`` returns it) the scene
@@ -157,6 +175,7 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
     parameters = [p for group in scene.param_groups().values() for p in group]
     ckpt.check_room(run_dir, ckpt.estimate_checkpoint_bytes(parameters))
     atomic_write_bytes(run_dir / "config.yaml", to_yaml(config).encode("utf-8"))
+    warn_if_gpu_too_small(config, prior_device(config, device))
     prior = load_prior(config.prior, prior_device(config, device), config.cameras)
     method = make_method(config.method, config.guidance, prior)
     prompts = method.prompt_embeddings(config.prompt)
