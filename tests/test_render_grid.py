@@ -192,3 +192,54 @@ def test_torch_grid_on_cuda_agrees_with_dense_and_nerfacc():
     assert (a.opacity - c.opacity).abs().mean() < 1e-3
     assert torch.allclose(a.rgb, c.rgb, atol=2e-2)
     assert (a.depth - c.depth).abs().max() < 0.01
+
+
+def test_nerfaccs_grid_is_updated_by_our_deterministic_rule(monkeypatch):
+    """With nerfacc's sampler the grid's refresh is ours (cells drawn twice keep their largest sample) writing into
+    nerfacc's own buffers, so it equals the PyTorch grid's bit for bit, past the warm-up too (nerfacc's own update
+    leaves the winner of a duplicate undefined on CUDA). The update needs no CUDA kernel, so the CPU shows it."""
+    import nerfacc
+
+    from sdsbridge.nerf import renderer as renderer_module
+
+    field = NeRFField(SceneConfig(n_levels=4, log2_hashmap_size=12, base_resolution=8, mlp_width=16))
+    bg = Background(SceneConfig(background_width=8))
+    ours = Renderer(field, bg, RenderConfig(sampler="occupancy-torch", occupancy_resolution=16), radius=1.0)
+    monkeypatch.setattr(renderer_module, "choose_sampler", lambda requested, device: ("occupancy", "test"))
+    theirs = Renderer(field, bg, RenderConfig(sampler="occupancy", occupancy_resolution=16), radius=1.0)
+    assert isinstance(theirs.estimator, nerfacc.OccGridEstimator)
+    for step in (0, 256, 272, 288):  # the warm-up's full pass, then draws with repeats
+        torch.manual_seed(step)
+        ours.update_occupancy(step)
+        torch.manual_seed(step)
+        theirs.update_occupancy(step)
+        assert torch.equal(ours.estimator.occs, theirs.estimator.occs)
+        assert torch.equal(ours.estimator.binaries, theirs.estimator.binaries)
+    assert theirs.state_dict()["occupancy.occs"].abs().sum() > 0  # nerfacc's buffers hold the updates
+    assert theirs._updates.occs is theirs.estimator.occs and theirs._updates.binaries is theirs.estimator.binaries
+
+
+def test_the_nerfacc_probe_runs_once_per_process(monkeypatch, caplog):
+    import sys
+    import types
+
+    from sdsbridge.nerf.renderer import nerfacc_cuda_available
+
+    looked_up = []
+
+    class Backend(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            looked_up.append(name)
+            raise ImportError("no kernels")
+
+    monkeypatch.setitem(sys.modules, "nerfacc.cuda._backend", Backend("nerfacc.cuda._backend"))
+    nerfacc_cuda_available.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="sdsbridge"):
+            assert nerfacc_cuda_available() is False and nerfacc_cuda_available() is False
+    finally:
+        nerfacc_cuda_available.cache_clear()
+    assert looked_up == ["_C"]
+    assert caplog.text.count("checking nerfacc's CUDA kernels") == 1

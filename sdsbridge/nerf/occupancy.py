@@ -100,7 +100,7 @@ class OccupancyGrid(nn.Module):
         cells = torch.unique(indices)
         self.occs[cells] = torch.maximum(self.occs[cells] * ema_decay, best[cells])
         thre = torch.clamp(self.occs[self.occs >= 0].mean(), max=occ_thre)
-        self.binaries = (self.occs > thre).view(self.binaries.shape)
+        self.binaries.copy_((self.occs > thre).view(self.binaries.shape))  # in place: a nerfacc grid may share it
 
     def _sample_uniform_and_occupied_cells(self, n: int) -> Tensor:
         device = self.occs.device

@@ -16,6 +16,7 @@ Distances ``t`` are in world units along unit-length ray directions.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -107,8 +108,13 @@ def composite(weights: Tensor, rgbs: Tensor, t_samples: Tensor, ray_indices: Opt
     return rgb, opacity, depth
 
 
+@functools.lru_cache(maxsize=None)
 def nerfacc_cuda_available() -> bool:
-    """Whether nerfacc's CUDA kernels load (a prebuilt wheel, or a JIT build that needs nvcc)."""
+    """Whether nerfacc's CUDA kernels load (a prebuilt wheel, or a JIT build that needs nvcc). Probed once per
+    process: without a prebuilt wheel, the first probe builds the kernels (minutes, said in the log first) and a
+    failed build would otherwise be retried by every renderer."""
+    logger.info("checking nerfacc's CUDA kernels (without a prebuilt wheel nerfacc builds them the first time: "
+                "minutes; a build that never ends is a stale 'lock' file in ~/.cache/torch_extensions)")
     try:
         # nerfacc loads (or JIT-builds) its kernels lazily; importing its backend module is the only probe.
         from nerfacc.cuda._backend import _C
@@ -170,8 +176,15 @@ class Renderer:
         self.step_size = 1.732 * 2.0 * self.radius / cfg.num_samples_occupancy
         self.eval_step_size = max(self.step_size, 1.732 * 2.0 * self.radius / cfg.occupancy_eval_samples)
         self._grid_ready = False
+        self._updates: Optional[OccupancyGrid] = None
+        """What refreshes the grid: ours, also for nerfacc's (sharing its buffers). nerfacc's own update writes
+        cells drawn twice with a plain indexed write, whose winner CUDA leaves undefined (runs and resumes
+        drift apart); ours keeps the largest sample, the same on every device."""
         if self.sampler == "occupancy":
             self.estimator = occupancy_grid(self.radius, cfg).to(device)
+            self._updates = OccupancyGrid(self.radius, cfg.occupancy_resolution).to(device)
+            self._updates.occs = self.estimator.occs  # the same tensors: updates land in nerfacc's grid
+            self._updates.binaries = self.estimator.binaries
         elif self.sampler == "occupancy-torch":
             self.estimator = OccupancyGrid(self.radius, cfg.occupancy_resolution).to(device)
 
@@ -193,18 +206,19 @@ class Renderer:
     @torch.no_grad()
     def update_occupancy(self, step: int) -> None:
         """Refresh the occupancy grid from the field every ``cfg.occupancy_update_every`` steps with nerfacc's
-        ``update_every_n_steps`` and its defaults (EMA decay 0.95, all cells during the first 256 steps) on
-        density * step_size (threestudio's first-order alpha), threshold ``cfg.occupancy_threshold``.
-        Call once per training step. No-op for the stratified sampler."""
+        ``update_every_n_steps`` rule and its defaults (EMA decay 0.95, all cells during the first 256 steps) on
+        density * step_size (threestudio's first-order alpha), threshold ``cfg.occupancy_threshold``; run by
+        ``OccupancyGrid`` for both samplers (deterministic). Call once per training step. No-op for the
+        stratified sampler."""
         if self.estimator is None:
             return
         every = self.cfg.occupancy_update_every
         if not self._grid_ready:  # fresh, or restored without a grid: fill every cell now
             step, every = 0, 1
-        self.estimator.train()
-        self.estimator.update_every_n_steps(step, self._occupancy, occ_thre=self.cfg.occupancy_threshold,
-                                            n=every)
-        self.estimator.train(self.training)
+        grid = self._updates if self._updates is not None else self.estimator
+        grid.train()
+        grid.update_every_n_steps(step, self._occupancy, occ_thre=self.cfg.occupancy_threshold, n=every)
+        grid.train(self.training)
         self._grid_ready = True
 
     def state_dict(self) -> dict[str, Tensor]:
