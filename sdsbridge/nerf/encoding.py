@@ -276,17 +276,16 @@ class HashGridEncoding(nn.Module):
     # -- tcnn backend ------------------------------------------------------------------------------------
     def _make_tcnn(self):
         tcnn, _ = _tcnn_import()
+        # Interpolation and hash named although they are tcnn's defaults: the torch backend implements exactly these.
         config = {"otype": "HashGrid", "n_levels": self.n_levels, "n_features_per_level": self.n_features_per_level,
                   "log2_hashmap_size": self.log2_hashmap_size, "base_resolution": self.base_resolution,
-                  "per_level_scale": self.per_level_scale}
-        try:
-            encoding = tcnn.Encoding(3, config, dtype=torch.float32)
-        except TypeError:  # tinycudann < 1.7 has no dtype argument (and computes in fp16)
-            logger.warning("hash grid: old tinycudann without dtype=; the tcnn encoding computes in fp16")
-            encoding = tcnn.Encoding(3, config)
+                  "per_level_scale": self.per_level_scale, "interpolation": "Linear", "hash": "CoherentPrime"}
+        encoding = tcnn.Encoding(3, config, dtype=torch.float32)  # fp32 params and outputs (tcnn has had dtype= since 2022)
         if encoding.params.numel() != self.params.numel():
             raise RuntimeError(f"tcnn HashGrid has {encoding.params.numel()} parameters, expected "
                                f"{self.params.numel()}: the layouts disagree")
+        if encoding.n_output_dims != self.n_output_dims:
+            raise RuntimeError(f"tcnn HashGrid gives {encoding.n_output_dims} features, expected {self.n_output_dims}")
         return encoding
 
     def _tcnn_forward(self, x: Tensor) -> Tensor:
