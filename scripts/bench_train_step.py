@@ -238,7 +238,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per case first")
     parser.add_argument("--resolutions", default="64,512", help="comma-separated 3D render sizes (pixels)")
     parser.add_argument("--no-2d", action="store_true", help="skip the 2D case")
-    parser.add_argument("--method", default="sds", choices=("sds", "bridge", "nfsd", "vsd"),
+    parser.add_argument("--method", default="sds", choices=("sds", "bridge", "nfsd", "vsd", "bridge-vsd"),
                         help="sds and the bridge both evaluate the UNet on 2N samples per step, nfsd on 3N; vsd on "
                         "2N plus the LoRA's N without and N with gradients")
     parser.add_argument("--prompt", default="a DSLR photo of a hamburger")
