@@ -165,19 +165,37 @@ def check_device(device: str) -> Check:
     return Check("device", "ok", f"{device} -> {resolved}")
 
 
-def check_gpu_memory(device: str) -> Check:
-    """Total and free memory of the CUDA device."""
+def check_gpu_memory(device: str, model: str = DEFAULT_SD_MODEL) -> Check:
+    """Total and free memory of the CUDA device, against the forecast of the default run (``gpu_memory_fit``)."""
     import torch
 
     if not _is_cuda(device):
         return Check("GPU memory", "info", "n/a (no CUDA device in use)")
     index = torch.device(device).index or 0
     free, total = torch.cuda.mem_get_info(index)
+    return gpu_memory_fit(total, free, model, torch.cuda.device_count())
+
+
+def gpu_memory_fit(total: int, free: int, model: str, gpus: int) -> Check:
+    """The GPU's memory against the forecast peak of the default run (the official 3D recipe at 512 px) on
+    ``model``'s architecture (its configs when readable, else SD 2.1-base's): 'warn' naming the settings that
+    would fit when it does not (``memory.fit_advice``)."""
+    import torch
+
+    from sdsbridge import memory
+    from sdsbridge.config_loader import load_config
+    from sdsbridge.random_sd import ARCHITECTURES
+
     detail = f"{total / _GIB:.1f} GiB total, {free / _GIB:.1f} GiB free"
-    if total < 8 * _GIB:
-        return Check("GPU memory", "warn", detail + "; may not fit SD at 512x512: try prior.cpu_offload=true, "
-                                                    "prior.attention_slicing=true")
-    return Check("GPU memory", "ok", detail)
+    arch = memory.architecture_of(model)
+    if arch is None:
+        arch = memory.Architecture(*(ARCHITECTURES["sd21-base"][k] for k in ("unet", "vae", "text_encoder")))
+    config = load_config(None, ["prompt=x", f"prior.model={model}"])
+    advice = memory.fit_advice(config, arch, total, gpus)
+    if advice:
+        return Check("GPU memory", "warn", f"{detail}; {advice}")
+    need = memory.forecast_step(config, arch, torch.float16, memory.largest_render(config)).peak_gpu_bytes()
+    return Check("GPU memory", "ok", f"{detail}; the default run's 512px steps are forecast at ~{need / _GIB:.0f} GiB")
 
 
 def check_tinycudann() -> Check:
@@ -345,7 +363,7 @@ def run_checks(model: str = DEFAULT_SD_MODEL, device: str = "auto") -> list[Chec
         _safe("torch", check_torch),
         _safe("CUDA device", check_cuda_device),
         _safe("device", check_device, device),
-        _safe("GPU memory", check_gpu_memory, resolved, on_error="warn"),
+        _safe("GPU memory", check_gpu_memory, resolved, model, on_error="warn"),
         _safe("tinycudann", check_tinycudann, on_error="warn"),
         _safe("nerfacc", check_nerfacc),
         _safe("nerfacc CUDA extension", check_nerfacc_cuda, resolved, on_error="warn"),

@@ -124,3 +124,17 @@ def test_bench_estimate_for_the_full_size_architecture(tmp_path, capsys):
     weights = rows[("sds", 64)]["parts"]["prior weights"]
     assert 2.9 < weights < 3.2  # UNet and VAE in fp16 (1.9 GB), OpenCLIP-H in fp32 (1.36 GB)
     assert 4 < rows[("sds", 64)]["one GPU"]["scene"] < 16
+
+
+def test_doctor_weighs_the_gpu_against_the_forecast(tiny_sd_dir):
+    """`doctor`'s GPU-memory row (its CUDA half needs a GPU; the verdict does not): the default run on the full-size
+    architecture does not fit 8 GiB and the row names what would; 80 GiB fits."""
+    from sdsbridge.doctor import gpu_memory_fit
+
+    small = gpu_memory_fit(8 * GIB, 7 * GIB, "no/such-model", 1)
+    assert small.status == "warn" and "8.0 GiB total" in small.detail and "512px" in small.detail
+    big = gpu_memory_fit(80 * GIB, 79 * GIB, "no/such-model", 1)
+    assert big.status == "ok" and "forecast at ~" in big.detail
+    # the tiny pipeline's own configs: its weights are MBs, so what does not fit 40 GiB is the 512 px render
+    tiny = gpu_memory_fit(40 * GIB, 40 * GIB, str(tiny_sd_dir), 1)
+    assert tiny.status == "warn" and "render.resolution stage of 384" in tiny.detail
