@@ -251,6 +251,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="forecast the peak GPU memory of every method (no GPU needed; sdsbridge.memory) instead "
                         "of timing")
     parser.add_argument("--samples-per-ray", type=int, help="--estimate: field samples per ray assumed for the render")
+    parser.add_argument("--backend", default="torch", choices=("torch", "tcnn"),
+                        help="--estimate: the hash grid's backend (tcnn keeps far less per sample)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -337,7 +339,7 @@ def estimate(args: argparse.Namespace) -> tuple[str, list[dict]]:
     rows, priors = [], {}
     for method in ESTIMATE_METHODS:
         config = load_config(None, [f"prompt={args.prompt}", f"method={method}", *args.set])
-        costs = render_bytes(config)
+        costs = render_bytes(config, args.backend)
         for resolution in args.resolutions:
             # a fresh meta prior per method: VSD adds its adapter to the UNet
             one = forecast_step(config, arch, dtype, resolution, samples, costs, prior=priors.setdefault(
@@ -350,7 +352,7 @@ def estimate(args: argparse.Namespace) -> tuple[str, list[dict]]:
                             for name, f in forecasts.items()}})
     header = (f"forecast peak GPU memory of one training step, GiB ({args.model or 'SD 2.1-base architecture'}, "
               f"{str(dtype).replace('torch.', '')}, batch {config.train.batch_size}, {samples} samples/ray assumed, "
-              f"PyTorch hash grid; CUDA context and allocator slack included)")
+              f"{args.backend} hash grid; CUDA context and allocator slack included)")
     return header, rows
 
 

@@ -171,15 +171,17 @@ def check_gpu_memory(device: str, model: str = DEFAULT_SD_MODEL) -> Check:
 
     if not _is_cuda(device):
         return Check("GPU memory", "info", "n/a (no CUDA device in use)")
+    from sdsbridge.nerf.encoding import resolve_backend
+
     index = torch.device(device).index or 0
     free, total = torch.cuda.mem_get_info(index)
-    return gpu_memory_fit(total, free, model, torch.cuda.device_count())
+    return gpu_memory_fit(total, free, model, torch.cuda.device_count(), resolve_backend("auto", device)[0])
 
 
-def gpu_memory_fit(total: int, free: int, model: str, gpus: int) -> Check:
+def gpu_memory_fit(total: int, free: int, model: str, gpus: int, backend: str = "torch") -> Check:
     """The GPU's memory against the forecast peak of the default run (the official 3D recipe at 512 px) on
-    ``model``'s architecture (its configs when readable, else SD 2.1-base's): 'warn' naming the settings that
-    would fit when it does not (``memory.fit_advice``)."""
+    ``model``'s architecture (its configs when readable, else SD 2.1-base's) with hash-grid ``backend``: 'warn'
+    naming the settings that would fit when it does not (``memory.fit_advice``)."""
     import torch
 
     from sdsbridge import memory
@@ -191,10 +193,11 @@ def gpu_memory_fit(total: int, free: int, model: str, gpus: int) -> Check:
     if arch is None:
         arch = memory.Architecture(*(ARCHITECTURES["sd21-base"][k] for k in ("unet", "vae", "text_encoder")))
     config = load_config(None, ["prompt=x", f"prior.model={model}"])
-    advice = memory.fit_advice(config, arch, total, gpus)
+    advice = memory.fit_advice(config, arch, total, gpus, backend)
     if advice:
         return Check("GPU memory", "warn", f"{detail}; {advice}")
-    need = memory.forecast_step(config, arch, torch.float16, memory.largest_render(config)).peak_gpu_bytes()
+    need = memory.forecast_step(config, arch, torch.float16, memory.largest_render(config),
+                                backend=backend).peak_gpu_bytes()
     return Check("GPU memory", "ok", f"{detail}; the default run's 512px steps are forecast at ~{need / _GIB:.0f} GiB")
 
 

@@ -207,11 +207,12 @@ def trace_prior_step(prior, config: Config, resolution: int, steps: list[int],
     return peak, own
 
 
-def render_bytes(config: Config) -> tuple[float, float]:
+def render_bytes(config: Config, backend: str = "torch") -> tuple[float, float]:
     """(bytes the render keeps per field sample until the backward, transient bytes per point of one
     encoding chunk's backward), from the field's forward and backward traced on the CPU over 8192 points with
-    the PyTorch hash grid (eager kernels, as on CUDA without tinycudann; tinycudann keeps less), plus the
-    compositing's per-sample tensors (~16 floats)."""
+    the PyTorch hash grid (eager kernels, as on CUDA), plus the compositing's per-sample tensors (~16 floats).
+    ``backend`` 'tcnn': the encoding's share is replaced by what tinycudann's autograd function keeps (its fp32
+    input and output; its backward's scratch is its own, outside torch's allocator)."""
     from sdsbridge.nerf.field import NeRFField
 
     cfg = replace(config.scene, backend="torch")
@@ -222,14 +223,22 @@ def render_bytes(config: Config) -> tuple[float, float]:
         torch.random.set_rng_state(torch_state)
     field_.encoding.compile_after_points = math.inf  # eager kernels: what the trace can see
     points = torch.rand(8192, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    n, grads = points.shape[0], sum(p.numel() * 4 for p in field_.parameters())
     with LiveBytes() as live:
         density, rgb = field_(points)
         total = density.sum() + rgb.sum()
         saved = live.current
         total.backward()
-    grads = sum(p.numel() * 4 for p in field_.parameters())
-    n = points.shape[0]
-    return saved / n + 16 * 4, max(0.0, live.peak - saved - grads) / n
+    transient = max(0.0, live.peak - saved - grads) / n
+    if backend == "tcnn":
+        with LiveBytes() as encoding:
+            features = field_.encoding(points * 0.5 + 0.5)
+            kept = encoding.current - features.numel() * 4  # the output itself stays in the field's count
+        del features
+        width = field_.encoding.n_output_dims
+        saved = saved - kept + n * (3 * 4 + width * 4)
+        transient = width * 4
+    return saved / n + 16 * 4, transient
 
 
 def scene_state_bytes(config: Config) -> int:
@@ -245,16 +254,17 @@ def scene_state_bytes(config: Config) -> int:
 
 def forecast_step(config: Config, arch: Architecture, dtype: torch.dtype, resolution: int,
                   samples_per_ray: int = DEFAULT_SAMPLES_PER_RAY, render_costs: Optional[tuple[float, float]] = None,
-                  prior=None) -> MemoryForecast:
+                  prior=None, backend: str = "torch") -> MemoryForecast:
     """The memory of one 3D training step of ``config`` (its method, guidance, batch size) with renders of
     ``resolution`` pixels and a prior of architecture ``arch`` in ``dtype``, on one GPU; ``MemoryForecast.with_options``
-    gives the split for ``prior.device`` and ``prior.cpu_offload``. ``prior``: a ``meta_prior`` to reuse."""
+    gives the split for ``prior.device`` and ``prior.cpu_offload``. ``prior``: a ``meta_prior`` to reuse;
+    ``render_costs``: ``render_bytes(config, backend)`` to reuse; ``backend``: the hash grid's ('torch' | 'tcnn')."""
     prior = prior or meta_prior(arch, dtype)
     stage2 = getattr(config.guidance, "stage2_start_step", None)
     steps = [0] + ([stage2] if config.method in ("bridge", "bridge-vsd") and stage2 else [])
     activations, own = trace_prior_step(prior, config, resolution, steps)
     models = (prior.unet, prior.vae, prior.text_encoder)
-    saved, transient = render_costs or render_bytes(config)
+    saved, transient = render_costs or render_bytes(config, backend)
     samples = config.train.batch_size * resolution * resolution * samples_per_ray
     render = int(saved * samples + transient * min(samples, CUDA_ENCODING_CHUNK))
     parts = {"prior weights": sum(parameter_bytes(m) for m in models), "method state": own,
@@ -291,13 +301,13 @@ def largest_render(config: Config) -> int:
     return int(round(max(schedule_value(config.render.resolution, s) for s in (0, max(0, config.train.steps - 1)))))
 
 
-def fit_advice(config: Config, arch: Architecture, gpu_bytes: int, gpus: int = 1) -> Optional[str]:
+def fit_advice(config: Config, arch: Architecture, gpu_bytes: int, gpus: int = 1, backend: str = "torch") -> Optional[str]:
     """None when the forecast peak of ``config``'s largest step fits ``gpu_bytes`` (the GPU's memory); else a
     one-line warning with the forecast and the settings that would fit (``prior.cpu_offload``, ``prior.device`` on
-    a second GPU when ``gpus`` > 1, a smaller last render resolution)."""
+    a second GPU when ``gpus`` > 1, a smaller last render resolution). ``backend``: the hash grid's."""
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(config.prior.dtype, torch.float16)
     resolution = largest_render(config)
-    costs = render_bytes(config)
+    costs = render_bytes(config, backend)
     base = forecast_step(config, arch, dtype, resolution, render_costs=costs)
     current = base.with_options(cpu_offload=config.prior.cpu_offload, prior_on_other_gpu=config.prior.device is not None)
     if current.peak_gpu_bytes() <= gpu_bytes:
@@ -315,5 +325,6 @@ def fit_advice(config: Config, arch: Architecture, gpu_bytes: int, gpus: int = 1
     fitting = [f"{name} (~{f.peak_gpu_bytes() / GIB:.0f} GiB)" for name, f in options if f.peak_gpu_bytes() <= gpu_bytes]
     advice = "; would fit: " + ", ".join(fitting) if fitting else "; no single setting brings it under (try several)"
     return (f"this run's {resolution}px steps are forecast to need ~{current.peak_gpu_bytes() / GIB:.0f} GiB of GPU "
-            f"memory, the GPU has {gpu_bytes / GIB:.0f} GiB{advice} (forecast: {DEFAULT_SAMPLES_PER_RAY} samples/ray "
-            "assumed; `python scripts/bench_train_step.py --estimate` prints the table)")
+            f"memory, the GPU has {gpu_bytes / GIB:.0f} GiB{advice} (forecast: {backend} hash grid, "
+            f"{DEFAULT_SAMPLES_PER_RAY} samples/ray assumed; `python scripts/bench_train_step.py --estimate` prints "
+            "the table)")

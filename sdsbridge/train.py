@@ -153,12 +153,14 @@ def warn_if_gpu_too_small(config: Config, device: torch.device) -> Optional[str]
     if device.type != "cuda" or config.prior.kind != "stable-diffusion":
         return None
     from sdsbridge import memory
+    from sdsbridge.nerf.encoding import resolve_backend
 
     arch = memory.architecture_of(config.prior.model)
     if arch is None:
         return None
+    backend, _ = resolve_backend(config.scene.backend, device)
     advice = memory.fit_advice(config, arch, torch.cuda.get_device_properties(device).total_memory,
-                               torch.cuda.device_count())
+                               torch.cuda.device_count(), backend)
     if advice:
         log.warning(advice)
     return advice

@@ -73,6 +73,8 @@ def test_the_forecast_parts_and_options():
     arch = Architecture(small["unet"], small["vae"], small["text_encoder"])
     costs = render_bytes(config)
     assert costs[0] > 0
+    tcnn = render_bytes(config, "tcnn")
+    assert 0 < tcnn[0] < costs[0] / 2  # tinycudann keeps its input and output, not per-corner indices and weights
     at64 = forecast_step(config, arch, torch.float16, 64, render_costs=costs)
     at128 = forecast_step(config, arch, torch.float16, 128, render_costs=costs)
     assert at128.parts["render"] > 3.5 * at64.parts["render"]  # rays x samples grow with the pixels
