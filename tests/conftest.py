@@ -1,6 +1,7 @@
 """Shared fixtures."""
 
 import pytest
+import torch
 
 from sdsbridge.random_sd import build_random_pipeline
 
@@ -10,3 +11,14 @@ def tiny_sd_dir(tmp_path_factory):
     """A random-initialised tiny Stable Diffusion pipeline folder (64x64 images, latents [4, 32, 32]),
     built once per test run; load it with ``prior.model=<this folder>``."""
     return build_random_pipeline(tmp_path_factory.mktemp("tiny-sd"), arch="tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """torch on one CPU thread for a module (use with ``pytestmark = pytest.mark.usefixtures("one_cpu_thread")``):
+    tiny workloads run far faster on one thread when the CPU is shared (two OpenMP threads spin against other
+    processes: ~50x slower UNet calls measured under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

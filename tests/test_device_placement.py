@@ -51,12 +51,7 @@ EXPECTED_SYNCS = {
 """Where a training step may wait for the device, and why. A new entry needs a reason here."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def build(case, tiny_sd_dir):

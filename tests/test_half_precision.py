@@ -1,7 +1,8 @@
 """Half precision on the CPU: the tiny random Stable Diffusion pipeline loaded in float16 and in bfloat16 through
 the same loading code and dtype handling as CUDA (fp16/bf16 UNet and VAE, fp32 CLIP, fp32 LoRA and camera
 embedding, fp32 renders, latents handed to the methods and gradients), for every method and option, in 3D
-(`train`) and 2D (`image`): no dtype error, finite losses and gradients, the LoRA learns, resume bit-exact.
+(`train`) and 2D (`image`): no dtype error, finite losses and gradients, the LoRA trains (that it learns in each
+dtype: ``test_vsd.test_the_lora_learns_the_renders``), resume bit-exact.
 
 torch 2.13's CPU build has fp16 and bf16 kernels for every op these steps use (convolutions, group norm,
 attention, GELU/SiLU, their backward), so both dtypes run here; none had to fall back to bfloat16. fp16 runs
@@ -55,12 +56,7 @@ def half_cases(fast_fp16=()):
 SLOW_FP16 = [pytest.param("bf16"), pytest.param("fp16", marks=pytest.mark.slow)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def config_for(tmp_path, tiny_sd_dir, dtype, options, steps):
@@ -171,35 +167,6 @@ def test_resume_in_half_precision_is_bit_exact_for_every_option(tmp_path, tiny_s
 
 
 @pytest.mark.parametrize("dtype", SLOW_FP16)
-def test_the_lora_learns_on_a_half_unet(tiny_sd_dir, dtype):
-    """Its diffusion loss on fixed latents, at fixed timesteps and noise, falls over a few dozen steps, as on fp32."""
-    prior = load_prior(PriorConfig(model=str(tiny_sd_dir), dtype=dtype), "cpu")
-    vsd = make_method("vsd", GuidanceConfig(lora_condition_dropout=0.0), prior)
-    g = torch.Generator().manual_seed(0)
-    renders = torch.randn(4, 4, 32, 32, generator=g) * 0.5 + torch.linspace(-1, 1, 4).view(4, 1, 1, 1)
-    cond = prior.embed_prompts(["a red torus"]).expand(4, -1, -1)
-    camera = orbit_cameras(CameraConfig(), 4).c2w.reshape(4, 16)
-
-    def held_out_loss():
-        with torch.no_grad():
-            return sum(vsd.source.diffusion_loss(renders, cond, camera, 0.0, torch.Generator().manual_seed(s))
-                       for s in range(8)).item() / 8
-
-    before = held_out_loss()
-    optimizer = torch.optim.AdamW([{**group, "lr": 1e-2} for group in vsd.param_groups()], betas=(0.9, 0.99))
-    train_g = torch.Generator().manual_seed(1)
-    for _ in range(40):
-        loss = vsd.source.diffusion_loss(renders, cond, camera, 0.0, train_g)
-        optimizer.zero_grad()
-        loss.backward()
-        assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
-                   for p in vsd.source.parameters())
-        optimizer.step()
-    after = held_out_loss()
-    assert after < 0.95 * before, (before, after)
-
-
-@pytest.mark.parametrize("dtype", SLOW_FP16)
 @pytest.mark.parametrize("method", ["sds", "bridge", "nfsd", "vsd", "bridge-vsd"])
 def test_image_in_half_precision(tmp_path, tiny_sd_dir, capsys, dtype, method):
     prompt = tmp_path / "p.yaml"
@@ -216,3 +183,57 @@ def test_image_in_half_precision(tmp_path, tiny_sd_dir, capsys, dtype, method):
     if method.startswith("bridge"):
         assert [r["stage"] for r in rows] == [1, 1, 2, 2]
     assert (out / "seed-0.png").is_file()
+
+
+def lora_gradients(prior, latents, cond, camera):
+    """VSD's LoRA and camera-embedding gradients of one diffusion loss, with fixed non-zero LoRA weights (lora_B = 0
+    would make lora_A's gradient exactly zero), t, noise and no condition dropout."""
+    vsd = make_method("vsd", GuidanceConfig(lora_condition_dropout=0.0), prior)
+    vsd.reset(torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name in sorted(vsd.source.lora):
+            if ".lora_B." in name:
+                p = vsd.source.lora[name]
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    vsd.source.diffusion_loss(latents, cond, camera, 0.0, torch.Generator().manual_seed(2)).backward()
+    return {name: p.grad.clone() for name, p in zip(sorted(vsd.source.lora), vsd.source.parameters())}
+
+
+def test_the_lora_gradients_of_an_fp16_unet_match_fp32s(tiny_sd_dir):
+    """The LoRA's loss is scaled through an fp16 UNet: its gradients (fp32 weights) stay within 1% of the fp32
+    UNet's in the median (measured 0.36%, worst 1.0%), where unscaled, the ~1e-4 per-element gradients partly
+    underflow (1.4% in the median, 8% at worst here; 5.5% and 80% at 64x64 latents)."""
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+    camera = orbit_cameras(CameraConfig(), 1).c2w.reshape(1, 16)
+    grads = {}
+    for name in ("fp32", "fp16"):
+        prior = load_prior(PriorConfig(model=str(tiny_sd_dir), dtype=name), "cpu")
+        cond = prior.embed_prompts(["a red torus"])
+        grads[name] = lora_gradients(prior, latents, cond, camera)
+    errors = sorted(float((grads["fp16"][n] - grads["fp32"][n]).norm() / grads["fp32"][n].norm().clamp_min(1e-30))
+                    for n in grads["fp32"])
+    assert errors[len(errors) // 2] < 0.01 and errors[-1] < 0.05, errors
+
+
+def test_vsd_under_sequential_cpu_offload_trains_a_real_adapter(tiny_sd_dir):
+    """accelerate's offload hooks keep the UNet's weights on the meta device between calls; peft would put the
+    new LoRA there too (no values, a failing backward). The adapter is placed on the prior's device in fp32 and
+    the offloaded UNet gives the same LoRA gradients as the plain one. (``prior.cpu_offload`` applies on CUDA; the
+    CPU shows the same hooks with the CPU as the execution device.)"""
+    from accelerate import cpu_offload
+
+    latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+    camera = orbit_cameras(CameraConfig(), 1).c2w.reshape(1, 16)
+    plain = load_prior(PriorConfig(model=str(tiny_sd_dir)), "cpu")
+    offloaded = load_prior(PriorConfig(model=str(tiny_sd_dir)), "cpu")
+    cpu_offload(offloaded.unet, execution_device=torch.device("cpu"))
+    assert any(p.is_meta for p in offloaded.unet.parameters())  # the hooks hold the weights elsewhere
+    cond = plain.embed_prompts(["a red torus"])
+    expected, got = lora_gradients(plain, latents, cond, camera), lora_gradients(offloaded, latents, cond, camera)
+    lora = {n: p for n, p in offloaded.unet.named_parameters() if ".lora_" in n}
+    assert lora and all(not p.is_meta and p.device.type == "cpu" and p.dtype == torch.float32 for p in lora.values())
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7)
+    assert any(torch.count_nonzero(g) for g in got.values())

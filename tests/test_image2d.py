@@ -18,14 +18,7 @@ from sdsbridge.methods import make_method
 from sdsbridge.prompts import PromptEmbeddings
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny workloads run far faster on one thread when the CPU is shared (two OpenMP threads spin
-    against other processes: ~50x slower UNet calls measured under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny workloads: far faster on one thread on a shared CPU
 
 
 def sd_config(tiny_sd_dir, method, *overrides):

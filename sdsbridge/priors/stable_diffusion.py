@@ -239,6 +239,8 @@ class StableDiffusionPrior:
         """The UNet's raw prediction (epsilon or v, ``prediction_type``) as float32 [M, 4, h, w], with autograd
         as the caller has it (VSD's LoRA trains through this). ``class_labels`` [M, K] feed the UNet's class
         embedding when one is attached (VSD's camera embedding)."""
+        if class_labels is not None:  # fp32 like the camera embedding that reads them (half labels would not run)
+            class_labels = class_labels.to(self.device, torch.float32)
         return self.unet(latents_noisy.to(self.device, self.dtype), t.to(self.device),
                          encoder_hidden_states=conditions.to(self.dtype), class_labels=class_labels).sample.float()
 
