@@ -179,6 +179,7 @@ def occupancy_parity(setup: Setup) -> dict:
 def method_steps(setup: Setup, methods=METHODS) -> dict:
     from sdsbridge.config_loader import load_config
     from sdsbridge.memory import architecture_of, forecast_step
+    from sdsbridge.nerf.encoding import resolve_backend
 
     figures = {}
     arch = architecture_of(str(setup.model))
@@ -199,7 +200,8 @@ def method_steps(setup: Setup, methods=METHODS) -> dict:
                      "samples_per_ray": round(row["samples_per_ray"], 1)}
             if arch is not None and setup.device.type == "cuda":  # the forecast against CUDA's own count
                 forecast = forecast_step(config, arch, torch.float16, resolution,
-                                         samples_per_ray=max(1, round(row["samples_per_ray"])))
+                                         samples_per_ray=max(1, round(row["samples_per_ray"])),
+                                         backend=resolve_backend("auto", setup.device)[0])
                 entry["forecast_gb"] = round(sum(forecast.parts.values()) / 2 ** 30, 2)
             figures[f"{method} {resolution}px"] = entry
     return figures
