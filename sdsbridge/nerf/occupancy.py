@@ -32,9 +32,9 @@ class OccupancyGrid(nn.Module):
         super().__init__()
         r, res = float(radius), int(resolution)
         self.cells = res ** 3
-        self.radius = r
         self.register_buffer("resolution", torch.tensor([res] * 3, dtype=torch.int32))
         self.register_buffer("aabb", torch.tensor([-r, -r, -r, r, r, r]))
+        self._cell_size = float(self.aabb[3] - self.aabb[0]) / res  # read once here: on a GPU a read waits for it
         self.register_buffer("occs", torch.zeros(self.cells))
         self.register_buffer("binaries", torch.zeros(1, res, res, res, dtype=torch.bool))
         axes = torch.arange(res)
@@ -48,7 +48,7 @@ class OccupancyGrid(nn.Module):
     @property
     def cell_size(self) -> float:
         """Side of one cell in world units."""
-        return 2.0 * self.radius / self.res  # from the Python float: reading ``aabb`` would wait for the device
+        return self._cell_size
 
     # ---- lookups --------------------------------------------------------------------------------------
     def cell_index(self, x: Tensor) -> Tensor:
