@@ -150,6 +150,15 @@ def largest_leaf_bytes(module: torch.nn.Module) -> int:
     return max((parameter_bytes(m) for m in module.modules() if not list(m.children())), default=0)
 
 
+def cast_floats(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module.to(dtype)`` for its floating-point parameters and buffers, without diffusers' warning about
+    modules to keep in fp32 (it names none for SD, and ``load_pipeline`` casts the same way)."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(dtype)
+    return module
+
+
 def meta_prior(arch: Architecture, dtype: torch.dtype):
     """A ``StableDiffusionPrior`` whose UNet, VAE and text encoder are built on the meta device (no weights)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -160,8 +169,8 @@ def meta_prior(arch: Architecture, dtype: torch.dtype):
 
     args = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**args(arch.unet)).to(dtype)
-        vae = AutoencoderKL(**args(arch.vae)).to(dtype)
+        unet = cast_floats(UNet2DConditionModel(**args(arch.unet)), dtype)
+        vae = cast_floats(AutoencoderKL(**args(arch.vae)), dtype)
         text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in args(arch.text_encoder).items()
                                                if k not in ("architectures", "torch_dtype", "transformers_version")}))
     pipe = SimpleNamespace(tokenizer=None, text_encoder=text, vae=vae, unet=unet,

@@ -140,3 +140,25 @@ def test_doctor_weighs_the_gpu_against_the_forecast(tiny_sd_dir):
     # the tiny pipeline's own configs: its weights are MBs, so what does not fit 40 GiB is the 512 px render
     tiny = gpu_memory_fit(40 * GIB, 40 * GIB, str(tiny_sd_dir), 1)
     assert tiny.status == "warn" and "render.resolution stage of 384" in tiny.detail
+
+
+def test_train_warns_before_loading_when_the_gpu_is_too_small(tiny_sd_dir, monkeypatch, caplog):
+    """``train``'s check (its CUDA query stubbed: the rest is the real code): a GPU smaller than the forecast gets one
+    warning naming what would fit; a large one, and any CPU run, none."""
+    import logging
+    from types import SimpleNamespace
+
+    from sdsbridge.train import warn_if_gpu_too_small
+
+    config = load_config(None, ["prompt=x", f"prior.model={tiny_sd_dir}"])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for total, warned in ((8 * GIB, True), (1000 * GIB, False)):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, total=total: SimpleNamespace(
+            total_memory=total))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sdsbridge"):
+            advice = warn_if_gpu_too_small(config, torch.device("cuda"))
+        assert (advice is not None) == warned and (advice in caplog.text if warned else not caplog.text)
+    assert warn_if_gpu_too_small(config, torch.device("cpu")) is None
+    reference = load_config(None, ["prompt=a red torus", "prior.kind=reference"])
+    assert warn_if_gpu_too_small(reference, torch.device("cuda")) is None
