@@ -2,7 +2,7 @@
 per job, checkpointable, so a preempted or timed-out job stops its run cleanly and is requeued.
 
 Requeue, step by step: Slurm (or submitit's LocalExecutor, in a dry run) sends SIGUSR2 to the job before its
-time limit, or on preemption; the training child ignores it (launchers.py) and submitit calls ``checkpoint``
+time limit, or on preemption; the training child ignores it (sweep_worker.py) and submitit calls ``checkpoint``
 in the job process, which sends SIGTERM to the child (the trainer finishes its step, checkpoints and exits
 130), waits for it, and returns the same job for submitit to requeue. The requeued job finds the run partial
 and resumes it from that checkpoint.
@@ -15,7 +15,7 @@ from typing import Optional
 
 import submitit
 
-from sdsbridge.launchers import RunTask, execute_with_retries
+from sdsbridge.sweep_worker import RunTask, execute_with_retries
 
 STOP_GRACE_S = 60
 """Seconds the child may take to checkpoint after SIGTERM before it is killed (Slurm's warning is 90 s;

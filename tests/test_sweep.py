@@ -173,7 +173,7 @@ def test_load_sweep_raises_user_errors_only(tmp_path):
 def test_a_run_another_process_holds_is_left_alone(tmp_path):
     import fcntl
 
-    from sdsbridge.launchers import RunTask, execute_run
+    from sdsbridge.sweep_worker import RunTask, execute_run
 
     (tmp_path / "state").mkdir()
     with open(tmp_path / "state" / "r.lock", "a+b") as held:
