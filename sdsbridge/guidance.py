@@ -55,14 +55,6 @@ def weight(t: torch.Tensor, alphas_cumprod: torch.Tensor, kind: str) -> torch.Te
     raise ValueError(f"unknown weighting {kind!r}")
 
 
-def noisy_latents(latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                  alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """x_t = sqrt(abar_t) sg(x) + sqrt(1 - abar_t) noise for latents and noise [N, C, h, w], t [N] on
-    ``alphas_cumprod``'s device."""
-    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
-    return abar.sqrt() * latents.detach() + (1.0 - abar).sqrt() * noise
-
-
 def predict_batched(prior: Prior, latents_noisy: torch.Tensor, t: torch.Tensor, conditions: list[torch.Tensor],
                     camera_positions: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
     """The prior's noise prediction for each of K conditions ([N, ...] each) on the same noisy latents

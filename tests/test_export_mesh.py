@@ -147,7 +147,7 @@ def test_decimation_reduces_faces():
 def test_files_are_y_up_with_the_front_towards_plus_z():
     """glTF's axes (what viewers assume): the scene's up (+z) becomes +Y, its front (+x, azimuth 0) +Z, and
     the map is a rotation (orientation and winding kept)."""
-    from sdsbridge.export.mesh import to_file_axes
+    from sdsbridge.export.axes import to_file_axes
 
     axes = np.eye(3)
     x, y, z = to_file_axes(axes)

@@ -34,6 +34,7 @@ from torch import nn
 from sdsbridge.atomic import atomic_write_bytes, remove_stale_temps
 from sdsbridge.checkpoint import find_checkpoint, run_dir_of
 from sdsbridge.devices import module_device
+from sdsbridge.export.axes import to_file_axes
 from sdsbridge.errors import UserError
 from sdsbridge.outputs import output_name
 from sdsbridge.scene import load_trained_scene
@@ -235,13 +236,6 @@ def extract_mesh(field: nn.Module, radius: float, resolution: int = 256,
     return MeshResult(vertices, faces, colors, level, density_range)
 
 
-def to_file_axes(vertices: np.ndarray) -> np.ndarray:
-    """[V, 3] scene coordinates (z up, the object's front towards +x) -> the axes mesh files use, glTF's: +Y up,
-    the front towards +Z (where viewers put their camera), +X to the right: (x, y, z) -> (y, z, x), a rotation
-    (normals map the same way, winding is kept)."""
-    return np.ascontiguousarray(vertices[:, [1, 2, 0]])
-
-
 def save_mesh(result: MeshResult, path: Path, format: Optional[str] = None) -> Path:
     """Write a mesh with vertex colours as glb, obj (colours as 'v x y z r g b', which trimesh reloads)
     or ply (binary), atomically: a temporary file in the same directory, then a rename over ``path``.
@@ -302,7 +296,7 @@ def export_mesh(scene, config, run_dir: Path, step: int, format: Optional[str] =
                           decimate_faces=export.decimate_faces)
     if not textured:
         return save_mesh(result, path, fmt)
-    from sdsbridge.export.texture import bake_texture, save_textured
+    from sdsbridge.export.texture import bake_texture, save_textured  # (xatlas and the baking: only when textured)
 
     vertices, faces = result.vertices, result.faces
     if export.texture_faces and faces.shape[0] > export.texture_faces:

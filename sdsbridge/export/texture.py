@@ -30,6 +30,7 @@ from torch import nn
 
 from sdsbridge.atomic import atomic_write_bytes
 from sdsbridge.devices import module_device
+from sdsbridge.export.axes import to_file_axes
 from sdsbridge.errors import UserError
 
 logger = logging.getLogger("sdsbridge")
@@ -191,8 +192,7 @@ def obj_text(mesh: TexturedMesh, mtl_name: str, material: str = "baked") -> str:
 def save_textured(mesh: TexturedMesh, folder: Path, stem: str = "mesh") -> list[Path]:
     """Write ``<stem>.glb`` (base-colour texture in a PBR material, vertex normals) and ``<stem>.obj`` +
     ``<stem>.mtl`` + ``<stem>.png`` into ``folder``, each atomically, positions in file axes (Y up, front
-    towards +Z: ``mesh.to_file_axes``). Returns the paths, glb first."""
-    from sdsbridge.export.mesh import to_file_axes
+    towards +Z: ``axes.to_file_axes``). Returns the paths, glb first."""
 
     folder = Path(folder)
     mesh = dataclasses.replace(mesh, vertices=to_file_axes(mesh.vertices))

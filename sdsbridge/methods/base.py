@@ -32,9 +32,9 @@ import torch
 
 from sdsbridge.cameras import Cameras
 from sdsbridge.config import GuidanceConfig
-from sdsbridge.guidance import (injected_loss, noisy_latents, perp_neg_direction, predict_batched, sample_timesteps,
+from sdsbridge.guidance import (injected_loss, perp_neg_direction, predict_batched, sample_timesteps,
                                 timestep_range)
-from sdsbridge.priors.base import Prior
+from sdsbridge.priors.base import Prior, noisy_latents
 from sdsbridge.prompts import PERP_NEG_ROLES, PromptEmbeddings, join_prompt
 from sdsbridge.schedules import schedule_value
 

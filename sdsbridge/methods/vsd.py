@@ -14,10 +14,10 @@ import torch
 
 from sdsbridge.cameras import Cameras
 from sdsbridge.config import GuidanceConfig
-from sdsbridge.guidance import bridge_gradient, noisy_latents, predict_batched, vsd_gradient, weight
+from sdsbridge.guidance import bridge_gradient, predict_batched, vsd_gradient, weight
 from sdsbridge.methods.base import GuidanceResult, Method
 from sdsbridge.methods.bridge import Bridge
-from sdsbridge.priors.base import Prior
+from sdsbridge.priors.base import Prior, noisy_latents
 from sdsbridge.priors.lora import LoraSource, camera_condition
 
 

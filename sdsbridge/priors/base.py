@@ -1,7 +1,8 @@
 """The prior interface: what score distillation needs from a diffusion model.
 
 Two implementations: Stable Diffusion through diffusers (stable_diffusion.py) and the exact reference
-prior of built-in shapes (reference.py). Guidance code only talks to this Protocol.
+prior of built-in shapes (reference.py). Guidance code only talks to this Protocol. The noise-schedule
+arithmetic (``noisy_latents``) lives here too, so that priors (VSD's LoRA) and methods both import it downward.
 """
 
 from __future__ import annotations
@@ -54,3 +55,11 @@ def to_prior_images(images: torch.Tensor, resolution: int, device: torch.device)
     if images.shape[-2:] != (resolution, resolution):
         images = F.interpolate(images, (resolution, resolution), mode="bilinear", align_corners=False)
     return images
+
+
+def noisy_latents(latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                  alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(abar_t) sg(x) + sqrt(1 - abar_t) noise for latents and noise [N, C, h, w], t [N] on
+    ``alphas_cumprod``'s device."""
+    abar = alphas_cumprod[t].view(-1, 1, 1, 1)
+    return abar.sqrt() * latents.detach() + (1.0 - abar).sqrt() * noise

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding
 
 from sdsbridge.errors import UserError
-from sdsbridge.guidance import noisy_latents
+from sdsbridge.priors.base import noisy_latents
 
 ADAPTER_NAME = "sdsbridge_vsd"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
