@@ -323,9 +323,8 @@ def estimate(args: argparse.Namespace) -> tuple[str, list[dict]]:
     resolution, on one GPU, with ``prior.cpu_offload`` and with ``prior.device`` on a second GPU (scene GPU |
     prior GPU). The architecture is ``--model``'s (its configs, no weights) or SD 2.1-base's; dtype fp16 unless
     ``--dtype`` says otherwise."""
-    from sdsbridge.memory import (DEFAULT_SAMPLES_PER_RAY, GIB, Architecture, architecture_of, forecast_step, meta_prior,
-                                  render_bytes)
-    from sdsbridge.random_sd import ARCHITECTURES
+    from sdsbridge.memory import (DEFAULT_SAMPLES_PER_RAY, GIB, architecture_of, forecast_dtype, forecast_step,
+                                  meta_prior, random_architecture, render_bytes)
 
     if args.model:
         arch = architecture_of(args.model)
@@ -333,17 +332,16 @@ def estimate(args: argparse.Namespace) -> tuple[str, list[dict]]:
             raise UserError(f"--model: cannot read the unet/vae/text_encoder configs of '{args.model}' (a local "
                             "pipeline folder or a hub id in the local cache)")
     else:
-        arch = Architecture(**{k: ARCHITECTURES["sd21-base"][k] for k in ("unet", "vae", "text_encoder")})
-    dtype = {"auto": torch.float16, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+        arch = random_architecture("sd21-base")
+    dtype = forecast_dtype(args.dtype)
     samples = args.samples_per_ray or DEFAULT_SAMPLES_PER_RAY
-    rows, priors = [], {}
+    rows = []
     for method in ESTIMATE_METHODS:
         config = load_config(None, [f"prompt={args.prompt}", f"method={method}", *args.set])
         costs = render_bytes(config, args.backend)
+        prior = meta_prior(arch, dtype)  # one per method: VSD adds its adapter to the UNet
         for resolution in args.resolutions:
-            # a fresh meta prior per method: VSD adds its adapter to the UNet
-            one = forecast_step(config, arch, dtype, resolution, samples, costs, prior=priors.setdefault(
-                (method, resolution), meta_prior(arch, dtype)))
+            one = forecast_step(config, arch, dtype, resolution, samples, costs, prior=prior)
             forecasts = {"one GPU": one, "cpu_offload": one.with_options(cpu_offload=True),
                          "prior.device": one.with_options(prior_on_other_gpu=True)}
             rows.append({"method": method, "resolution": resolution,

@@ -27,6 +27,7 @@ import json
 import math
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -193,7 +194,7 @@ def method_steps(setup: Setup, methods=METHODS) -> dict:
         _, rows = bench_train_step.run(args, str(setup.model))
         config = load_config(None, [f"prompt={args.prompt}", f"method={method}", *args.set])
         for row, resolution in zip(rows, setup.resolutions):
-            ms = sorted(row["ms"])[len(row["ms"]) // 2]
+            ms = statistics.median(row["ms"])
             if not math.isfinite(ms):
                 raise AssertionError(f"{method} {resolution}px: no time measured")
             entry = {"ms": round(ms, 1), "peak_gb": round(row["peak_bytes"] / 2 ** 30, 2),
@@ -248,7 +249,7 @@ def compile_on_and_off(setup: Setup) -> dict:
         if setup.dry:
             argv += ["--set", "scene.n_levels=4", "scene.log2_hashmap_size=12", "render.num_samples=16"]
         _, rows = bench_train_step.run(bench_train_step.parse_args(argv), str(setup.model))
-        figures["compiled_ms" if compiled else "eager_ms"] = round(sorted(rows[0]["ms"])[len(rows[0]["ms"]) // 2], 1)
+        figures["compiled_ms" if compiled else "eager_ms"] = round(statistics.median(rows[0]["ms"]), 1)
     return figures
 
 

@@ -181,24 +181,18 @@ def check_gpu_memory(device: str, model: str = DEFAULT_SD_MODEL) -> Check:
 def gpu_memory_fit(total: int, free: int, model: str, gpus: int, backend: str = "torch") -> Check:
     """The GPU's memory against the forecast peak of the default run (the official 3D recipe at 512 px) on
     ``model``'s architecture (its configs when readable, else SD 2.1-base's) with hash-grid ``backend``: 'warn'
-    naming the settings that would fit when it does not (``memory.fit_advice``)."""
-    import torch
-
+    naming the settings that would fit when it does not (``memory.check_fit``)."""
     from sdsbridge import memory
     from sdsbridge.config_loader import load_config
-    from sdsbridge.random_sd import ARCHITECTURES
 
     detail = f"{total / _GIB:.1f} GiB total, {free / _GIB:.1f} GiB free"
-    arch = memory.architecture_of(model)
-    if arch is None:
-        arch = memory.Architecture(*(ARCHITECTURES["sd21-base"][k] for k in ("unet", "vae", "text_encoder")))
-    config = load_config(None, ["prompt=x", f"prior.model={model}"])
-    advice = memory.fit_advice(config, arch, total, gpus, backend)
+    arch = memory.architecture_of(model) or memory.random_architecture("sd21-base")
+    forecast, advice = memory.check_fit(load_config(None, ["prompt=x", f"prior.model={model}"]), arch, total, gpus,
+                                        backend)
     if advice:
         return Check("GPU memory", "warn", f"{detail}; {advice}")
-    need = memory.forecast_step(config, arch, torch.float16, memory.largest_render(config),
-                                backend=backend).peak_gpu_bytes()
-    return Check("GPU memory", "ok", f"{detail}; the default run's 512px steps are forecast at ~{need / _GIB:.0f} GiB")
+    return Check("GPU memory", "ok", f"{detail}; the default run's 512px steps are forecast at "
+                                     f"~{forecast.peak_gpu_bytes() / _GIB:.0f} GiB")
 
 
 def check_tinycudann() -> Check:

@@ -173,12 +173,10 @@ def meta_prior(arch: Architecture, dtype: torch.dtype):
         vae = cast_floats(AutoencoderKL(**args(arch.vae)), dtype)
         text = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in args(arch.text_encoder).items()
                                                if k not in ("architectures", "torch_dtype", "transformers_version")}))
-    pipe = SimpleNamespace(tokenizer=None, text_encoder=text, vae=vae, unet=unet,
-                           scheduler=DDIMScheduler(**SD_SCHEDULER),
+    pipe = SimpleNamespace(tokenizer=SimpleNamespace(model_max_length=arch.tokens), text_encoder=text, vae=vae,
+                           unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER),
                            vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
-    prior = StableDiffusionPrior(pipe, torch.device("meta"), dtype)
-    prior.tokens = arch.tokens
-    return prior
+    return StableDiffusionPrior(pipe, torch.device("meta"), dtype)
 
 
 def trace_prior_step(prior, config: Config, resolution: int, steps: list[int],
@@ -194,17 +192,16 @@ def trace_prior_step(prior, config: Config, resolution: int, steps: list[int],
     own = sum(p.numel() * 4 for group in method.param_groups() for p in group["params"]) * 4  # fp32: p, grad, 2 moments
     n = config.train.batch_size
     length = prior.unet.config.cross_attention_dim
-    tokens = prior.tokenizer.model_max_length if prior.tokenizer is not None else prior.tokens
+    tokens = prior.tokenizer.model_max_length
     device = prior.device
-    roles = list(method.role_texts("x"))
-    if config.guidance.perp_neg and config.guidance.view_dependent:
-        roles += list(PERP_NEG_ROLES)
+    perp_neg = config.guidance.perp_neg and config.guidance.view_dependent
+    roles = list(method.role_texts("x")) + (list(PERP_NEG_ROLES) if perp_neg else [])
     cameras = sample_cameras(config.cameras, n).to(device)
     peak = 0
     for step in steps:
         with LiveBytes() as live, (FusedAttention() if fused_attention else nullcontext()):
             conditions = {role: torch.zeros(n, tokens, length, device=device) for role in roles}
-            if config.guidance.perp_neg and config.guidance.view_dependent:
+            if perp_neg:
                 conditions["perp_neg_weights"] = torch.zeros(n, 2, device=device)
             images = torch.zeros(n, 3, resolution, resolution, device=device, requires_grad=True)
             latents = prior.encode_images(images)
@@ -224,12 +221,8 @@ def render_bytes(config: Config, backend: str = "torch") -> tuple[float, float]:
     input and output; its backward's scratch is its own, outside torch's allocator)."""
     from sdsbridge.nerf.field import NeRFField
 
-    cfg = replace(config.scene, backend="torch")
-    torch_state = torch.random.get_rng_state()
-    try:
-        field_ = NeRFField(cfg, device=torch.device("cpu"))
-    finally:
-        torch.random.set_rng_state(torch_state)
+    with torch.random.fork_rng(devices=[]):  # the field's random init leaves the caller's RNG as it was
+        field_ = NeRFField(replace(config.scene, backend="torch"), device=torch.device("cpu"))
     field_.encoding.compile_after_points = math.inf  # eager kernels: what the trace can see
     points = torch.rand(8192, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
     n, grads = points.shape[0], sum(p.numel() * 4 for p in field_.parameters())
@@ -281,6 +274,22 @@ def forecast_step(config: Config, arch: Architecture, dtype: torch.dtype, resolu
     return MemoryForecast(parts, {"scene": list(parts)}, max(largest_leaf_bytes(m) for m in models))
 
 
+def random_architecture(name: str = "sd21-base") -> Architecture:
+    """The architecture of one of ``random_sd.ARCHITECTURES`` (by default Stable Diffusion 2.1-base's)."""
+    from sdsbridge.random_sd import ARCHITECTURES
+
+    configs = ARCHITECTURES[name]
+    return Architecture(configs["unet"], configs["vae"], configs["text_encoder"],
+                        configs["tokenizer"]["model_max_length"])
+
+
+def forecast_dtype(name: str) -> torch.dtype:
+    """The UNet and VAE dtype ``prior.dtype`` = ``name`` gives on a GPU (what a forecast is for)."""
+    from sdsbridge.priors.stable_diffusion import resolve_dtype
+
+    return resolve_dtype(name, torch.device("cuda"))
+
+
 def architecture_of(model: str) -> Optional[Architecture]:
     """The UNet, VAE and text-encoder configs of a diffusers pipeline (local folder, or a hub id in the local
     cache) without loading weights; None when they cannot be read."""
@@ -310,17 +319,21 @@ def largest_render(config: Config) -> int:
     return int(round(max(schedule_value(config.render.resolution, s) for s in (0, max(0, config.train.steps - 1)))))
 
 
-def fit_advice(config: Config, arch: Architecture, gpu_bytes: int, gpus: int = 1, backend: str = "torch") -> Optional[str]:
-    """None when the forecast peak of ``config``'s largest step fits ``gpu_bytes`` (the GPU's memory); else a
-    one-line warning with the forecast and the settings that would fit (``prior.cpu_offload``, ``prior.device`` on
-    a second GPU when ``gpus`` > 1, a smaller last render resolution). ``backend``: the hash grid's."""
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(config.prior.dtype, torch.float16)
+def check_fit(config: Config, arch: Architecture, gpu_bytes: int, gpus: int = 1,
+              backend: str = "torch") -> tuple[MemoryForecast, Optional[str]]:
+    """The forecast of ``config``'s largest step with its own ``prior.cpu_offload`` / ``prior.device``, and None
+    when its peak fits ``gpu_bytes`` (the GPU's memory), else a one-line warning with the forecast and the
+    settings that would fit (``prior.cpu_offload``, ``prior.device`` on a second GPU when ``gpus`` > 1, a smaller
+    last render resolution). ``backend``: the hash grid's."""
+    dtype = forecast_dtype(config.prior.dtype)
     resolution = largest_render(config)
     costs = render_bytes(config, backend)
-    base = forecast_step(config, arch, dtype, resolution, render_costs=costs)
-    current = base.with_options(cpu_offload=config.prior.cpu_offload, prior_on_other_gpu=config.prior.device is not None)
+    prior = meta_prior(arch, dtype)
+    options_of_run = dict(cpu_offload=config.prior.cpu_offload, prior_on_other_gpu=config.prior.device is not None)
+    base = forecast_step(config, arch, dtype, resolution, render_costs=costs, prior=prior)
+    current = base.with_options(**options_of_run)
     if current.peak_gpu_bytes() <= gpu_bytes:
-        return None
+        return current, None
     options = []
     if not config.prior.cpu_offload:
         options.append(("prior.cpu_offload=true (slower)", base.with_options(cpu_offload=True)))
@@ -328,12 +341,11 @@ def fit_advice(config: Config, arch: Architecture, gpu_bytes: int, gpus: int = 1
         options.append(("prior.device=cuda:1", base.with_options(prior_on_other_gpu=True)))
     for smaller in (384, 256, 128):
         if smaller < resolution:
-            forecast = forecast_step(config, arch, dtype, smaller, render_costs=costs).with_options(
-                cpu_offload=config.prior.cpu_offload, prior_on_other_gpu=config.prior.device is not None)
-            options.append((f"a last render.resolution stage of {smaller}", forecast))
+            forecast = forecast_step(config, arch, dtype, smaller, render_costs=costs, prior=prior)
+            options.append((f"a last render.resolution stage of {smaller}", forecast.with_options(**options_of_run)))
     fitting = [f"{name} (~{f.peak_gpu_bytes() / GIB:.0f} GiB)" for name, f in options if f.peak_gpu_bytes() <= gpu_bytes]
     advice = "; would fit: " + ", ".join(fitting) if fitting else "; no single setting brings it under (try several)"
-    return (f"this run's {resolution}px steps are forecast to need ~{current.peak_gpu_bytes() / GIB:.0f} GiB of GPU "
-            f"memory, the GPU has {gpu_bytes / GIB:.0f} GiB{advice} (forecast: {backend} hash grid, "
-            f"{DEFAULT_SAMPLES_PER_RAY} samples/ray assumed; `python scripts/bench_train_step.py --estimate` prints "
-            "the table)")
+    return current, (f"this run's {resolution}px steps are forecast to need ~{current.peak_gpu_bytes() / GIB:.0f} GiB "
+                     f"of GPU memory, the GPU has {gpu_bytes / GIB:.0f} GiB{advice} (forecast: {backend} hash grid, "
+                     f"{DEFAULT_SAMPLES_PER_RAY} samples/ray assumed; `python scripts/bench_train_step.py --estimate` "
+                     "prints the table)")

@@ -148,7 +148,7 @@ def prior_device(config: Config, scene_device: torch.device) -> torch.device:
 
 def warn_if_gpu_too_small(config: Config, device: torch.device) -> Optional[str]:
     """Before the prior loads: on a CUDA device, a warning (logged and returned) when the forecast peak memory of
-    the run's largest step (``memory.fit_advice``) exceeds the GPU's, naming the settings that would fit. Reads the
+    the run's largest step (``memory.check_fit``) exceeds the GPU's, naming the settings that would fit. Reads the
     pipeline's configs only; silent when they cannot be read (the loader reports that)."""
     if device.type != "cuda" or config.prior.kind != "stable-diffusion":
         return None
@@ -159,8 +159,8 @@ def warn_if_gpu_too_small(config: Config, device: torch.device) -> Optional[str]
     if arch is None:
         return None
     backend, _ = resolve_backend(config.scene.backend, device)
-    advice = memory.fit_advice(config, arch, torch.cuda.get_device_properties(device).total_memory,
-                               torch.cuda.device_count(), backend)
+    _, advice = memory.check_fit(config, arch, torch.cuda.get_device_properties(device).total_memory,
+                                 torch.cuda.device_count(), backend)
     if advice:
         log.warning(advice)
     return advice

@@ -10,10 +10,9 @@ from diffusers.models.attention_processor import AttnProcessor
 
 from sdsbridge.config import PriorConfig
 from sdsbridge.config_loader import load_config
-from sdsbridge.memory import (CUDA_CONTEXT_BYTES, GIB, Architecture, LiveBytes, architecture_of, fit_advice, forecast_step,
-                              largest_render, meta_prior, render_bytes, trace_prior_step)
+from sdsbridge.memory import (CUDA_CONTEXT_BYTES, GIB, LiveBytes, architecture_of, check_fit, forecast_step,
+                              largest_render, meta_prior, random_architecture, render_bytes, trace_prior_step)
 from sdsbridge.priors import load_prior
-from sdsbridge.random_sd import ARCHITECTURES
 
 from scripts_loader import load_script
 
@@ -69,8 +68,7 @@ def test_fused_attention_traces_linear_memory_in_the_tokens():
 def test_the_forecast_parts_and_options():
     config = load_config(None, ["prompt=x", "method=vsd"])
     assert largest_render(config) == 512
-    small = ARCHITECTURES["small"]
-    arch = Architecture(small["unet"], small["vae"], small["text_encoder"])
+    arch = random_architecture("small")
     costs = render_bytes(config)
     assert costs[0] > 0
     tcnn = render_bytes(config, "tcnn")
@@ -89,14 +87,13 @@ def test_the_forecast_parts_and_options():
 
 def test_the_advice_names_settings_that_fit():
     config = load_config(None, ["prompt=x", "method=sds"])
-    small = ARCHITECTURES["small"]
-    arch = Architecture(small["unet"], small["vae"], small["text_encoder"])
-    assert fit_advice(config, arch, 1000 * GIB) is None
+    arch = random_architecture("small")
+    assert check_fit(config, arch, 1000 * GIB)[1] is None
     need = forecast_step(config, arch, torch.float16, 512).peak_gpu_bytes()
-    advice = fit_advice(config, arch, need - 1, gpus=2)
+    advice = check_fit(config, arch, need - 1, gpus=2)[1]
     assert advice is not None and "512px" in advice and "would fit" in advice
     assert "render.resolution stage of 384" in advice  # fewer pixels, less render memory
-    hopeless = fit_advice(config, arch, CUDA_CONTEXT_BYTES)
+    hopeless = check_fit(config, arch, CUDA_CONTEXT_BYTES)[1]
     assert "no single setting" in hopeless
 
 
