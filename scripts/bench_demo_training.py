@@ -109,12 +109,12 @@ def breakdown(overrides: list[str], args: argparse.Namespace) -> dict[str, float
 
     import torch
 
-    from sdsbridge.config_loader import load_config
-    from sdsbridge.devices import seed_everything
-    from sdsbridge.methods import make_method
+    from sdsbridge.config.loader import load_config
+    from sdsbridge.common.devices import seed_everything
+    from sdsbridge.distill.methods import make_method
     from sdsbridge.priors import load_prior
-    from sdsbridge.scene import build_scene
-    from sdsbridge.train_step import build_optimizer, scene_step
+    from sdsbridge.scene.nerf_scene import build_scene
+    from sdsbridge.training.step import build_optimizer, scene_step
 
     config = load_config(args.config, overrides)
     device = torch.device("cpu")

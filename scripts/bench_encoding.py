@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from sdsbridge.nerf.encoding import HashGridEncoding
+from sdsbridge.scene.nerf.encoding import HashGridEncoding
 
 
 def _sync(device: torch.device) -> None:

@@ -29,12 +29,12 @@ from typing import Callable
 
 import torch
 
-from sdsbridge.cameras import Cameras, orbit_cameras, sample_cameras
-from sdsbridge.config import CameraConfig, RenderConfig, SceneConfig
-from sdsbridge.nerf.background import Background
-from sdsbridge.nerf.field import NeRFField
-from sdsbridge.nerf.renderer import Renderer
-from sdsbridge.nerf.shape_fit import fit_field_to_shape
+from sdsbridge.scene.cameras import Cameras, orbit_cameras, sample_cameras
+from sdsbridge.config.schema import CameraConfig, RenderConfig, SceneConfig
+from sdsbridge.scene.nerf.background import Background
+from sdsbridge.scene.nerf.field import NeRFField
+from sdsbridge.scene.nerf.renderer import Renderer
+from sdsbridge.scene.nerf.shape_fit import fit_field_to_shape
 
 WHITE = torch.ones(3)
 
@@ -58,7 +58,7 @@ def fitted_scene(steps: int) -> tuple[NeRFField, Background, CameraConfig, Rende
 
 
 def run_scene(run: str) -> tuple[NeRFField, Background, CameraConfig, RenderConfig, float, dict]:
-    from sdsbridge.scene import load_trained_scene
+    from sdsbridge.scene.nerf_scene import load_trained_scene
 
     scene, config, step = load_trained_scene(Path(run), torch.device("cpu"))
     scene.field.encoding.compile_after_points = 0

@@ -43,18 +43,18 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from sdsbridge.config import Config
-from sdsbridge.config_loader import load_config
-from sdsbridge.devices import resolve_device, seed_everything
-from sdsbridge.errors import UserError
-from sdsbridge.image2d import image_guidance_config, image_optimizer, latent_shape
-from sdsbridge.methods import Method, make_method
-from sdsbridge.nerf.renderer import choose_sampler
+from sdsbridge.config.schema import Config
+from sdsbridge.config.loader import load_config
+from sdsbridge.common.devices import resolve_device, seed_everything
+from sdsbridge.common.errors import UserError
+from sdsbridge.training.image2d import image_guidance_config, image_optimizer, latent_shape
+from sdsbridge.distill.methods import Method, make_method
+from sdsbridge.scene.nerf.renderer import choose_sampler
 from sdsbridge.priors import load_prior
-from sdsbridge.prompts import PromptEmbeddings
-from sdsbridge.random_sd import build_random_pipeline
-from sdsbridge.scene import build_scene
-from sdsbridge.train_step import Timer, build_optimizer, scene_step, train_step, untimed
+from sdsbridge.distill.prompts import PromptEmbeddings
+from sdsbridge.testing.random_sd import build_random_pipeline
+from sdsbridge.scene.nerf_scene import build_scene
+from sdsbridge.training.step import Timer, build_optimizer, scene_step, train_step, untimed
 
 SECTIONS = ("render", "vae encode", "unet", "lora unet", "backward", "optimizer", "occupancy", "other")
 """Breakdown columns, in step order; 'other' is the step's time outside the named sections."""
@@ -248,7 +248,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="config overrides, e.g. scene.n_levels=8 render.num_samples=32")
     parser.add_argument("--json", type=Path, help="also write the results here as JSON")
     parser.add_argument("--estimate", action="store_true",
-                        help="forecast the peak GPU memory of every method (no GPU needed; sdsbridge.memory) instead "
+                        help="forecast the peak GPU memory of every method (no GPU needed; sdsbridge.training.memory) instead "
                         "of timing")
     parser.add_argument("--samples-per-ray", type=int, help="--estimate: field samples per ray assumed for the render")
     parser.add_argument("--backend", default="torch", choices=("torch", "tcnn"),
@@ -319,11 +319,11 @@ ESTIMATE_METHODS = ("sds", "bridge", "nfsd", "vsd", "bridge-vsd")
 
 
 def estimate(args: argparse.Namespace) -> tuple[str, list[dict]]:
-    """``--estimate``: the forecast peak GPU memory of one step (``sdsbridge.memory``) for every method at each
+    """``--estimate``: the forecast peak GPU memory of one step (``sdsbridge.training.memory``) for every method at each
     resolution, on one GPU, with ``prior.cpu_offload`` and with ``prior.device`` on a second GPU (scene GPU |
     prior GPU). The architecture is ``--model``'s (its configs, no weights) or SD 2.1-base's; dtype fp16 unless
     ``--dtype`` says otherwise."""
-    from sdsbridge.memory import (DEFAULT_SAMPLES_PER_RAY, GIB, architecture_of, forecast_dtype, forecast_step,
+    from sdsbridge.training.memory import (DEFAULT_SAMPLES_PER_RAY, GIB, architecture_of, forecast_dtype, forecast_step,
                                   meta_prior, random_architecture, render_bytes)
 
     if args.model:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from sdsbridge.config_loader import load_config
-from sdsbridge.evaluation import evaluate_scene
+from sdsbridge.config.loader import load_config
+from sdsbridge.outputs.evaluation import evaluate_scene
 from sdsbridge.priors.shapes import SHAPES
-from sdsbridge.rundir import create_run_dir
-from sdsbridge.train import train
+from sdsbridge.training.rundir import create_run_dir
+from sdsbridge.training.loop import train
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -20,7 +20,7 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
-from sdsbridge.outputs import newest_output
+from sdsbridge.outputs.naming import newest_output
 
 ROOT = Path(__file__).resolve().parent.parent
 

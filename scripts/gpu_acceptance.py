@@ -111,7 +111,7 @@ def gpu_tests(setup: Setup) -> dict:
 
 
 def hash_grid_parity(setup: Setup) -> dict:
-    from sdsbridge.nerf.encoding import HashGridEncoding
+    from sdsbridge.scene.nerf.encoding import HashGridEncoding
 
     other = "torch" if setup.dry else "tcnn"
     if not setup.dry:
@@ -143,13 +143,13 @@ def hash_grid_parity(setup: Setup) -> dict:
 
 
 def occupancy_parity(setup: Setup) -> dict:
-    from sdsbridge.cameras import orbit_cameras
-    from sdsbridge.config import CameraConfig, RenderConfig, SceneConfig
-    from sdsbridge.nerf.background import Background
-    from sdsbridge.nerf.field import NeRFField
-    from sdsbridge.nerf.renderer import Renderer, nerfacc_cuda_available
-    from sdsbridge.nerf.shape_fit import fit_field_to_shape
-    from sdsbridge.scores import psnr
+    from sdsbridge.scene.cameras import orbit_cameras
+    from sdsbridge.config.schema import CameraConfig, RenderConfig, SceneConfig
+    from sdsbridge.scene.nerf.background import Background
+    from sdsbridge.scene.nerf.field import NeRFField
+    from sdsbridge.scene.nerf.renderer import Renderer, nerfacc_cuda_available
+    from sdsbridge.scene.nerf.shape_fit import fit_field_to_shape
+    from sdsbridge.outputs.scores import psnr
 
     if not setup.dry and not nerfacc_cuda_available():
         raise RuntimeError("nerfacc's CUDA kernels do not load (no prebuilt wheel and no working nvcc build)")
@@ -178,9 +178,9 @@ def occupancy_parity(setup: Setup) -> dict:
 
 
 def method_steps(setup: Setup, methods=METHODS) -> dict:
-    from sdsbridge.config_loader import load_config
-    from sdsbridge.memory import architecture_of, forecast_step
-    from sdsbridge.nerf.encoding import resolve_backend
+    from sdsbridge.config.loader import load_config
+    from sdsbridge.training.memory import architecture_of, forecast_step
+    from sdsbridge.scene.nerf.encoding import resolve_backend
 
     figures = {}
     arch = architecture_of(str(setup.model))
@@ -260,7 +260,7 @@ STAGES: list[tuple[str, Callable[[Setup], dict]]] = [
 
 # --- set-up and report ---------------------------------------------------------------------------------
 def make_setup(dry: bool, work: Path) -> Setup:
-    from sdsbridge.random_sd import build_random_pipeline
+    from sdsbridge.testing.random_sd import build_random_pipeline
 
     if dry:
         model = build_random_pipeline(work / "tiny-sd", arch="tiny", seed=0)

@@ -4,7 +4,7 @@ architecture, or a small/tiny one for tests.
     python scripts/make_random_sd.py --arch sd21-base OUT_DIR [--seed 0] [--dtype fp16]
     python scripts/make_random_sd.py --arch small OUT_DIR
 
-Archs (see sdsbridge/random_sd.py): ``sd21-base`` (from assets/sd21-base/*.json; 1.29 B parameters,
+Archs (see sdsbridge/testing/random_sd.py): ``sd21-base`` (from assets/sd21-base/*.json; 1.29 B parameters,
 ~5.2 GB in fp32, ~2.6 GB in fp16, a few minutes on a 2-core CPU), ``small`` (sd21-base with every width
 shrunk, ~27 MB) and ``tiny`` (the test fixture, a few MB). The weights are random, so images are noise and
 the tokenizer's text means nothing (byte-level symbols plus filler ids, see random_sd.py): use the folder
@@ -24,8 +24,8 @@ from typing import Optional
 
 import torch
 
-from sdsbridge.errors import UserError
-from sdsbridge.random_sd import ARCHITECTURES, parameter_counts, random_pipeline
+from sdsbridge.common.errors import UserError
+from sdsbridge.testing.random_sd import ARCHITECTURES, parameter_counts, random_pipeline
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 

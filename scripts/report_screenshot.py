@@ -34,8 +34,8 @@ def train_demo(runs_dir: Path) -> Path:
 
 
 def main(argv=None) -> Path:
-    from sdsbridge.browser import find_chromium, screenshot
-    from sdsbridge.report import write_report
+    from sdsbridge.testing.browser import find_chromium, screenshot
+    from sdsbridge.outputs.report import write_report
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, nargs="?", help="A finished run (default: train the demo now).")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sdsbridge.atomic import TEMP_NAME
+from sdsbridge.common.atomic import TEMP_NAME
 from sdsbridge.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent

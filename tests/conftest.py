@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sdsbridge.random_sd import build_random_pipeline
+from sdsbridge.testing.random_sd import build_random_pipeline
 
 
 @pytest.fixture(scope="session")

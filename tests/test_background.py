@@ -4,9 +4,9 @@ import math
 
 import torch
 
-from sdsbridge.config import SceneConfig
-from sdsbridge.nerf.background import Background
-from sdsbridge.nerf.networks import spherical_harmonics
+from sdsbridge.config.schema import SceneConfig
+from sdsbridge.scene.nerf.background import Background
+from sdsbridge.scene.nerf.networks import spherical_harmonics
 
 
 def test_fixed_background_colour_is_returned_everywhere_and_not_stored():

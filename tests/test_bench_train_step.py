@@ -84,7 +84,7 @@ def test_one_vsd_step_with_full_size_sd21_base_in_fp16(bench, tmp_path, capsys):
     is finite; the benchmark prints its time and peak memory."""
     import torch
 
-    from sdsbridge.random_sd import build_random_pipeline
+    from sdsbridge.testing.random_sd import build_random_pipeline
 
     model = build_random_pipeline(tmp_path / "sd21", arch="sd21-base", seed=0, dtype=torch.float16)
     out = tmp_path / "bench.json"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdsbridge import checkpoint as ckpt
-from sdsbridge.errors import UserError
+from sdsbridge.training import checkpoint as ckpt
+from sdsbridge.common.errors import UserError
 
 
 def make(step):
@@ -85,7 +85,7 @@ def test_find_checkpoint_and_run_dir(tmp_path):
 def test_cuda_rng_states_of_more_gpus_restore_on_fewer(monkeypatch, caplog):
     """A run saved on 4 GPUs resumes on a 1-GPU machine: device 0 gets its state back, the rest is dropped
     with a warning (torch.cuda.set_rng_state_all would fail on the missing devices)."""
-    from sdsbridge.checkpoint import restore_cuda_rng_states
+    from sdsbridge.training.checkpoint import restore_cuda_rng_states
 
     restored = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

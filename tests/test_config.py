@@ -4,10 +4,10 @@ import dataclasses
 
 import pytest
 
-from sdsbridge.config import Config
-from sdsbridge.config_loader import load_config, presets_dir, to_yaml
-from sdsbridge.errors import UserError
-from sdsbridge.schedules import is_schedule, schedule_value
+from sdsbridge.config.schema import Config
+from sdsbridge.config.loader import load_config, presets_dir, to_yaml
+from sdsbridge.common.errors import UserError
+from sdsbridge.common.schedules import is_schedule, schedule_value
 
 
 def write(tmp_path, text, name="prompt.yaml"):

@@ -12,10 +12,10 @@ import imageio.v3 as iio
 import pytest
 import torch
 
-import sdsbridge.train as train_module
-from sdsbridge.config_loader import load_config
-from sdsbridge.export.video import turntable_size
-from sdsbridge.image2d import run_image
+import sdsbridge.training.loop as train_module
+from sdsbridge.config.loader import load_config
+from sdsbridge.outputs.export.video import turntable_size
+from sdsbridge.training.image2d import run_image
 
 from cli_helpers import run_cli
 

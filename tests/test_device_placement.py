@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from host_syncs import HostSyncs
-from sdsbridge.checkpoint import find_checkpoint, load_checkpoint
-from sdsbridge.config_loader import load_config
-from sdsbridge.methods import make_method
+from sdsbridge.training.checkpoint import find_checkpoint, load_checkpoint
+from sdsbridge.config.loader import load_config
+from sdsbridge.distill.methods import make_method
 from sdsbridge.priors import load_prior
-from sdsbridge.scene import build_scene
-from sdsbridge.train import make_checkpoint, restore_checkpoint, train
-from sdsbridge.train_step import build_optimizer, scene_step
+from sdsbridge.scene.nerf_scene import build_scene
+from sdsbridge.training.loop import make_checkpoint, restore_checkpoint, train
+from sdsbridge.training.step import build_optimizer, scene_step
 
 SMALL = ["scene.n_levels=4", "scene.log2_hashmap_size=12", "scene.base_resolution=8", "scene.mlp_width=16",
          "scene.background_width=8", "render.resolution=16", "render.num_samples=16", "device=cpu"]
@@ -38,14 +38,14 @@ CASES = {
 STEPS = {"reference-sds": 17}  # 17 steps: two occupancy refreshes (steps 0 and 16); the others 2 (stage two from 1)
 
 EXPECTED_SYNCS = {
-    "train_step.loss_and_grads_finite": "the step's one intended sync: skip a step whose loss or gradients are not finite",
-    "cameras.sample_elevation": "the batch's elevation coin, drawn on the CPU (no device waits)",
-    "cameras.cameras_from_angles": "view labels from the angles drawn on the CPU (no device waits)",
-    "prompts.azimuth_segments": "view-blend and Perp-Neg weights from the CPU-drawn azimuths (no device waits)",
-    "nerf.renderer.render_rays": "which rays hit the scene sphere: packed rays, the count sets the shapes",
-    "nerf.marching.march": "the PyTorch occupancy-grid sampler: samples per ray follow the grid (nerfacc's sampling "
+    "training.step.loss_and_grads_finite": "the step's one intended sync: skip a step whose loss or gradients are not finite",
+    "scene.cameras.sample_elevation": "the batch's elevation coin, drawn on the CPU (no device waits)",
+    "scene.cameras.cameras_from_angles": "view labels from the angles drawn on the CPU (no device waits)",
+    "distill.prompts.azimuth_segments": "view-blend and Perp-Neg weights from the CPU-drawn azimuths (no device waits)",
+    "scene.nerf.renderer.render_rays": "which rays hit the scene sphere: packed rays, the count sets the shapes",
+    "scene.nerf.marching.march": "the PyTorch occupancy-grid sampler: samples per ray follow the grid (nerfacc's sampling "
                            "syncs the same way)",
-    "nerf.occupancy._update": "the occupancy refresh (every 16 steps): which cells to evaluate",
+    "scene.nerf.occupancy._update": "the occupancy refresh (every 16 steps): which cells to evaluate",
     "priors.reference.predict_noise": "the reference prior (a CPU prior: no device waits)",
 }
 """Where a training step may wait for the device, and why. A new entry needs a reason here."""
@@ -119,7 +119,7 @@ def test_host_syncs_in_a_training_step_are_the_listed_ones(case, tiny_sd_dir):
         with HostSyncs() as syncs:
             scene_step(scene, method, prompts, optimizer, config, step)
         seen |= set(syncs.counts)
-    assert "train_step.loss_and_grads_finite" in seen  # the recorder sees syncs at all
+    assert "training.step.loss_and_grads_finite" in seen  # the recorder sees syncs at all
     unlisted = sorted(seen - set(EXPECTED_SYNCS))
     assert not unlisted, f"new host syncs in the training step (remove them, or list them with a reason): {unlisted}"
 
@@ -145,7 +145,7 @@ def test_the_training_loop_reads_tensors_only_on_log_steps(tmp_path):
     run_dir.mkdir()
     with HostSyncs() as syncs:
         train(config, run_dir, torch.device("cpu"), show_progress=False)
-    in_loop = {site: n for site, n in syncs.counts.items() if site.startswith("train.")}
-    assert set(in_loop) == {"train.metrics_row"}, in_loop
-    assert in_loop["train.metrics_row"] == 5  # one row: loss, t, grad_norm and the two loss terms
+    in_loop = {site: n for site, n in syncs.counts.items() if site.startswith("training.loop.")}
+    assert set(in_loop) == {"training.loop.metrics_row"}, in_loop
+    assert in_loop["training.loop.metrics_row"] == 5  # one row: loss, t, grad_norm and the two loss terms
     assert load_checkpoint(find_checkpoint(run_dir))["step"] == 12

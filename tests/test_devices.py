@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from sdsbridge.config_loader import load_config
-from sdsbridge.devices import module_device, resolve_device, seed_everything
-from sdsbridge.errors import UserError
+from sdsbridge.config.loader import load_config
+from sdsbridge.common.devices import module_device, resolve_device, seed_everything
+from sdsbridge.common.errors import UserError
 
 
 def test_cpu_and_auto():
@@ -65,7 +65,7 @@ def test_cpu_threads_follow_the_free_cores(monkeypatch):
 
     import torch
 
-    from sdsbridge import devices
+    from sdsbridge.common import devices
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("SDSBRIDGE_THREADS", raising=False)
@@ -89,7 +89,7 @@ def test_cpu_threads_respect_the_users_setting(monkeypatch):
 
     import torch
 
-    from sdsbridge import devices
+    from sdsbridge.common import devices
 
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 0.0, 0.0))

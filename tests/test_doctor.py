@@ -1,4 +1,4 @@
-"""Tests for sdsbridge.doctor on this (CPU-only) machine: every row is present, nothing raises, nothing
+"""Tests for sdsbridge.cli.doctor on this (CPU-only) machine: every row is present, nothing raises, nothing
 touches the network or builds CUDA code."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from sdsbridge import doctor
-from sdsbridge.doctor import Check
+from sdsbridge.cli import doctor
+from sdsbridge.cli.doctor import Check
 
 NAMES = ["python", "platform", "torch", "CUDA device", "device", "GPU memory", "tinycudann", "nerfacc",
          "nerfacc CUDA extension", "ffmpeg", "fp16", "bf16", "prior model"]
@@ -97,7 +97,7 @@ def test_cpu_rows(checks):
 def test_fresh_process_is_quiet_and_never_loads_nerfacc_kernels():
     """In a fresh interpreter (other tests may import nerfacc's backend), run_checks prints nothing and
     never imports nerfacc.cuda._backend, whose import JIT-builds CUDA code."""
-    code = ("import sys; from sdsbridge import doctor; doctor.run_checks(); "
+    code = ("import sys; from sdsbridge.cli import doctor; doctor.run_checks(); "
             "assert 'nerfacc.cuda._backend' not in sys.modules")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

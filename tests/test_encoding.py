@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import sdsbridge.nerf.encoding as encoding_module
-import sdsbridge.nerf.hashgrid_kernels as kernels_module
-from sdsbridge.errors import UserError
-from sdsbridge.nerf.encoding import HashGridEncoding, resolve_backend
+import sdsbridge.scene.nerf.encoding as encoding_module
+import sdsbridge.scene.nerf.hashgrid_kernels as kernels_module
+from sdsbridge.common.errors import UserError
+from sdsbridge.scene.nerf.encoding import HashGridEncoding, resolve_backend
 
 DEFAULT = dict(n_levels=16, n_features_per_level=2, log2_hashmap_size=19, base_resolution=16,
                per_level_scale=1.447269237440378)

@@ -9,10 +9,10 @@ import torch
 import trimesh
 from torch import nn
 
-from sdsbridge.config import Config
-from sdsbridge.evaluation import evaluate_scene
-from sdsbridge.nerf.background import Background
-from sdsbridge.nerf.renderer import Renderer
+from sdsbridge.config.schema import Config
+from sdsbridge.outputs.evaluation import evaluate_scene
+from sdsbridge.scene.nerf.background import Background
+from sdsbridge.scene.nerf.renderer import Renderer
 from sdsbridge.priors.shapes import get_shape, shade
 
 
@@ -69,8 +69,8 @@ def test_stable_diffusion_run_is_reported_unscorable():
 
 @pytest.fixture(scope="module")
 def tiny_reference_run(tmp_path_factory):
-    from sdsbridge.config_loader import load_config
-    from sdsbridge.train import train
+    from sdsbridge.config.loader import load_config
+    from sdsbridge.training.loop import train
 
     tmp = tmp_path_factory.mktemp("eval-run")
     (tmp / "prompt.yaml").write_text("prompt: a red torus\n")
@@ -86,7 +86,7 @@ def tiny_reference_run(tmp_path_factory):
 
 
 def test_real_run_evaluates_to_finite_numbers(tiny_reference_run):
-    from sdsbridge.evaluation import evaluate_run
+    from sdsbridge.outputs.evaluation import evaluate_run
 
     result = evaluate_run(tiny_reference_run, "cpu", n_views=2, mesh_resolution=32, n_points=2000)
     assert result["step"] == 2 and result["resolution"] == 16
@@ -97,8 +97,8 @@ def test_real_run_evaluates_to_finite_numbers(tiny_reference_run):
 def test_real_run_exports_mesh_and_video(tiny_reference_run):
     import imageio.v3 as iio
 
-    from sdsbridge.export.mesh import export_run_mesh
-    from sdsbridge.export.video import render_run_video
+    from sdsbridge.outputs.export.mesh import export_run_mesh
+    from sdsbridge.outputs.export.video import render_run_video
 
     mesh_path = export_run_mesh(tiny_reference_run, "ply", resolution=32)
     assert mesh_path.parent == tiny_reference_run / "mesh" and mesh_path.name.startswith("mesh-step")

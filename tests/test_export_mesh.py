@@ -6,8 +6,8 @@ import torch
 import trimesh
 from torch import nn
 
-from sdsbridge.errors import UserError
-from sdsbridge.export.mesh import (auto_threshold, density_grid, extract_mesh, remove_small_components,
+from sdsbridge.common.errors import UserError
+from sdsbridge.outputs.export.mesh import (auto_threshold, density_grid, extract_mesh, remove_small_components,
                                    save_mesh, sphere_mask)
 
 COLOUR = (0.2, 0.6, 0.9)
@@ -147,7 +147,7 @@ def test_decimation_reduces_faces():
 def test_files_are_y_up_with_the_front_towards_plus_z():
     """glTF's axes (what viewers assume): the scene's up (+z) becomes +Y, its front (+x, azimuth 0) +Z, and
     the map is a rotation (orientation and winding kept)."""
-    from sdsbridge.export.axes import to_file_axes
+    from sdsbridge.outputs.export.axes import to_file_axes
 
     axes = np.eye(3)
     x, y, z = to_file_axes(axes)

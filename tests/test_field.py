@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdsbridge.config import SceneConfig
-from sdsbridge.nerf.background import Background
-from sdsbridge.nerf.field import NeRFField, finite_difference_normals
+from sdsbridge.config.schema import SceneConfig
+from sdsbridge.scene.nerf.background import Background
+from sdsbridge.scene.nerf.field import NeRFField, finite_difference_normals
 
 
 def small_scene(**overrides) -> SceneConfig:

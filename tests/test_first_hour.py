@@ -4,8 +4,8 @@
 import pytest
 
 from sdsbridge import __version__
-from sdsbridge.config import ImageConfig
-from sdsbridge.image2d import too_few_steps
+from sdsbridge.config.schema import ImageConfig
+from sdsbridge.training.image2d import too_few_steps
 
 from cli_helpers import one_error_line, prompt_file, run_cli
 
@@ -65,8 +65,8 @@ def test_too_few_image_steps_warn():
 def test_a_prior_that_fails_to_load_leaves_nothing_and_says_what_to_do(tmp_path, capsys, monkeypatch, caplog):
     """The first run of a new user: no weights reachable. One error line, hints under it (other ids, offline
     use, the CPU demo), and no run directory or runs folder left behind."""
-    import sdsbridge.train as train_module
-    from sdsbridge.errors import UserError
+    import sdsbridge.training.loop as train_module
+    from sdsbridge.common.errors import UserError
     from sdsbridge.priors.stable_diffusion import model_hints
 
     def unreachable(*args, **kwargs):

@@ -8,13 +8,13 @@ in bfloat16 (the CPU's half type with fast kernels; ``test_half_precision`` cove
 import pytest
 import torch
 
-from sdsbridge.config_loader import load_config
-from sdsbridge.image2d import image_guidance_config, image_optimizer, latent_shape
-from sdsbridge.methods import make_method
+from sdsbridge.config.loader import load_config
+from sdsbridge.training.image2d import image_guidance_config, image_optimizer, latent_shape
+from sdsbridge.distill.methods import make_method
 from sdsbridge.priors import load_prior
-from sdsbridge.random_sd import build_random_pipeline
-from sdsbridge.scene import build_scene
-from sdsbridge.train_step import build_optimizer, scene_step, train_step
+from sdsbridge.testing.random_sd import build_random_pipeline
+from sdsbridge.scene.nerf_scene import build_scene
+from sdsbridge.training.step import build_optimizer, scene_step, train_step
 
 pytestmark = pytest.mark.slow
 

@@ -14,13 +14,13 @@ import json
 import pytest
 import torch
 
-from sdsbridge.cameras import orbit_cameras
-from sdsbridge.checkpoint import find_checkpoint, load_checkpoint
-from sdsbridge.config import CameraConfig, GuidanceConfig, PriorConfig
-from sdsbridge.config_loader import load_config
-from sdsbridge.methods import make_method
+from sdsbridge.scene.cameras import orbit_cameras
+from sdsbridge.training.checkpoint import find_checkpoint, load_checkpoint
+from sdsbridge.config.schema import CameraConfig, GuidanceConfig, PriorConfig
+from sdsbridge.config.loader import load_config
+from sdsbridge.distill.methods import make_method
 from sdsbridge.priors import load_prior
-from sdsbridge.train import train
+from sdsbridge.training.loop import train
 
 from cli_helpers import run_cli
 

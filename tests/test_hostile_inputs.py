@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from cli_helpers import TINY, child_env, one_error_line, prompt_file, run_cli, temp_files, train_tiny_run
-from sdsbridge import checkpoint as ckpt
-from sdsbridge.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_WRITE_FAILED
+from sdsbridge.training import checkpoint as ckpt
+from sdsbridge.common.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_WRITE_FAILED
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +148,8 @@ def test_a_scene_mismatch_names_the_first_key_and_both_shapes(trained_run, capsy
 LIMITED = textwrap.dedent("""
     import resource, sys, time
     resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # 1 GiB: a bomb dies here, not on the machine
-    from sdsbridge.config_loader import load_config
-    from sdsbridge.errors import UserError
+    from sdsbridge.config.loader import load_config
+    from sdsbridge.common.errors import UserError
     start = time.perf_counter()
     try:
         load_config(sys.argv[1] if sys.argv[1] != "-" else None, sys.argv[2:])
@@ -239,7 +239,7 @@ def test_non_finite_and_huge_numbers_are_refused(tmp_path, capsys, override, key
     (2, "training diverged: 2 non-finite steps in a row"),  # a failure (issue 18), not bad input
 ])
 def test_a_run_of_non_finite_steps_fails_with_code_1(tmp_path, capsys, monkeypatch, max_bad_steps, expected):
-    from sdsbridge.methods import GuidanceResult, Method
+    from sdsbridge.distill.methods import GuidanceResult, Method
 
     real = Method.distill
 
@@ -257,7 +257,7 @@ def test_a_run_of_non_finite_steps_fails_with_code_1(tmp_path, capsys, monkeypat
 # 7. signals outside the training loop -------------------------------------------------------------------
 
 def test_sigterm_while_the_turntable_is_written_leaves_no_temp_file(trained_run, capsys, monkeypatch):
-    from sdsbridge.export import video
+    from sdsbridge.outputs.export import video
 
     real, frames = video.turntable_frame, []
 
@@ -276,7 +276,7 @@ def test_sigterm_while_the_turntable_is_written_leaves_no_temp_file(trained_run,
 
 
 def test_sigint_during_export_prints_one_line_and_exits_130(trained_run, capsys, monkeypatch):
-    from sdsbridge.export import mesh
+    from sdsbridge.outputs.export import mesh
 
     def interrupted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
@@ -289,7 +289,7 @@ def test_sigint_during_export_prints_one_line_and_exits_130(trained_run, capsys,
 
 
 def test_sigterm_before_training_starts_leaves_no_run_directory(tmp_path, capsys, monkeypatch):
-    from sdsbridge import train
+    from sdsbridge.training import loop as train
 
     def slow_prior(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
@@ -307,7 +307,7 @@ def test_sigterm_before_training_starts_leaves_no_run_directory(tmp_path, capsys
 def test_a_full_disk_at_start_leaves_no_empty_config_or_run_directory(tmp_path, capsys, monkeypatch):
     import errno
 
-    import sdsbridge.atomic as atomic
+    import sdsbridge.common.atomic as atomic
 
     def full(path, mode):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from sdsbridge.config_loader import load_config
-from sdsbridge.errors import UserError
-from sdsbridge.image2d import image_guidance_config, load_image_prior, optimise_image, parse_seeds, run_image
-from sdsbridge.image_batch import read_prompts, run_image_batch
-from sdsbridge.methods import make_method
-from sdsbridge.prompts import PromptEmbeddings
+from sdsbridge.config.loader import load_config
+from sdsbridge.common.errors import UserError
+from sdsbridge.training.image2d import image_guidance_config, load_image_prior, optimise_image, parse_seeds, run_image
+from sdsbridge.training.image_batch import read_prompts, run_image_batch
+from sdsbridge.distill.methods import make_method
+from sdsbridge.distill.prompts import PromptEmbeddings
 
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # tiny workloads: far faster on one thread on a shared CPU

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from sdsbridge.cameras import VIEW_LABELS, Cameras
-from sdsbridge.config import GuidanceConfig, PriorConfig
-from sdsbridge.guidance import perp_neg_direction, perpendicular_component
-from sdsbridge.methods import make_method
+from sdsbridge.scene.cameras import VIEW_LABELS, Cameras
+from sdsbridge.config.schema import GuidanceConfig, PriorConfig
+from sdsbridge.distill.formulas import perp_neg_direction, perpendicular_component
+from sdsbridge.distill.methods import make_method
 from sdsbridge.priors import load_prior
-from sdsbridge.prompts import PERP_NEG_ROLES, perp_neg_negatives, view_blend_weights
+from sdsbridge.distill.prompts import PERP_NEG_ROLES, perp_neg_negatives, view_blend_weights
 
 F_DEFAULT = ([1.0, 0.5, -0.606], [1.0, 0.5, 0.967], [4.0, 0.5, -2.426], [4.0, 0.5, -2.426])
 

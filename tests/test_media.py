@@ -6,9 +6,9 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from sdsbridge.atomic import atomic_path
-from sdsbridge.jsonl import append_rows, keep_rows
-from sdsbridge.media import pad_to_even, video_frame, write_png, write_video
+from sdsbridge.common.atomic import atomic_path
+from sdsbridge.common.jsonl import append_rows, keep_rows
+from sdsbridge.common.media import pad_to_even, video_frame, write_png, write_video
 
 
 def test_png_round_trip(tmp_path):

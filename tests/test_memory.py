@@ -1,4 +1,4 @@
-"""The GPU memory forecast (sdsbridge/memory.py) without a GPU: the meta-device trace of a step equals the same
+"""The GPU memory forecast (sdsbridge/training/memory.py) without a GPU: the meta-device trace of a step equals the same
 step's live tensor bytes on real CPU tensors, the parts add up, the options move the parts where they go, the
 advice names settings that fit, and ``bench_train_step.py --estimate`` prints its table."""
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
-from sdsbridge.config import PriorConfig
-from sdsbridge.config_loader import load_config
-from sdsbridge.memory import (CUDA_CONTEXT_BYTES, GIB, LiveBytes, architecture_of, check_fit, forecast_step,
+from sdsbridge.config.schema import PriorConfig
+from sdsbridge.config.loader import load_config
+from sdsbridge.training.memory import (CUDA_CONTEXT_BYTES, GIB, LiveBytes, architecture_of, check_fit, forecast_step,
                               largest_render, meta_prior, random_architecture, render_bytes, trace_prior_step)
 from sdsbridge.priors import load_prior
 
@@ -54,7 +54,7 @@ def test_live_bytes_counts_allocations_and_frees():
 
 def test_fused_attention_traces_linear_memory_in_the_tokens():
     """Half-precision attention is traced as flash attention: no tokens x tokens matrix."""
-    from sdsbridge.memory import FusedAttention
+    from sdsbridge.training.memory import FusedAttention
 
     q = torch.zeros(1, 1, 4096, 64, device="meta", dtype=torch.float16)
     with LiveBytes() as plain:
@@ -128,7 +128,7 @@ def test_bench_estimate_for_the_full_size_architecture(tmp_path, capsys):
 def test_doctor_weighs_the_gpu_against_the_forecast(tiny_sd_dir):
     """`doctor`'s GPU-memory row (its CUDA half needs a GPU; the verdict does not): the default run on the full-size
     architecture does not fit 8 GiB and the row names what would; 80 GiB fits."""
-    from sdsbridge.doctor import gpu_memory_fit
+    from sdsbridge.cli.doctor import gpu_memory_fit
 
     small = gpu_memory_fit(8 * GIB, 7 * GIB, "no/such-model", 1)
     assert small.status == "warn" and "8.0 GiB total" in small.detail and "512px" in small.detail
@@ -145,7 +145,7 @@ def test_train_warns_before_loading_when_the_gpu_is_too_small(tiny_sd_dir, monke
     import logging
     from types import SimpleNamespace
 
-    from sdsbridge.train import warn_if_gpu_too_small
+    from sdsbridge.training.loop import warn_if_gpu_too_small
 
     config = load_config(None, ["prompt=x", f"prior.model={tiny_sd_dir}"])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

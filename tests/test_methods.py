@@ -6,12 +6,12 @@ import dataclasses
 import pytest
 import torch
 
-from sdsbridge.config import METHODS, Config, GuidanceConfig, PriorConfig
-from sdsbridge.guidance import injected_loss, sample_timesteps, timestep_range, weight
-from sdsbridge.image2d import image_guidance_config
-from sdsbridge.methods import NFSD, SDS, VSD, Bridge, BridgeVSD, Method, make_method
+from sdsbridge.config.schema import METHODS, Config, GuidanceConfig, PriorConfig
+from sdsbridge.distill.formulas import injected_loss, sample_timesteps, timestep_range, weight
+from sdsbridge.training.image2d import image_guidance_config
+from sdsbridge.distill.methods import NFSD, SDS, VSD, Bridge, BridgeVSD, Method, make_method
 from sdsbridge.priors import load_prior
-from sdsbridge.prompts import PromptEmbeddings
+from sdsbridge.distill.prompts import PromptEmbeddings
 
 LABELS = ["front", "back"]
 

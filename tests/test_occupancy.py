@@ -8,10 +8,10 @@ import nerfacc
 import pytest
 import torch
 
-from sdsbridge.nerf import marching
-from sdsbridge.nerf.marching import march, packed_weights, ray_box_intersect
-from sdsbridge.nerf.occupancy import OccupancyGrid
-from sdsbridge.nerf.renderer import ray_sphere_intersect
+from sdsbridge.scene.nerf import marching
+from sdsbridge.scene.nerf.marching import march, packed_weights, ray_box_intersect
+from sdsbridge.scene.nerf.occupancy import OccupancyGrid
+from sdsbridge.scene.nerf.renderer import ray_sphere_intersect
 
 
 def ball_opacity(x, radius=0.5, sigma=50.0, step=0.01):
@@ -171,7 +171,7 @@ def test_ray_box_intersect():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_march_matches_nerfacc_cuda_sampling():
-    from sdsbridge.nerf.renderer import nerfacc_cuda_available
+    from sdsbridge.scene.nerf.renderer import nerfacc_cuda_available
 
     if not nerfacc_cuda_available():
         pytest.skip("nerfacc's CUDA kernels do not load here")

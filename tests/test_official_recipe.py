@@ -15,15 +15,15 @@ import math
 import pytest
 import torch
 
-from sdsbridge.cameras import sample_cameras
-from sdsbridge.config import SOURCE_MODIFIER
-from sdsbridge.config_loader import load_config
-from sdsbridge.nerf.renderer import Renderer, occupancy_grid
-from sdsbridge.methods import make_method
-from sdsbridge.prompts import role_prompts
-from sdsbridge.scene import build_scene
-from sdsbridge.schedules import schedule_value
-from sdsbridge.train_step import build_optimizer
+from sdsbridge.scene.cameras import sample_cameras
+from sdsbridge.config.schema import SOURCE_MODIFIER
+from sdsbridge.config.loader import load_config
+from sdsbridge.scene.nerf.renderer import Renderer, occupancy_grid
+from sdsbridge.distill.methods import make_method
+from sdsbridge.distill.prompts import role_prompts
+from sdsbridge.scene.nerf_scene import build_scene
+from sdsbridge.common.schedules import schedule_value
+from sdsbridge.training.step import build_optimizer
 
 SDS_BRIDGE_YAML = "configs/sds-bridge.yaml"
 GUIDANCE = "guidance/sds_bridge_guidance.py"

@@ -1,6 +1,6 @@
 """Output names (outputs.py) and what the commands do with them: nothing overwrites another output."""
 
-from sdsbridge.outputs import newest_output, output_name
+from sdsbridge.outputs.naming import newest_output, output_name
 
 from cli_helpers import run_cli, train_tiny_run
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from cli_helpers import TINY, one_error_line, prompt_file, run_cli
-from sdsbridge.config_loader import load_config
-from sdsbridge.errors import UserError
-from sdsbridge.methods import make_method
+from sdsbridge.config.loader import load_config
+from sdsbridge.common.errors import UserError
+from sdsbridge.distill.methods import make_method
 from sdsbridge.priors import load_prior
-from sdsbridge.prompts import PromptEmbeddings
-from sdsbridge.scene import build_scene
-from sdsbridge.train import prior_device
-from sdsbridge.train_step import build_optimizer, scene_step
+from sdsbridge.distill.prompts import PromptEmbeddings
+from sdsbridge.scene.nerf_scene import build_scene
+from sdsbridge.training.loop import prior_device
+from sdsbridge.training.step import build_optimizer, scene_step
 
 SMALL = ["scene.n_levels=4", "scene.log2_hashmap_size=12", "scene.base_resolution=8", "scene.mlp_width=16",
          "scene.background_width=8", "render.resolution=16", "render.num_samples=16", "prior.kind=reference",

@@ -5,11 +5,11 @@ import dataclasses
 import pytest
 import torch
 
-from sdsbridge.cameras import cameras_from_angles
-from sdsbridge.config import SOURCE_MODIFIER, GuidanceConfig, PriorConfig
-from sdsbridge.methods import make_method
+from sdsbridge.scene.cameras import cameras_from_angles
+from sdsbridge.config.schema import SOURCE_MODIFIER, GuidanceConfig, PriorConfig
+from sdsbridge.distill.methods import make_method
 from sdsbridge.priors import load_prior
-from sdsbridge.prompts import PromptEmbeddings, join_prompt, role_prompts
+from sdsbridge.distill.prompts import PromptEmbeddings, join_prompt, role_prompts
 
 
 @pytest.fixture(scope="module")

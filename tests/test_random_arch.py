@@ -7,10 +7,10 @@ import pytest
 import torch
 from diffusers import PNDMScheduler
 
-from sdsbridge.config import PriorConfig
+from sdsbridge.config.schema import PriorConfig
 from sdsbridge.priors import load_prior
 from sdsbridge.priors.denoiser import sd_alphas_cumprod
-from sdsbridge.random_sd import (ARCHITECTURES, BOS_TOKEN, COMPONENTS, EOS_TOKEN, architecture_parameter_counts,
+from sdsbridge.testing.random_sd import (ARCHITECTURES, BOS_TOKEN, COMPONENTS, EOS_TOKEN, architecture_parameter_counts,
                                         assets_dir, byte_vocabulary, read_architecture)
 
 from scripts_loader import load_script

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from sdsbridge.cameras import VIEW_LABELS, view_label
-from sdsbridge.config import CameraConfig, NFSD_NEGATIVE, SOURCE_MODIFIER, PriorConfig
-from sdsbridge.errors import UserError
+from sdsbridge.scene.cameras import VIEW_LABELS, view_label
+from sdsbridge.config.schema import CameraConfig, NFSD_NEGATIVE, SOURCE_MODIFIER, PriorConfig
+from sdsbridge.common.errors import UserError
 from sdsbridge.priors import load_prior
 from sdsbridge.priors import reference as reference_module
 from sdsbridge.priors.denoiser import add_noise, noise_from_denoised, optimal_denoiser, sd_alphas_cumprod

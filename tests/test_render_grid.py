@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from sdsbridge.cameras import cameras_from_angles
-from sdsbridge.checkpoint import find_checkpoint, load_checkpoint
-from sdsbridge.config import RenderConfig, SceneConfig
-from sdsbridge.config_loader import load_config
-from sdsbridge.nerf.background import Background
-from sdsbridge.nerf.field import NeRFField
-from sdsbridge.nerf.renderer import Renderer, choose_sampler
-from sdsbridge.nerf.shape_fit import fit_field_to_shape
-from sdsbridge.train import train
+from sdsbridge.scene.cameras import cameras_from_angles
+from sdsbridge.training.checkpoint import find_checkpoint, load_checkpoint
+from sdsbridge.config.schema import RenderConfig, SceneConfig
+from sdsbridge.config.loader import load_config
+from sdsbridge.scene.nerf.background import Background
+from sdsbridge.scene.nerf.field import NeRFField
+from sdsbridge.scene.nerf.renderer import Renderer, choose_sampler
+from sdsbridge.scene.nerf.shape_fit import fit_field_to_shape
+from sdsbridge.training.loop import train
 
 COLOR = (0.9, 0.2, 0.1)
 WHITE = torch.ones(3)
@@ -172,7 +172,7 @@ def test_grid_is_checkpointed_and_resume_is_bit_identical(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_torch_grid_on_cuda_agrees_with_dense_and_nerfacc():
-    from sdsbridge.nerf.renderer import nerfacc_cuda_available
+    from sdsbridge.scene.nerf.renderer import nerfacc_cuda_available
 
     grid, dense = renderers(Ball().cuda(), device="cuda", num_samples_occupancy=1024, occupancy_eval_samples=1024)
     cam = camera(2.0, 50.0, device="cuda")
@@ -200,7 +200,7 @@ def test_nerfaccs_grid_is_updated_by_our_deterministic_rule(monkeypatch):
     leaves the winner of a duplicate undefined on CUDA). The update needs no CUDA kernel, so the CPU shows it."""
     import nerfacc
 
-    from sdsbridge.nerf import renderer as renderer_module
+    from sdsbridge.scene.nerf import renderer as renderer_module
 
     field = NeRFField(SceneConfig(n_levels=4, log2_hashmap_size=12, base_resolution=8, mlp_width=16))
     bg = Background(SceneConfig(background_width=8))
@@ -223,7 +223,7 @@ def test_the_nerfacc_probe_runs_once_per_process(monkeypatch, caplog):
     import sys
     import types
 
-    from sdsbridge.nerf.renderer import nerfacc_cuda_available
+    from sdsbridge.scene.nerf.renderer import nerfacc_cuda_available
 
     looked_up = []
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from sdsbridge.cameras import cameras_from_angles
-from sdsbridge.config import RenderConfig, SceneConfig
-from sdsbridge.nerf.background import Background
-from sdsbridge.nerf.field import NeRFField
-from sdsbridge.nerf.renderer import Renderer, choose_sampler, ray_sphere_intersect, stratified_samples
+from sdsbridge.scene.cameras import cameras_from_angles
+from sdsbridge.config.schema import RenderConfig, SceneConfig
+from sdsbridge.scene.nerf.background import Background
+from sdsbridge.scene.nerf.field import NeRFField
+from sdsbridge.scene.nerf.renderer import Renderer, choose_sampler, ray_sphere_intersect, stratified_samples
 
 BALL_COLOR = (0.9, 0.2, 0.1)
 

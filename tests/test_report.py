@@ -4,7 +4,7 @@ path; bad runs are one-line errors. The page in a real browser: tests/test_repor
 import re
 
 from cli_helpers import TINY, prompt_file, run_cli, temp_files, train_tiny_run
-from sdsbridge.report import VIEWER_VERSION, viewer_script
+from sdsbridge.outputs.report import VIEWER_VERSION, viewer_script
 
 
 def finished_run(tmp_path, capsys, *overrides):

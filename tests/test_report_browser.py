@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from cli_helpers import TINY, prompt_file, run_cli
-from sdsbridge.browser import dump_dom, find_chromium, screenshot
+from sdsbridge.testing.browser import dump_dom, find_chromium, screenshot
 
 pytestmark = pytest.mark.browser
 
@@ -46,7 +46,7 @@ def test_report_page_draws_the_mesh_plays_videos_and_logs_no_errors(browser, tmp
 
 def test_a_broken_mesh_shows_as_a_page_error(browser, tmp_path):
     """The checks above can fail: a .glb that does not parse leaves the model unloaded and an error on the page."""
-    from sdsbridge.report import write_report
+    from sdsbridge.outputs.report import write_report
 
     run = tmp_path / "run"
     (run / "mesh").mkdir(parents=True)

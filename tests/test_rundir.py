@@ -1,6 +1,6 @@
 """Run directory names: safe, ASCII, capped, unique."""
 
-from sdsbridge.rundir import MAX_SLUG_LENGTH, create_run_dir, run_slug, slugify
+from sdsbridge.training.rundir import MAX_SLUG_LENGTH, create_run_dir, run_slug, slugify
 
 
 def test_slug_is_safe_for_hostile_prompts(tmp_path):

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from sdsbridge.cameras import orbit_cameras
-from sdsbridge.config import CameraConfig
-from sdsbridge.errors import UserError
-from sdsbridge.scores import (chamfer_distance, psnr, reference_views, sample_sdf_surface, saturation_error,
+from sdsbridge.scene.cameras import orbit_cameras
+from sdsbridge.config.schema import CameraConfig
+from sdsbridge.common.errors import UserError
+from sdsbridge.outputs.scores import (chamfer_distance, psnr, reference_views, sample_sdf_surface, saturation_error,
                                 shape_for_prompt)
 from sdsbridge.priors.shapes import SHAPES
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sdsbridge.cameras import camera_rays, cameras_from_angles
+from sdsbridge.scene.cameras import camera_rays, cameras_from_angles
 from sdsbridge.priors.shapes import SHAPES, get_shape, render_shape, sphere_trace
 
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from sdsbridge.config import PriorConfig
-from sdsbridge.errors import UserError
+from sdsbridge.config.schema import PriorConfig
+from sdsbridge.common.errors import UserError
 from sdsbridge.priors import load_prior
 from sdsbridge.priors.stable_diffusion import StableDiffusionPrior
-from sdsbridge.random_sd import build_random_pipeline
+from sdsbridge.testing.random_sd import build_random_pipeline
 
 
 @pytest.fixture(scope="module")

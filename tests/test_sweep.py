@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import child_env, one_error_line, run_cli
-from sdsbridge.errors import UserError
-from sdsbridge.sweep import load_sweep, run_name, run_status
+from sdsbridge.common.errors import UserError
+from sdsbridge.sweep.sweep_file import load_sweep, run_name, run_status
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_SET = {"train.steps": 4, "log.checkpoint_every": 2, "log.val_every": 0, "log.log_every": 1,
@@ -173,7 +173,7 @@ def test_load_sweep_raises_user_errors_only(tmp_path):
 def test_a_run_another_process_holds_is_left_alone(tmp_path):
     import fcntl
 
-    from sdsbridge.sweep_worker import RunTask, execute_run
+    from sdsbridge.sweep.worker import RunTask, execute_run
 
     (tmp_path / "state").mkdir()
     with open(tmp_path / "state" / "r.lock", "a+b") as held:

@@ -15,9 +15,9 @@ from PIL import Image
 from torch import nn
 
 from cli_helpers import ROOT, run_cli, temp_files, train_tiny_run
-from sdsbridge.errors import UserError
-from sdsbridge.export.mesh import extract_mesh
-from sdsbridge.export.texture import bake_texture, dilate, rasterize_uv, save_textured
+from sdsbridge.common.errors import UserError
+from sdsbridge.outputs.export.mesh import extract_mesh
+from sdsbridge.outputs.export.texture import bake_texture, dilate, rasterize_uv, save_textured
 
 TOLERANCE = 0.02
 """Largest colour error (in [0, 1]) between a texel and the field at 99% of sampled surface points: the

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from sdsbridge.cameras import orbit_cameras
-from sdsbridge.checkpoint import find_checkpoint, load_checkpoint
-from sdsbridge.config_loader import load_config
-from sdsbridge.methods import SDS, GuidanceResult, Method
-from sdsbridge.scene import load_trained_scene
-from sdsbridge.train import TrainingDiverged, train
+from sdsbridge.scene.cameras import orbit_cameras
+from sdsbridge.training.checkpoint import find_checkpoint, load_checkpoint
+from sdsbridge.config.loader import load_config
+from sdsbridge.distill.methods import SDS, GuidanceResult, Method
+from sdsbridge.scene.nerf_scene import load_trained_scene
+from sdsbridge.training.loop import TrainingDiverged, train
 
 SMALL = [
     "scene.n_levels=4", "scene.log2_hashmap_size=12", "scene.base_resolution=8", "scene.mlp_width=16",
@@ -202,7 +202,7 @@ class MethodWithItsOwnParameter(SDS):
 
 
 def test_a_method_with_parameters_and_state_trains_and_resumes_without_trainer_changes(tmp_path, monkeypatch):
-    import sdsbridge.train as train_module
+    import sdsbridge.training.loop as train_module
 
     made = []
     monkeypatch.setattr(train_module, "make_method",
@@ -235,8 +235,8 @@ def test_checkpoints_of_methods_without_state(tmp_path):
 
 
 def test_a_kernel_compile_during_a_step_is_kept_out_of_the_eta(tmp_path, monkeypatch):
-    import sdsbridge.train as train_module
-    from sdsbridge.nerf import encoding as encoding_module
+    import sdsbridge.training.loop as train_module
+    from sdsbridge.scene.nerf import encoding as encoding_module
 
     unpaused = []
 
@@ -261,7 +261,7 @@ def test_a_kernel_compile_during_a_step_is_kept_out_of_the_eta(tmp_path, monkeyp
 
 
 def test_finite_check_finds_any_bad_gradient_and_no_false_alarm_from_overflow():
-    from sdsbridge.train_step import loss_and_grads_finite
+    from sdsbridge.training.step import loss_and_grads_finite
 
     def params(*grads):
         out = []
@@ -283,8 +283,8 @@ def test_finite_check_finds_any_bad_gradient_and_no_false_alarm_from_overflow():
 
 
 def test_long_cpu_runs_compile_the_hash_grid_from_the_first_step(tmp_path, monkeypatch):
-    from sdsbridge import train as train_module
-    from sdsbridge.nerf.encoding import COMPILE_AFTER_POINTS
+    from sdsbridge.training import loop as train_module
+    from sdsbridge.scene.nerf.encoding import COMPILE_AFTER_POINTS
 
     monkeypatch.setenv("SDSBRIDGE_COMPILE", "0")  # the setting is what is checked here, not a compile
     monkeypatch.setattr(train_module, "LONG_RUN_STEPS", 3)

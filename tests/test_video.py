@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from sdsbridge.config import CameraConfig, RenderConfig, SceneConfig
-from sdsbridge.errors import UserError
-from sdsbridge.export.shading import NORMAL_METHODS, density_normals
-from sdsbridge.export.video import parse_modes, render_turntable
-from sdsbridge.nerf.background import Background
-from sdsbridge.nerf.renderer import Renderer
+from sdsbridge.config.schema import CameraConfig, RenderConfig, SceneConfig
+from sdsbridge.common.errors import UserError
+from sdsbridge.outputs.export.shading import NORMAL_METHODS, density_normals
+from sdsbridge.outputs.export.video import parse_modes, render_turntable
+from sdsbridge.scene.nerf.background import Background
+from sdsbridge.scene.nerf.renderer import Renderer
 
 
 class RedBall(nn.Module):

@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from sdsbridge.cameras import orbit_cameras
-from sdsbridge.checkpoint import find_checkpoint, load_checkpoint
-from sdsbridge.config import CameraConfig, GuidanceConfig, PriorConfig
-from sdsbridge.config_loader import load_config
-from sdsbridge.methods import VSD, make_method
+from sdsbridge.scene.cameras import orbit_cameras
+from sdsbridge.training.checkpoint import find_checkpoint, load_checkpoint
+from sdsbridge.config.schema import CameraConfig, GuidanceConfig, PriorConfig
+from sdsbridge.config.loader import load_config
+from sdsbridge.distill.methods import VSD, make_method
 from sdsbridge.priors import load_prior
 from sdsbridge.priors.lora import LoraSource
-from sdsbridge.train import train
+from sdsbridge.training.loop import train
 
 from cli_helpers import run_cli
 
@@ -235,7 +235,7 @@ def test_vsd_and_the_janus_options_need_stable_diffusion(tmp_path, capsys):
 
 
 def test_lora_source_refuses_a_prior_without_unet():
-    from sdsbridge.errors import UserError
+    from sdsbridge.common.errors import UserError
 
     class NoUnet:
         device = torch.device("cpu")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-import sdsbridge.atomic as atomic
+import sdsbridge.common.atomic as atomic
 from cli_helpers import (TINY, HandleWrapper, child_env, one_error_line, prompt_file, run_cli, temp_files,
                          train_tiny_run)
-from sdsbridge.checkpoint import load_checkpoint
-from sdsbridge.errors import EXIT_WRITE_FAILED
+from sdsbridge.training.checkpoint import load_checkpoint
+from sdsbridge.common.errors import EXIT_WRITE_FAILED
 
 
 class Faults:
@@ -217,7 +217,7 @@ def test_image_on_a_full_disk(tmp_path, capsys, faults):
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import sdsbridge.atomic as atomic
+    import sdsbridge.common.atomic as atomic
     from cli_helpers import HandleWrapper
     from sdsbridge.cli import main
 

@@ -11,8 +11,8 @@ from typing import List, Optional
 
 import typer
 
-from sdsbridge.errors import EXIT_INTERRUPTED, EXIT_WRITE_FAILED, Interrupted, UserError
-from sdsbridge.quiet import configure_logging
+from sdsbridge.common.errors import EXIT_INTERRUPTED, EXIT_WRITE_FAILED, Interrupted, UserError
+from sdsbridge.common.quiet import configure_logging
 
 
 def _flags_without_type(option_class) -> None:
@@ -104,7 +104,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     except OSError as exc:
         if exc.errno not in WRITE_ERRNOS or "--debug" in args:
             raise
-        from sdsbridge.atomic import describe_os_error
+        from sdsbridge.common.atomic import describe_os_error
 
         typer.echo(f"error: {describe_os_error(exc)}: {exc.filename or 'a file'}", err=True)
         sys.exit(EXIT_WRITE_FAILED)

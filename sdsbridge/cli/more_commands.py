@@ -9,8 +9,8 @@ from typing import List, Optional
 import typer
 
 from sdsbridge.cli.app import IMAGE_OVERRIDES_HELP, app, split_file_and_overrides
-from sdsbridge.errors import RunFailed, UserError
-from sdsbridge.preflight import check_prompt, check_run
+from sdsbridge.common.errors import RunFailed, UserError
+from sdsbridge.cli.preflight import check_prompt, check_run
 
 
 @app.command()
@@ -29,11 +29,11 @@ def image(
 ) -> None:
     """2D score distillation: optimise an image (SD latent or reference-prior pixels) with bridge/sds/nfsd/vsd
     and the official 2D settings (image.* keys)."""
-    from sdsbridge.config_loader import load_config
-    from sdsbridge.image2d import parse_seeds, run_image
-    from sdsbridge.image_batch import run_image_batch
-    from sdsbridge.rundir import create_run_dir, run_slug
-    from sdsbridge.devices import resolve_device
+    from sdsbridge.config.loader import load_config
+    from sdsbridge.training.image2d import parse_seeds, run_image
+    from sdsbridge.training.image_batch import run_image_batch
+    from sdsbridge.training.rundir import create_run_dir, run_slug
+    from sdsbridge.common.devices import resolve_device
 
     path, overrides = split_file_and_overrides(file, overrides)
     if device is not None:
@@ -85,8 +85,8 @@ def sweep(
     """Run every combination of a sweep file (prompts x grid), each an ordinary run under one sweep directory.
     Re-running skips finished runs, resumes interrupted ones from their checkpoint and starts missing ones;
     sweep.csv / sweep.json hold one row per run."""
-    from sdsbridge.launchers import SlurmOptions, run_sweep
-    from sdsbridge.sweep import load_sweep, run_status
+    from sdsbridge.sweep.launchers import SlurmOptions, run_sweep
+    from sdsbridge.sweep.sweep_file import load_sweep, run_status
 
     if launcher not in ("local", "ray", "slurm"):
         raise UserError(f"--launcher: '{launcher}' is not one of local, ray, slurm")
@@ -113,7 +113,7 @@ def sweep(
     if slurm_local and launcher != "slurm":
         raise UserError("--slurm-local: only for --launcher slurm")
     if launcher != "local":
-        from sdsbridge.launchers import import_extra
+        from sdsbridge.sweep.launchers import import_extra
 
         import_extra("ray" if launcher == "ray" else "submitit")  # the missing extra, before anything is written
     if launcher == "slurm" and not slurm_local and shutil.which("sbatch") is None:
@@ -136,8 +136,8 @@ def doctor(
     json_output: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
 ) -> None:
     """Check what this machine can use: device, CUDA, tinycudann, nerfacc kernels, ffmpeg, fp16, the model."""
-    from sdsbridge.config import DEFAULT_SD_MODEL
-    from sdsbridge.doctor import exit_code, format_table, run_checks, summary, to_json
+    from sdsbridge.config.schema import DEFAULT_SD_MODEL
+    from sdsbridge.cli.doctor import exit_code, format_table, run_checks, summary, to_json
 
     checks = run_checks(model or DEFAULT_SD_MODEL, device)
     typer.echo(to_json(checks) if json_output else f"{format_table(checks)}\n{summary(checks)}")

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from sdsbridge.cli.app import app
-from sdsbridge.errors import UserError
+from sdsbridge.common.errors import UserError
 
 
 @app.command()
@@ -28,8 +28,8 @@ def export(
     """Extract a coloured mesh from a trained run (marching cubes on the density) to RUN/mesh/, named by the
     checkpoint step and the settings that differ from the run's (never replacing another export); with
     --texture a UV-unwrapped mesh with a texture baked from the field."""
-    from sdsbridge.export.mesh import export_run_mesh
-    from sdsbridge.devices import resolve_device
+    from sdsbridge.outputs.export.mesh import export_run_mesh
+    from sdsbridge.common.devices import resolve_device
 
     if format is not None and format not in ("glb", "obj", "ply"):
         raise UserError(f"--format: '{format}' is not one of glb, obj, ply")
@@ -72,8 +72,8 @@ def video(
     """Render a turntable video (default rgb | normal; shaded = textureless diffuse geometry) of a trained run
     to RUN/video/, named by the checkpoint step and the settings that differ from the run's (never replacing
     another video)."""
-    from sdsbridge.export.video import parse_modes, render_run_video
-    from sdsbridge.devices import resolve_device
+    from sdsbridge.outputs.export.video import parse_modes, render_run_video
+    from sdsbridge.common.devices import resolve_device
 
     for name, value in (("--frames", frames), ("--resolution", resolution), ("--fps", fps)):
         if value is not None and value <= 0:
@@ -94,7 +94,7 @@ def report(
 ) -> None:
     """Write a self-contained HTML page to look at a run: the prompt and config, an interactive 3D view of the
     mesh, the turntable videos, the validation grids as a timeline and the training curves."""
-    from sdsbridge.report import write_report
+    from sdsbridge.outputs.report import write_report
 
     for run in runs:
         if not run.is_dir():
@@ -114,8 +114,8 @@ def evaluate(
     saturation error (reference-prior runs); Stable Diffusion runs have no ground truth to score."""
     import json
 
-    from sdsbridge.evaluation import evaluate_run
-    from sdsbridge.devices import resolve_device
+    from sdsbridge.outputs.evaluation import evaluate_run
+    from sdsbridge.common.devices import resolve_device
 
     if views <= 0:
         raise UserError(f"--views: must be positive, got {views}")

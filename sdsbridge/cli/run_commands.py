@@ -10,8 +10,8 @@ from typing import List, Optional
 import typer
 
 from sdsbridge.cli.app import OVERRIDES_HELP, app, config_app, split_file_and_overrides
-from sdsbridge.errors import EXIT_FAILED, EXIT_WRITE_FAILED, Interrupted, UserError, WriteFailed
-from sdsbridge.preflight import check_run
+from sdsbridge.common.errors import EXIT_FAILED, EXIT_WRITE_FAILED, Interrupted, UserError, WriteFailed
+from sdsbridge.cli.preflight import check_run
 
 
 @config_app.command("show")
@@ -20,7 +20,7 @@ def config_show(
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
     """Print the fully resolved config (defaults <- method preset <- FILE <- overrides) as YAML."""
-    from sdsbridge.config_loader import load_config, to_yaml
+    from sdsbridge.config.loader import load_config, to_yaml
 
     typer.echo(to_yaml(load_config(file, overrides or [])), nl=False)
 
@@ -32,7 +32,7 @@ def config_check(
 ) -> None:
     """Validate FILE (and overrides) with every check `train` makes before it starts (the model is there, the
     reference prior knows the prompt's shape); print OK or the first problem."""
-    from sdsbridge.config_loader import load_config
+    from sdsbridge.config.loader import load_config
 
     config = load_config(file, overrides or [])
     check_run(config)
@@ -55,12 +55,12 @@ def train(
                                                   "under log.runs_dir (what `sweep` uses)."),
 ) -> None:
     """Train a NeRF from a prompt by score distillation, then export the mesh and turntable video."""
-    from sdsbridge import checkpoint as ckpt
-    from sdsbridge.atomic import make_dirs, remove_stale_temps
-    from sdsbridge.config_loader import config_from_dict, load_config
-    from sdsbridge.rundir import create_run_dir, run_slug
-    from sdsbridge.devices import resolve_device
-    from sdsbridge.train import prior_device, train as train_run
+    from sdsbridge.training import checkpoint as ckpt
+    from sdsbridge.common.atomic import make_dirs, remove_stale_temps
+    from sdsbridge.config.loader import config_from_dict, load_config
+    from sdsbridge.training.rundir import create_run_dir, run_slug
+    from sdsbridge.common.devices import resolve_device
+    from sdsbridge.training.loop import prior_device, train as train_run
 
     path, overrides = split_file_and_overrides(file, overrides)
     if device is not None:
@@ -128,9 +128,9 @@ def _export_after_training(config, result, progress: bool) -> tuple[list[tuple[s
     A failed export is reported in one line and does not hide the other output; the trained run is kept
     either way. Returns the outputs and the exit code: 0, 1 (an export failed) or 3 (one could not be
     written)."""
-    from sdsbridge.export.mesh import export_mesh
-    from sdsbridge.export.video import export_video
-    from sdsbridge.report import write_report
+    from sdsbridge.outputs.export.mesh import export_mesh
+    from sdsbridge.outputs.export.video import export_video
+    from sdsbridge.outputs.report import write_report
 
     outputs, code = [], 0
     steps = [("mesh", config.export.mesh, lambda: export_mesh(result.scene, config, result.run_dir, result.step)),

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from sdsbridge.config import CameraConfig, PriorConfig
+from sdsbridge.config.schema import CameraConfig, PriorConfig
 from sdsbridge.priors.base import Prior
 
 

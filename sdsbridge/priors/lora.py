@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding
 
-from sdsbridge.errors import UserError
+from sdsbridge.common.errors import UserError
 from sdsbridge.priors.base import noisy_latents
 
 ADAPTER_NAME = "sdsbridge_vsd"

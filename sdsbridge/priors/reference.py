@@ -25,10 +25,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from sdsbridge.atomic import atomic_file
-from sdsbridge.cameras import VIEW_LABELS, Cameras, cameras_from_angles, sample_cameras
-from sdsbridge.config import CameraConfig, PriorConfig
-from sdsbridge.errors import WriteFailed
+from sdsbridge.common.atomic import atomic_file
+from sdsbridge.scene.cameras import VIEW_LABELS, Cameras, cameras_from_angles, sample_cameras
+from sdsbridge.config.schema import CameraConfig, PriorConfig
+from sdsbridge.common.errors import WriteFailed
 from sdsbridge.priors import shapes as shapes_module
 from sdsbridge.priors.base import to_prior_images
 from sdsbridge.priors.denoiser import noise_from_denoised, optimal_denoiser, sd_alphas_cumprod

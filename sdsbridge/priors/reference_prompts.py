@@ -21,9 +21,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sdsbridge.cameras import VIEW_LABELS
-from sdsbridge.config import NFSD_NEGATIVE, SOURCE_MODIFIER
-from sdsbridge.errors import UserError
+from sdsbridge.scene.cameras import VIEW_LABELS
+from sdsbridge.config.schema import NFSD_NEGATIVE, SOURCE_MODIFIER
+from sdsbridge.common.errors import UserError
 from sdsbridge.priors.shapes import SHAPES
 
 DEGRADATIONS = ("blur", "saturate")

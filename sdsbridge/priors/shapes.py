@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from sdsbridge.cameras import Cameras, camera_rays
+from sdsbridge.scene.cameras import Cameras, camera_rays
 
 LIGHT_DIRECTION = (0.6, 0.4, 1.0)
 """Direction towards the light in world space (normalised when used): front-right, from above."""

@@ -21,10 +21,10 @@ from diffusers import StableDiffusionPipeline
 from diffusers.utils import is_accelerate_available
 from huggingface_hub.errors import GatedRepoError
 
-from sdsbridge.config import HUB_ID_PATTERN, KNOWN_MIRRORS, MIRRORS, REMOVED_SD_MODELS, PriorConfig
-from sdsbridge.errors import UserError
+from sdsbridge.config.schema import HUB_ID_PATTERN, KNOWN_MIRRORS, MIRRORS, REMOVED_SD_MODELS, PriorConfig
+from sdsbridge.common.errors import UserError
 from sdsbridge.priors.base import to_prior_images
-from sdsbridge.quiet import no_loading_bars
+from sdsbridge.common.quiet import no_loading_bars
 
 _HUB_ID = re.compile(HUB_ID_PATTERN)
 

@@ -1,0 +1,175 @@
+"""What a score-distillation method is: the prompts it conditions on, its gradient, and optionally
+trainable parameters of its own and state that goes into checkpoints.
+
+The trainer (``train_step.py``) and the 2D mode only talk to this class:
+
+- ``role_texts(prompt)``: role -> prompt text; ``prompts.PromptEmbeddings`` adds view suffixes, embeds them
+  once and hands ``distill`` the [N, ...] condition of each role.
+- ``distill(latents, conditions, step, cameras, generator)``: samples t and noise, computes the
+  method's ``gradient`` and returns a ``GuidanceResult`` whose ``loss`` backpropagates it to the latents.
+  ``extra_losses`` carries losses of the method's own parameters (e.g. a LoRA's diffusion loss on
+  detached latents); the step adds them to its total loss.
+- ``param_groups()``: optimizer groups (``{"params", "lr", "name"}``) of the method's own parameters; the
+  trainer appends them to the scene's groups of its one AdamW.
+- ``state_dict()`` / ``load_state_dict()``: saved under "method" in checkpoints and restored on resume.
+- ``reset(generator)``: fresh own parameters (the 2D mode calls it per seed).
+- ``prompt_embeddings(prompt)``: the run's ``PromptEmbeddings`` with the method's roles and the settings'
+  view options (suffixes, azimuth interpolation, Perp-Neg).
+
+Perp-Neg applies wherever a method uses classifier-free guidance between 'cond' and 'uncond'
+(``cfg_predictions``): SDS, the bridge's stage one, NFSD and VSD's pretrained branch.
+
+The settings a method reads are fields of ``GuidanceConfig`` (the ``guidance:`` section; the 2D mode
+builds its own from ``image:``); each subclass lists the ones it uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from sdsbridge.scene.cameras import Cameras
+from sdsbridge.config.schema import GuidanceConfig
+from sdsbridge.distill.formulas import (injected_loss, perp_neg_direction, predict_batched, sample_timesteps,
+                                timestep_range)
+from sdsbridge.priors.base import Prior, noisy_latents
+from sdsbridge.distill.prompts import PERP_NEG_ROLES, PromptEmbeddings, join_prompt
+from sdsbridge.common.schedules import schedule_value
+
+
+@dataclass
+class GuidanceResult:
+    """What one ``Method.distill`` returns (and what the trainer logs)."""
+
+    loss: torch.Tensor
+    """Scalar on the prior's device; backpropagating it puts g / N on the latents (and through the encoder
+    on the images)."""
+    grad_norm: torch.Tensor
+    """Scalar tensor on the prior's device: L2 norm of the injected gradient g over the whole batch (after
+    clipping). A tensor, so reading it (``.item()``) is the caller's choice of when to sync."""
+    t: torch.Tensor
+    """[N] integer timesteps used."""
+    stage: int
+    """1, or 2 in the bridge's stage two."""
+    extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Scalar losses of the method's own parameters, by name (none for SDS, the bridge and NFSD)."""
+
+
+class Method:
+    """A score-distillation method on a frozen ``prior`` with ``settings``. The base class is the common
+    machinery; subclasses give ``gradient`` and, as needed, more prompt roles, stages, parameters, state.
+
+    Settings used here: ``target_modifier``, ``cfg_on_target`` (the 'cond' text), ``min_step_percent``,
+    ``max_step_percent`` (the timestep range), ``grad_clip``.
+    """
+
+    name = "method"
+    view_independent_roles: tuple[str, ...] = ()
+    """Roles whose text never gets a view suffix (VSD's LoRA prompt)."""
+
+    def __init__(self, settings: GuidanceConfig, prior: Prior):
+        self.settings = settings
+        self.prior = prior
+
+    def prompt_embeddings(self, prompt: str) -> PromptEmbeddings:
+        """The embeddings of ``role_texts(prompt)`` with the settings' view options: suffixes
+        (``view_dependent``), azimuth blending (``view_interpolation``, and always with ``perp_neg``, whose
+        positive threestudio blends) and Perp-Neg's negatives and weights (``perp_neg``)."""
+        s = self.settings
+        perp_neg = (s.perp_neg_f_sb, s.perp_neg_f_fsb, s.perp_neg_f_fs, s.perp_neg_f_sf) if s.perp_neg else None
+        return PromptEmbeddings(self.prior, self.role_texts(prompt), s.view_dependent, self.view_independent_roles,
+                                interpolate=s.view_interpolation or s.perp_neg, perp_neg=perp_neg)
+
+    # --- prompts ---------------------------------------------------------------------------------------
+    def role_texts(self, prompt: str) -> dict[str, str]:
+        """role -> text before view suffixes: 'cond', what CFG conditions on (y_tgt = prompt + ", " +
+        target modifier with ``cfg_on_target``, as the official 3D code; else the plain prompt, as its 2D
+        code), and 'uncond', the empty prompt."""
+        cond = join_prompt(prompt, self.settings.target_modifier) if self.settings.cfg_on_target else prompt.strip()
+        return {"cond": cond, "uncond": ""}
+
+    # --- schedule --------------------------------------------------------------------------------------
+    def stage(self, step: int) -> int:
+        """The stage at ``step`` (a function of the step, so a resumed run is in the right one)."""
+        return 1
+
+    def max_step_percent(self, step: int) -> float:
+        """Upper end of t / T at ``step``: the scheduled ``max_step_percent``."""
+        return schedule_value(self.settings.max_step_percent, step)
+
+    # --- the gradient ----------------------------------------------------------------------------------
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, conditions: dict[str, torch.Tensor],
+                roles: tuple[str, ...], cameras: Optional[Cameras] = None) -> list[torch.Tensor]:
+        """The prior's noise prediction on x_t (``noisy_latents``) for each of ``roles``, in one batched call:
+        a list of [N, C, h, w]. ``t`` [N] on the prior's device."""
+        missing = [role for role in roles if role not in conditions]
+        if missing:
+            raise KeyError(f"conditions lack roles {missing} (have {sorted(conditions)})")
+        x_t = noisy_latents(latents, t, noise, self.prior.alphas_cumprod)
+        positions = None if cameras is None else cameras.positions
+        return predict_batched(self.prior, x_t, t, [conditions[role] for role in roles], positions)
+
+    @staticmethod
+    def cfg_roles(conditions: dict[str, torch.Tensor]) -> tuple[str, ...]:
+        """The roles classifier-free guidance predicts: 'cond', 'uncond', and Perp-Neg's negatives when the
+        conditions carry them."""
+        return ("cond", "uncond") + (PERP_NEG_ROLES if "perp_neg_weights" in conditions else ())
+
+    @staticmethod
+    def cfg_predictions(eps: list[torch.Tensor], conditions: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eps_cond, eps_uncond) from the predictions of ``cfg_roles``; with Perp-Neg eps_cond is replaced by
+        eps_uncond + the Perp-Neg direction, so that CFG eps_uncond + s (eps_cond - eps_uncond) becomes
+        eps_uncond + s (e_pos + sum_i w_i perp(e_i, e_pos))."""
+        eps_cond, eps_uncond, *negatives = eps
+        if negatives:
+            weights = conditions["perp_neg_weights"].to(eps_cond.device, eps_cond.dtype)
+            eps_cond = eps_uncond + perp_neg_direction(eps_cond, eps_uncond, negatives, weights)
+        return eps_cond, eps_uncond
+
+    def gradient(self, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, conditions: dict[str, torch.Tensor],
+                 stage: int, cameras: Optional[Cameras] = None) -> torch.Tensor:
+        """g [N, C, h, w] for latents [N, C, h, w], timesteps t [N], noise [N, C, h, w] and the role ->
+        [N, ...] ``conditions`` (no clipping, no NaN handling)."""
+        raise NotImplementedError
+
+    def distill(self, latents: torch.Tensor, conditions: dict[str, torch.Tensor], step: int,
+                cameras: Optional[Cameras] = None, generator: Optional[torch.Generator] = None) -> GuidanceResult:
+        """One score-distillation evaluation on latents [N, C, h, w] (with grad to what produced them).
+
+        Samples t (uniform on ``max/min_step_percent`` x T) and then noise ``torch.randn`` from ``generator``
+        (the global RNG when None), in that order; computes ``gradient``, replaces NaNs and infinities by
+        0, clips to [-grad_clip, grad_clip] when set, and returns the injected loss with grad norm, t, stage.
+        """
+        stage = self.stage(step)
+        t_min, t_max = timestep_range(self.settings.min_step_percent, self.max_step_percent(step),
+                                      self.prior.num_train_timesteps)
+        t = sample_timesteps(latents.shape[0], t_min, t_max, generator).to(self.prior.device)
+        noise_device = generator.device if generator is not None else latents.device
+        noise = torch.randn(latents.shape, generator=generator, device=noise_device, dtype=latents.dtype)
+        noise = noise.to(latents.device)
+
+        grad = self.gradient(latents, t, noise, conditions, stage, cameras)
+        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        if self.settings.grad_clip is not None:
+            grad = grad.clamp(-self.settings.grad_clip, self.settings.grad_clip)
+        return GuidanceResult(loss=injected_loss(latents, grad), grad_norm=grad.norm().detach(), t=t, stage=stage)
+
+    # --- trainable parameters and state ----------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """AdamW groups of the method's own parameters: ``{"params": [...], "lr": float, "name": str}``
+        each (betas, eps and weight decay are the trainer's). None by default."""
+        return []
+
+    def reset(self, generator: Optional[torch.Generator] = None) -> None:
+        """Re-initialise the method's own parameters (from ``generator``, else the global RNG). None here."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint stores for the method (tensors and builtins). Nothing by default."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s output (on resume)."""
+        if state:
+            raise KeyError(f"{self.name}: unexpected method state {sorted(state)}")

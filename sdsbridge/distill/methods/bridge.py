@@ -1,0 +1,49 @@
+"""SDS-Bridge (calibrated score distillation, McAllister et al. 2024): SDS first, then the bridge."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from sdsbridge.scene.cameras import Cameras
+from sdsbridge.distill.formulas import bridge_gradient, weight
+from sdsbridge.distill.methods.sds import SDS
+from sdsbridge.distill.prompts import join_prompt
+
+
+class Bridge(SDS):
+    """Stage one (before ``stage2_start_step``) is SDS; stage two is
+    g = w(t) s (eps(x_t; y_tgt) - eps(x_t; y_src)), with no noise term and no unconditional branch.
+    y_tgt = prompt + ", " + target modifier (role 'target'), y_src = prompt + ", " + source modifier (role
+    'source'), which describes today's artifacts.
+
+    Settings: ``stage2_start_step``, ``stage2_scale`` (s), ``stage2_weighting`` (w), ``stage2_max_step_percent``
+    (cap on t / T in stage two), ``source_modifier``, and SDS's for stage one.
+    """
+
+    name = "bridge"
+
+    def role_texts(self, prompt: str) -> dict[str, str]:
+        return {**super().role_texts(prompt), "target": join_prompt(prompt, self.settings.target_modifier),
+                "source": join_prompt(prompt, self.settings.source_modifier)}
+
+    def stage(self, step: int) -> int:
+        """Two from ``stage2_start_step`` on (the official code switches only when the step equals it, so a
+        resumed run never switches there)."""
+        return 2 if step >= self.settings.stage2_start_step else 1
+
+    def max_step_percent(self, step: int) -> float:
+        value = super().max_step_percent(step)
+        if self.stage(step) == 2 and self.settings.stage2_max_step_percent is not None:
+            value = min(value, self.settings.stage2_max_step_percent)
+        return value
+
+    def gradient(self, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, conditions: dict[str, torch.Tensor],
+                 stage: int, cameras: Optional[Cameras] = None) -> torch.Tensor:
+        if stage == 1:
+            return super().gradient(latents, t, noise, conditions, stage, cameras)
+        t = t.to(self.prior.device)
+        eps_tgt, eps_src = self.predict(latents, t, noise, conditions, ("target", "source"), cameras)
+        w = weight(t, self.prior.alphas_cumprod, self.settings.stage2_weighting)
+        return bridge_gradient(eps_tgt, eps_src, w, self.settings.stage2_scale)
