@@ -34,7 +34,7 @@ from sdsbridge.config.schema import CameraConfig, RenderConfig, SceneConfig
 from sdsbridge.scene.nerf.background import Background
 from sdsbridge.scene.nerf.field import NeRFField
 from sdsbridge.scene.nerf.renderer import Renderer
-from sdsbridge.scene.nerf.shape_fit import fit_field_to_shape
+from sdsbridge.testing.shape_fit import fit_field_to_shape
 
 WHITE = torch.ones(3)
 
@@ -58,7 +58,7 @@ def fitted_scene(steps: int) -> tuple[NeRFField, Background, CameraConfig, Rende
 
 
 def run_scene(run: str) -> tuple[NeRFField, Background, CameraConfig, RenderConfig, float, dict]:
-    from sdsbridge.scene.nerf_scene import load_trained_scene
+    from sdsbridge.training.checkpoint import load_trained_scene
 
     scene, config, step = load_trained_scene(Path(run), torch.device("cpu"))
     scene.field.encoding.compile_after_points = 0

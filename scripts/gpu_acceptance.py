@@ -148,7 +148,7 @@ def occupancy_parity(setup: Setup) -> dict:
     from sdsbridge.scene.nerf.background import Background
     from sdsbridge.scene.nerf.field import NeRFField
     from sdsbridge.scene.nerf.renderer import Renderer, nerfacc_cuda_available
-    from sdsbridge.scene.nerf.shape_fit import fit_field_to_shape
+    from sdsbridge.testing.shape_fit import fit_field_to_shape
     from sdsbridge.outputs.scores import psnr
 
     if not setup.dry and not nerfacc_cuda_available():

@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 
 from sdsbridge.common.errors import UserError
-from sdsbridge.testing.random_sd import ARCHITECTURES, parameter_counts, random_pipeline
+from sdsbridge.priors.architectures import ARCHITECTURES, parameter_counts
+from sdsbridge.testing.random_sd import random_pipeline
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 

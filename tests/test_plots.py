@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from cli_helpers import train_tiny_run
-from sdsbridge.outputs.plots import PLOTS, read_metrics, write_plots
+from sdsbridge.training.plots import PLOTS, read_metrics, write_plots
 
 
 def write_metrics(folder, steps=100):

@@ -10,8 +10,10 @@ from diffusers import PNDMScheduler
 from sdsbridge.config.schema import PriorConfig
 from sdsbridge.priors import load_prior
 from sdsbridge.priors.denoiser import sd_alphas_cumprod
-from sdsbridge.testing.random_sd import (ARCHITECTURES, BOS_TOKEN, COMPONENTS, EOS_TOKEN, architecture_parameter_counts,
-                                        assets_dir, byte_vocabulary, read_architecture)
+from sdsbridge.common.package_files import package_folder
+from sdsbridge.priors.architectures import (ARCHITECTURES, BYTE_VOCABULARY_SIZE, COMPONENTS,
+                                            architecture_parameter_counts, read_architecture)
+from sdsbridge.testing.random_sd import BOS_TOKEN, EOS_TOKEN, byte_vocabulary
 
 from scripts_loader import load_script
 
@@ -25,7 +27,7 @@ def make_random_sd():
 
 
 def test_sd21_base_assets_hold_the_exact_architecture():
-    folder = assets_dir() / "sd21-base"
+    folder = package_folder("assets") / "sd21-base"
     assert sorted(p.stem for p in folder.glob("*.json")) == sorted(COMPONENTS)
     configs = read_architecture(folder)
     assert configs == ARCHITECTURES["sd21-base"]
@@ -70,7 +72,7 @@ def test_byte_vocabulary_puts_clip_special_tokens_last():
     vocab = byte_vocabulary(49408)
     assert len(vocab) == len(set(vocab)) == 49408
     assert vocab.index(BOS_TOKEN) == 49406 and vocab.index(EOS_TOKEN) == 49407
-    assert vocab[:512] == byte_vocabulary()[:512] and len(byte_vocabulary()) == 514
+    assert vocab[:512] == byte_vocabulary()[:512] and len(byte_vocabulary()) == BYTE_VOCABULARY_SIZE
     with pytest.raises(ValueError):
         byte_vocabulary(100)
 
@@ -104,3 +106,4 @@ def test_make_random_sd_refuses_a_non_empty_folder(tmp_path, capsys):
     assert make_random_sd().main(["--arch", "tiny", str(tmp_path)]) == 2
     assert "not an empty folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.bin"]
+

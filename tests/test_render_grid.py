@@ -16,7 +16,7 @@ from sdsbridge.config.loader import load_config
 from sdsbridge.scene.nerf.background import Background
 from sdsbridge.scene.nerf.field import NeRFField
 from sdsbridge.scene.nerf.renderer import Renderer, choose_sampler
-from sdsbridge.scene.nerf.shape_fit import fit_field_to_shape
+from sdsbridge.testing.shape_fit import fit_field_to_shape
 from sdsbridge.training.loop import train
 
 COLOR = (0.9, 0.2, 0.1)

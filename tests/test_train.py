@@ -9,7 +9,7 @@ from sdsbridge.scene.cameras import orbit_cameras
 from sdsbridge.training.checkpoint import find_checkpoint, load_checkpoint
 from sdsbridge.config.loader import load_config
 from sdsbridge.distill.methods import SDS, GuidanceResult, Method
-from sdsbridge.scene.nerf_scene import load_trained_scene
+from sdsbridge.training.checkpoint import load_trained_scene
 from sdsbridge.training.loop import TrainingDiverged, train
 
 SMALL = [

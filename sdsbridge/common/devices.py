@@ -1,7 +1,7 @@
 """Devices: which one a ``device:`` setting names, where a module lives, seeding every RNG, and how many CPU
 threads torch uses.
 
-Accepted names (``config.DEVICE_PATTERN``): ``auto`` (the first CUDA device when torch sees one, else the
+Accepted names (``DEVICE_PATTERN``): ``auto`` (the first CUDA device when torch sees one, else the
 CPU), ``cpu``, ``cuda`` (the current CUDA device) and ``cuda:N`` (GPU number N).
 """
 
@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from sdsbridge.config.schema import DEVICE_PATTERN
 from sdsbridge.common.errors import UserError
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+"""What ``device:`` accepts: auto, cpu, cuda or cuda:N."""
 _DEVICE = re.compile(DEVICE_PATTERN)
 
 

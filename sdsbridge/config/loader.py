@@ -14,7 +14,8 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from sdsbridge.config.schema import DEVICE_PATTERN, METHODS, Config
+from sdsbridge.common.devices import DEVICE_PATTERN
+from sdsbridge.config.schema import METHODS, Config
 from sdsbridge.common.errors import UserError
 from sdsbridge.common.package_files import package_folder
 from sdsbridge.common.safe_yaml import MAX_BYTES, MalformedYaml, load_yaml

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+
 METHODS = ("bridge", "sds", "nfsd", "vsd", "bridge-vsd")
 """What ``method:`` accepts; ``methods.make_method`` builds each (one class per method in methods/)."""
 SOURCE_MODIFIER = (
@@ -30,8 +31,6 @@ REMOVED_SD_MODELS = ("stabilityai/stable-diffusion-2-1-base",)
 """Hub ids Stability AI removed in Nov 2025 (the official code's and threestudio's defaults)."""
 HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$"
 """What a Hugging Face hub id ("owner/name") looks like."""
-DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
-"""What ``device:`` accepts: auto, cpu, cuda or cuda:N."""
 
 
 @dataclass

@@ -25,7 +25,7 @@ from sdsbridge.outputs import scores
 from sdsbridge.scene.cameras import orbit_cameras
 from sdsbridge.common.errors import UserError
 from sdsbridge.outputs.export.mesh import extract_mesh
-from sdsbridge.scene.nerf_scene import load_trained_scene
+from sdsbridge.training.checkpoint import load_trained_scene
 
 logger = logging.getLogger("sdsbridge")
 

@@ -30,7 +30,7 @@ from sdsbridge.common.atomic import atomic_write_bytes
 from sdsbridge.common.errors import UserError
 from sdsbridge.common.package_files import package_folder
 from sdsbridge.outputs.naming import newest_output
-from sdsbridge.outputs.plots import PLOTS, TITLES, read_metrics, write_plots
+from sdsbridge.training.plots import PLOTS, TITLES, read_metrics, write_plots
 from sdsbridge.common.safe_yaml import load_yaml
 
 logger = logging.getLogger("sdsbridge")

@@ -1,16 +1,13 @@
-"""The scene a run optimises and renders: field + background + renderer; built from a config, saved to
-and restored from a checkpoint, and loaded back from a finished run for export and evaluation."""
+"""The scene a run optimises and renders: field + background + renderer; built from a config; its state
+goes into checkpoints and comes back from them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from sdsbridge.training import checkpoint as ckpt
 from sdsbridge.config.schema import Config
-from sdsbridge.config.loader import config_from_dict
 from sdsbridge.common.errors import UserError
 from sdsbridge.scene.nerf.background import Background
 from sdsbridge.scene.nerf.field import NeRFField
@@ -80,13 +77,3 @@ def build_scene(config: Config, device: torch.device) -> Scene:
     background = Background(config.scene).to(device)
     renderer = Renderer(field, background, config.render, radius=config.scene.radius)
     return Scene(field, background, renderer)
-
-
-def load_trained_scene(run_or_checkpoint: Path, device: torch.device) -> tuple[Scene, Config, int]:
-    """The scene of a run directory's last checkpoint (or of a checkpoint file) on ``device``, for export
-    and evaluation: (scene in eval mode, the run's config, its step)."""
-    _, checkpoint = ckpt.load_newest(Path(run_or_checkpoint), map_location=device)
-    config = config_from_dict(checkpoint["config"])
-    scene = build_scene(config, device)
-    scene.load_state_dict(checkpoint)
-    return scene.eval(), config, int(checkpoint["step"])

@@ -25,6 +25,9 @@ import torch
 
 from sdsbridge.common.atomic import atomic_file, write_failed
 from sdsbridge.common.errors import UserError, WriteFailed
+from sdsbridge.config.loader import config_from_dict
+from sdsbridge.config.schema import Config
+from sdsbridge.scene.nerf_scene import Scene, build_scene
 
 FORMAT = "sdsbridge-checkpoint-v1"
 LAST = "last.ckpt"
@@ -315,3 +318,13 @@ def run_dir_of(checkpoint_path: Path) -> Path:
     """The run directory a checkpoint belongs to (``<run>/checkpoints/x.ckpt`` -> ``<run>``)."""
     parent = checkpoint_path.resolve().parent
     return parent.parent if parent.name == "checkpoints" else parent
+
+
+def load_trained_scene(run_or_checkpoint: Path, device: torch.device) -> tuple[Scene, Config, int]:
+    """The scene of a run directory's last checkpoint (or of a checkpoint file) on ``device``, for export
+    and evaluation: (scene in eval mode, the run's config, its step)."""
+    _, checkpoint = load_newest(Path(run_or_checkpoint), map_location=device)
+    config = config_from_dict(checkpoint["config"])
+    scene = build_scene(config, device)
+    scene.load_state_dict(checkpoint)
+    return scene.eval(), config, int(checkpoint["step"])

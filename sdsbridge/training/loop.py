@@ -32,7 +32,7 @@ from sdsbridge.common.jsonl import append_rows, keep_rows
 from sdsbridge.common.media import image_row, write_png
 from sdsbridge.distill.methods import Method, make_method
 from sdsbridge.scene.nerf import encoding as encoding_module
-from sdsbridge.outputs.plots import stage2_step, write_plots
+from sdsbridge.training.plots import stage2_step, write_plots
 from sdsbridge.priors import load_prior
 from sdsbridge.scene.nerf_scene import Scene, build_scene
 from sdsbridge.training.step import StepResult, Views, build_optimizer, scene_step

@@ -98,7 +98,7 @@ class FusedAttention(TorchFunctionMode):
 
 @dataclass
 class Architecture:
-    """The component configs of a Stable Diffusion pipeline (``random_sd.ARCHITECTURES`` shape)."""
+    """The component configs of a Stable Diffusion pipeline (``priors.architectures.ARCHITECTURES`` shape)."""
 
     unet: dict
     vae: dict
@@ -165,7 +165,7 @@ def meta_prior(arch: Architecture, dtype: torch.dtype):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from sdsbridge.priors.stable_diffusion import StableDiffusionPrior
-    from sdsbridge.testing.random_sd import SD_SCHEDULER
+    from sdsbridge.priors.architectures import SD_SCHEDULER
 
     args = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
     with torch.device("meta"):
@@ -275,8 +275,8 @@ def forecast_step(config: Config, arch: Architecture, dtype: torch.dtype, resolu
 
 
 def random_architecture(name: str = "sd21-base") -> Architecture:
-    """The architecture of one of ``random_sd.ARCHITECTURES`` (by default Stable Diffusion 2.1-base's)."""
-    from sdsbridge.testing.random_sd import ARCHITECTURES
+    """The architecture of one of ``priors.architectures.ARCHITECTURES`` (by default Stable Diffusion 2.1-base's)."""
+    from sdsbridge.priors.architectures import ARCHITECTURES
 
     configs = ARCHITECTURES[name]
     return Architecture(configs["unet"], configs["vae"], configs["text_encoder"],

@@ -37,7 +37,7 @@ from sdsbridge.common.devices import module_device
 from sdsbridge.outputs.export.axes import to_file_axes
 from sdsbridge.common.errors import UserError
 from sdsbridge.outputs.naming import output_name
-from sdsbridge.scene.nerf_scene import load_trained_scene
+from sdsbridge.training.checkpoint import load_trained_scene
 
 logger = logging.getLogger("sdsbridge")
 

@@ -28,7 +28,7 @@ from sdsbridge.outputs.export.shading import normal_panel, shaded_panel, surface
 from sdsbridge.common.media import pad_to_even, to_uint8, write_video
 from sdsbridge.scene.nerf.renderer import RenderOutput, Renderer
 from sdsbridge.outputs.naming import output_name
-from sdsbridge.scene.nerf_scene import load_trained_scene
+from sdsbridge.training.checkpoint import load_trained_scene
 
 logger = logging.getLogger("sdsbridge")
 
