@@ -113,7 +113,7 @@ def breakdown(overrides: list[str], args: argparse.Namespace) -> dict[str, float
     from sdsbridge.common.devices import seed_everything
     from sdsbridge.distill.methods import make_method
     from sdsbridge.priors import load_prior
-    from sdsbridge.scene.nerf_scene import build_scene
+    from sdsbridge.training.step import build_scene
     from sdsbridge.training.step import build_optimizer, scene_step
 
     config = load_config(args.config, overrides)

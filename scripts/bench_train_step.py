@@ -53,7 +53,7 @@ from sdsbridge.scene.nerf.renderer import choose_sampler
 from sdsbridge.priors import load_prior
 from sdsbridge.distill.prompts import PromptEmbeddings
 from sdsbridge.testing.random_sd import build_random_pipeline
-from sdsbridge.scene.nerf_scene import build_scene
+from sdsbridge.training.step import build_scene
 from sdsbridge.training.step import Timer, build_optimizer, scene_step, train_step, untimed
 
 SECTIONS = ("render", "vae encode", "unet", "lora unet", "backward", "optimizer", "occupancy", "other")

@@ -21,7 +21,7 @@ from sdsbridge.training.checkpoint import find_checkpoint, load_checkpoint
 from sdsbridge.config.loader import load_config
 from sdsbridge.distill.methods import make_method
 from sdsbridge.priors import load_prior
-from sdsbridge.scene.nerf_scene import build_scene
+from sdsbridge.training.step import build_scene
 from sdsbridge.training.loop import make_checkpoint, restore_checkpoint, train
 from sdsbridge.training.step import build_optimizer, scene_step
 

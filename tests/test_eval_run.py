@@ -2,12 +2,12 @@
 reported as unscorable; a real tiny reference-prior run gives finite numbers, a mesh file and a video."""
 
 import math
-from types import SimpleNamespace
-
 import pytest
 import torch
 import trimesh
 from torch import nn
+
+from sdsbridge.scene.nerf_scene import NeRFScene
 
 from sdsbridge.config.schema import Config
 from sdsbridge.outputs.evaluation import evaluate_scene
@@ -19,6 +19,11 @@ from sdsbridge.priors.shapes import get_shape, shade
 class ShapeField(nn.Module):
     """A built-in shape as a NeRF: density max(0, 1000 * (0.005 - sdf)) (5, the auto level, on the
     surface; linear across it, as marching cubes assumes), colour = the shape's shading."""
+
+    device = torch.device("cpu")  # the scene contract's queries: density, colour, device
+
+    def colour(self, x):
+        return self(x)[1]
 
     def __init__(self, name):
         super().__init__()
@@ -37,9 +42,9 @@ def analytic_setup(kind="reference", prompt="a red torus"):
     config.prior.kind = kind
     config.render.sampler = "stratified"
     config.render.num_samples = 256
-    field = ShapeField("torus")
-    renderer = Renderer(field, Background(config.scene), config.render, radius=config.scene.radius)
-    return SimpleNamespace(field=field, renderer=renderer), config
+    field, background = ShapeField("torus"), Background(config.scene)
+    renderer = Renderer(field, background, config.render, radius=config.scene.radius)
+    return NeRFScene(field, background, renderer), config
 
 
 def test_the_true_shape_scores_near_perfectly():

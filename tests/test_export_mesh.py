@@ -17,6 +17,11 @@ class Balls(nn.Module):
     """Solid balls with the NeRFField interface: density falls linearly through ``level`` 5 exactly on
     each ball's surface (slope 100 per unit length, 0 outside), constant colour."""
 
+    device = torch.device("cpu")  # the scene contract's queries: density, colour, device
+
+    def colour(self, x):
+        return self(x)[1]
+
     def __init__(self, balls=(((0.0, 0.0, 0.0), 0.5),), peak_offset=0.05, slope=100.0):
         super().__init__()
         self.centres = torch.tensor([c for c, _ in balls])

@@ -67,7 +67,7 @@ def test_a_prior_that_fails_to_load_leaves_nothing_and_says_what_to_do(tmp_path,
     use, the CPU demo), and no run directory or runs folder left behind."""
     import sdsbridge.training.loop as train_module
     from sdsbridge.common.errors import UserError
-    from sdsbridge.priors.stable_diffusion import model_hints
+    from sdsbridge.priors.hub import model_hints
 
     def unreachable(*args, **kwargs):
         raise UserError("prior.model: model id 'x/y' is not in the local cache and could not be downloaded: the "

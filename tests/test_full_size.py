@@ -13,7 +13,7 @@ from sdsbridge.training.image2d import image_guidance_config, image_optimizer, l
 from sdsbridge.distill.methods import make_method
 from sdsbridge.priors import load_prior
 from sdsbridge.testing.random_sd import build_random_pipeline
-from sdsbridge.scene.nerf_scene import build_scene
+from sdsbridge.training.step import build_scene
 from sdsbridge.training.step import build_optimizer, scene_step, train_step
 
 pytestmark = pytest.mark.slow

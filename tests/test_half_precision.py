@@ -16,7 +16,8 @@ import torch
 
 from sdsbridge.scene.cameras import orbit_cameras
 from sdsbridge.training.checkpoint import find_checkpoint, load_checkpoint
-from sdsbridge.config.schema import CameraConfig, GuidanceConfig, PriorConfig
+from sdsbridge.scene.cameras import CameraConfig
+from sdsbridge.priors.stable_diffusion import StableDiffusionSettings
 from sdsbridge.config.loader import load_config
 from sdsbridge.distill.methods import make_method
 from sdsbridge.priors import load_prior
@@ -94,7 +95,7 @@ def test_the_prior_loads_half_weights_and_keeps_the_rest_float32(tiny_sd_dir):
     embeddings, latents, noise predictions and the images' gradient in fp32; VSD's LoRA and camera embedding
     fp32 after the adapter is added to the half UNet."""
     for name, dtype in DTYPES.items():
-        prior = load_prior(PriorConfig(model=str(tiny_sd_dir), dtype=name), "cpu")
+        prior = load_prior(StableDiffusionSettings(model=str(tiny_sd_dir), dtype=name), "cpu")
         assert prior.dtype == dtype
         assert {p.dtype for p in prior.unet.parameters()} == {p.dtype for p in prior.vae.parameters()} == {dtype}
         assert {p.dtype for p in prior.text_encoder.parameters()} == {torch.float32}
@@ -108,7 +109,7 @@ def test_the_prior_loads_half_weights_and_keeps_the_rest_float32(tiny_sd_dir):
         eps = prior.predict_noise(latents.detach(), torch.tensor([30, 800]), embeddings)
         assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
 
-        vsd = make_method("vsd", GuidanceConfig(), prior)
+        vsd = make_method("vsd", dict(), prior)
         assert {p.dtype for p in vsd.source.parameters()} == {torch.float32}
         base = [p for n, p in prior.unet.named_parameters() if ".lora_" not in n]
         assert {p.dtype for p in base} == {dtype}  # the adapter did not cast the UNet
@@ -188,7 +189,7 @@ def test_image_in_half_precision(tmp_path, tiny_sd_dir, capsys, dtype, method):
 def lora_gradients(prior, latents, cond, camera):
     """VSD's LoRA and camera-embedding gradients of one diffusion loss, with fixed non-zero LoRA weights (lora_B = 0
     would make lora_A's gradient exactly zero), t, noise and no condition dropout."""
-    vsd = make_method("vsd", GuidanceConfig(lora_condition_dropout=0.0), prior)
+    vsd = make_method("vsd", dict(lora_condition_dropout=0.0), prior)
     vsd.reset(torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -208,7 +209,7 @@ def test_the_lora_gradients_of_an_fp16_unet_match_fp32s(tiny_sd_dir):
     camera = orbit_cameras(CameraConfig(), 1).c2w.reshape(1, 16)
     grads = {}
     for name in ("fp32", "fp16"):
-        prior = load_prior(PriorConfig(model=str(tiny_sd_dir), dtype=name), "cpu")
+        prior = load_prior(StableDiffusionSettings(model=str(tiny_sd_dir), dtype=name), "cpu")
         cond = prior.embed_prompts(["a red torus"])
         grads[name] = lora_gradients(prior, latents, cond, camera)
     errors = sorted(float((grads["fp16"][n] - grads["fp32"][n]).norm() / grads["fp32"][n].norm().clamp_min(1e-30))
@@ -225,8 +226,8 @@ def test_vsd_under_sequential_cpu_offload_trains_a_real_adapter(tiny_sd_dir):
 
     latents = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(3))
     camera = orbit_cameras(CameraConfig(), 1).c2w.reshape(1, 16)
-    plain = load_prior(PriorConfig(model=str(tiny_sd_dir)), "cpu")
-    offloaded = load_prior(PriorConfig(model=str(tiny_sd_dir)), "cpu")
+    plain = load_prior(StableDiffusionSettings(model=str(tiny_sd_dir)), "cpu")
+    offloaded = load_prior(StableDiffusionSettings(model=str(tiny_sd_dir)), "cpu")
     cpu_offload(offloaded.unet, execution_device=torch.device("cpu"))
     assert any(p.is_meta for p in offloaded.unet.parameters())  # the hooks hold the weights elsewhere
     cond = plain.embed_prompts(["a red torus"])

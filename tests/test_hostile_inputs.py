@@ -239,13 +239,13 @@ def test_non_finite_and_huge_numbers_are_refused(tmp_path, capsys, override, key
     (2, "training diverged: 2 non-finite steps in a row"),  # a failure (issue 18), not bad input
 ])
 def test_a_run_of_non_finite_steps_fails_with_code_1(tmp_path, capsys, monkeypatch, max_bad_steps, expected):
-    from sdsbridge.distill.methods import GuidanceResult, Method
+    from sdsbridge.distill.methods import DistillResult, Method
 
     real = Method.distill
 
     def always_nan(*args, **kwargs):
         result = real(*args, **kwargs)
-        return GuidanceResult(result.loss * float("nan"), result.grad_norm, result.t, result.stage)
+        return DistillResult(result.loss * float("nan"), result.grad_norm, result.t, result.stage)
 
     monkeypatch.setattr(Method, "distill", always_nan)
     code, out, err = run_cli(["train", prompt_file(tmp_path), f"log.runs_dir={tmp_path / 'runs'}", "train.steps=3",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdsbridge.scene.cameras import VIEW_LABELS, Cameras
-from sdsbridge.config.schema import GuidanceConfig, PriorConfig
+from sdsbridge.priors.stable_diffusion import StableDiffusionSettings
 from sdsbridge.distill.formulas import perp_neg_direction, perpendicular_component
 from sdsbridge.distill.methods import make_method
 from sdsbridge.priors import load_prior
@@ -80,7 +80,7 @@ def test_view_blend_weights(azimuth, label, expected):
 
 @pytest.fixture(scope="module")
 def prior(tiny_sd_dir):
-    return load_prior(PriorConfig(model=str(tiny_sd_dir)), "cpu")
+    return load_prior(StableDiffusionSettings(model=str(tiny_sd_dir)), "cpu")
 
 
 def row_of(embeddings, role, label):
@@ -95,7 +95,7 @@ def cameras_at(azimuths, labels):
 
 
 def test_interpolated_conditions_blend_the_view_embeddings(prior):
-    sds = make_method("sds", GuidanceConfig(view_interpolation=True), prior)
+    sds = make_method("sds", dict(view_interpolation=True), prior)
     embeddings = sds.prompt_embeddings("a red torus")
     cameras = cameras_at([30.0, 120.0, 0.0], ["side", "back", "overhead"])
     got = embeddings.conditions(cameras.labels, cameras.azimuth)
@@ -109,7 +109,7 @@ def test_interpolated_conditions_blend_the_view_embeddings(prior):
 
 
 def test_perp_neg_conditions_hold_the_other_views_and_weights(prior):
-    sds = make_method("sds", GuidanceConfig(perp_neg=True), prior)
+    sds = make_method("sds", dict(perp_neg=True), prior)
     embeddings = sds.prompt_embeddings("a red torus")
     cameras = cameras_at([20.0, 150.0, 0.0], ["front", "back", "overhead"])
     got = embeddings.conditions(cameras.labels, cameras.azimuth)
@@ -122,7 +122,7 @@ def test_perp_neg_conditions_hold_the_other_views_and_weights(prior):
 
 
 def test_sds_with_perp_neg_equals_the_hand_computation(prior):
-    settings = GuidanceConfig(perp_neg=True, guidance_scale=7.5)
+    settings = dict(perp_neg=True, guidance_scale=7.5)
     sds = make_method("sds", settings, prior)
     cameras = cameras_at([20.0, 150.0], ["front", "back"])
     conditions = sds.prompt_embeddings("a red torus").conditions(cameras.labels, cameras.azimuth)
@@ -148,7 +148,7 @@ def test_sds_with_perp_neg_equals_the_hand_computation(prior):
 def test_bridge_stage_two_uses_blended_target_and_source_without_negatives(prior):
     """Stage two's target and source carry the same view blend, so their difference carries no view signal of
     its own: Perp-Neg's negatives are not evaluated there (README)."""
-    bridge = make_method("bridge", GuidanceConfig(perp_neg=True, stage2_start_step=0), prior)
+    bridge = make_method("bridge", dict(perp_neg=True, stage2_start_step=0), prior)
     calls = []
     original = prior.predict_noise
 
@@ -163,7 +163,7 @@ def test_bridge_stage_two_uses_blended_target_and_source_without_negatives(prior
         bridge.distill(torch.randn(1, 4, 32, 32, requires_grad=True), conditions, 5, cameras, torch.Generator().manual_seed(0))
         assert calls == [2]  # target and source only
         calls.clear()
-        bridge.settings = GuidanceConfig(perp_neg=True, stage2_start_step=100)
+        bridge.settings = type(bridge).Settings(perp_neg=True, stage2_start_step=100)
         bridge.distill(torch.randn(1, 4, 32, 32, requires_grad=True), conditions, 5, cameras, torch.Generator().manual_seed(0))
         assert calls == [4]  # stage one: cond, uncond and the two negatives in one batch
     finally:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sdsbridge"
-LAYERS = ["common", "config", "scene", "priors", "distill", "training", "outputs", "sweep", "cli"]
-"""Low to high; README's Architecture section walks them in this order."""
+LAYERS = ["common", "scene", "priors", "distill", "config", "training", "outputs", "sweep", "cli"]
+"""Low to high. Components (scene, priors, methods) own their settings; config/ composes them into a Config."""
 
 
 def module_name(path: Path) -> str:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor
 
-from sdsbridge.config.schema import PriorConfig
+from sdsbridge.priors.stable_diffusion import StableDiffusionSettings
 from sdsbridge.config.loader import load_config
 from sdsbridge.training.memory import (CUDA_CONTEXT_BYTES, GIB, LiveBytes, architecture_of, check_fit, forecast_step,
                               largest_render, meta_prior, random_architecture, render_bytes, trace_prior_step)
@@ -33,7 +33,7 @@ def test_the_meta_trace_equals_the_real_step_on_the_cpu(tiny_sd_dir, method):
     arch = architecture_of(str(tiny_sd_dir))
     assert arch is not None and arch.tokens == 128 and arch.unet["block_out_channels"] == [32, 64]
     meta = plain_attention(meta_prior(arch, torch.float32))
-    real = plain_attention(load_prior(PriorConfig(model=str(tiny_sd_dir)), "cpu"))
+    real = plain_attention(load_prior(StableDiffusionSettings(model=str(tiny_sd_dir)), "cpu"))
     traced, own = trace_prior_step(meta, config, 128, [0, 5], fused_attention=False)
     measured, own_real = trace_prior_step(real, config, 128, [0, 5], fused_attention=False)
     assert traced == measured and own == own_real

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from sdsbridge.scene.cameras import sample_cameras
-from sdsbridge.config.schema import SOURCE_MODIFIER
+from sdsbridge.distill.methods.bridge import SOURCE_MODIFIER
 from sdsbridge.config.loader import load_config
 from sdsbridge.scene.nerf.renderer import Renderer, occupancy_grid
 from sdsbridge.distill.methods import make_method
 from sdsbridge.distill.prompts import role_prompts
-from sdsbridge.scene.nerf_scene import build_scene
+from sdsbridge.training.step import build_scene
 from sdsbridge.common.schedules import schedule_value
 from sdsbridge.training.step import build_optimizer
 

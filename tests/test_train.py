@@ -8,7 +8,8 @@ import torch
 from sdsbridge.scene.cameras import orbit_cameras
 from sdsbridge.training.checkpoint import find_checkpoint, load_checkpoint
 from sdsbridge.config.loader import load_config
-from sdsbridge.distill.methods import SDS, GuidanceResult, Method
+from sdsbridge.distill.methods import DistillResult, Method
+from sdsbridge.distill.methods.sds import SDS
 from sdsbridge.training.checkpoint import load_trained_scene
 from sdsbridge.training.loop import TrainingDiverged, train
 
@@ -95,7 +96,7 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
         result = real(*args, **kwargs)
         calls["n"] += 1
         if calls["n"] in (2, 3):  # two bad steps, then fine
-            return GuidanceResult(result.loss * float("nan"), result.grad_norm, result.t, result.stage)
+            return DistillResult(result.loss * float("nan"), result.grad_norm, result.t, result.stage)
         return result
 
     monkeypatch.setattr(Method, "distill", flaky)
@@ -107,7 +108,7 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):
 
     def always_nan(*args, **kwargs):
         result = real(*args, **kwargs)
-        return GuidanceResult(result.loss * float("inf"), result.grad_norm, result.t, result.stage)
+        return DistillResult(result.loss * float("inf"), result.grad_norm, result.t, result.stage)
 
     monkeypatch.setattr(Method, "distill", always_nan)
     run_dir = tmp_path / "diverged"

@@ -1,14 +1,15 @@
 """Turntable video: frame count, size (even, two panels), decodes, atomic write, renderer mode restored."""
 
-from types import SimpleNamespace
-
 import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from sdsbridge.config.schema import CameraConfig, RenderConfig, SceneConfig
+from sdsbridge.scene.nerf_scene import NeRFScene
+
+from sdsbridge.config.schema import RenderConfig, SceneConfig
+from sdsbridge.scene.cameras import CameraConfig
 from sdsbridge.common.errors import UserError
 from sdsbridge.outputs.export.shading import NORMAL_METHODS, density_normals
 from sdsbridge.outputs.export.video import parse_modes, render_turntable
@@ -27,9 +28,9 @@ class RedBall(nn.Module):
 
 
 def tiny_scene():
-    renderer = Renderer(RedBall(), Background(SceneConfig(background_width=4)),
-                        RenderConfig(sampler="stratified", num_samples=32), radius=1.0)
-    return SimpleNamespace(renderer=renderer)
+    field, background = RedBall(), Background(SceneConfig(background_width=4))
+    renderer = Renderer(field, background, RenderConfig(sampler="stratified", num_samples=32), radius=1.0)
+    return NeRFScene(field, background, renderer)
 
 
 def test_turntable_frames_size_and_content(tmp_path):
@@ -79,9 +80,9 @@ def test_ball_normals_are_the_radial_direction(method):
 
 
 def test_normal_and_shaded_panels_show_a_ball_facing_the_camera(tmp_path):
-    renderer = Renderer(SmoothBall(), Background(SceneConfig(background_width=4)),
-                        RenderConfig(sampler="stratified", num_samples=64), radius=1.0)
-    path = render_turntable(SimpleNamespace(renderer=renderer), CameraConfig(), tmp_path / "t.mp4", frames=2,
+    field, background = SmoothBall(), Background(SceneConfig(background_width=4))
+    renderer = Renderer(field, background, RenderConfig(sampler="stratified", num_samples=64), radius=1.0)
+    path = render_turntable(NeRFScene(field, background, renderer), CameraConfig(), tmp_path / "t.mp4", frames=2,
                             resolution=32, fps=5, background_color=(1.0, 1.0, 1.0), progress=False,
                             modes=("rgb", "normal", "shaded", "depth"))
     frames = iio.imread(path, index=None).astype(float)

@@ -8,9 +8,11 @@ import torch
 
 from sdsbridge.scene.cameras import orbit_cameras
 from sdsbridge.training.checkpoint import find_checkpoint, load_checkpoint
-from sdsbridge.config.schema import CameraConfig, GuidanceConfig, PriorConfig
+from sdsbridge.scene.cameras import CameraConfig
+from sdsbridge.priors.stable_diffusion import StableDiffusionSettings
 from sdsbridge.config.loader import load_config
-from sdsbridge.distill.methods import VSD, make_method
+from sdsbridge.distill.methods import make_method
+from sdsbridge.distill.methods.vsd import VSD
 from sdsbridge.priors import load_prior
 from sdsbridge.priors.lora import LoraSource
 from sdsbridge.training.loop import train
@@ -31,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 @pytest.fixture()
 def prior(tiny_sd_dir):
     """A fresh prior per test: VSD adds its adapter to the prior's UNet."""
-    return load_prior(PriorConfig(model=str(tiny_sd_dir)), "cpu")
+    return load_prior(StableDiffusionSettings(model=str(tiny_sd_dir)), "cpu")
 
 
 def cameras_of(n):
@@ -49,7 +51,7 @@ def randomise_lora(method, seed=1, scale=0.05):
 
 
 def test_vsd_gradient_is_cfg_of_the_pretrained_unet_minus_the_lora(prior):
-    vsd = make_method("vsd", GuidanceConfig(vsd_guidance_scale=7.5), prior)
+    vsd = make_method("vsd", dict(vsd_guidance_scale=7.5), prior)
     randomise_lora(vsd)
     cameras = cameras_of(2)
     conditions = vsd.prompt_embeddings("a red torus").conditions(cameras.labels, cameras.azimuth)
@@ -79,7 +81,7 @@ def test_vsd_gradient_is_cfg_of_the_pretrained_unet_minus_the_lora(prior):
 
 
 def test_bridge_vsd_stage_two_is_target_minus_the_lora(prior):
-    method = make_method("bridge-vsd", GuidanceConfig(stage2_start_step=10, stage2_scale=2.0,
+    method = make_method("bridge-vsd", dict(stage2_start_step=10, stage2_scale=2.0,
                                                       stage2_weighting="uniform"), prior)
     randomise_lora(method)
     cameras = cameras_of(2)
@@ -95,7 +97,7 @@ def test_bridge_vsd_stage_two_is_target_minus_the_lora(prior):
     expected = 2.0 * (prior.predict_noise(x_t, t, conditions["target"]) - eps_lora)
     assert method.stage(10) == 2 and method.stage(9) == 1
     assert torch.allclose(method.gradient(latents, t, noise, conditions, 2, cameras), expected, atol=1e-5)
-    sds = make_method("sds", GuidanceConfig(), prior)  # stage one is the bridge's SDS
+    sds = make_method("sds", dict(), prior)  # stage one is the bridge's SDS
     assert torch.equal(method.gradient(latents, t, noise, conditions, 1, cameras),
                        sds.gradient(latents, t, noise, conditions, 1, cameras))
     assert [group["name"] for group in method.param_groups()] == ["lora"]
@@ -106,7 +108,7 @@ def test_pretrained_branch_is_unchanged_by_the_adapter(prior):
     x_t, cond = torch.randn(2, 4, 32, 32, generator=g), prior.embed_prompts(["a cat", ""])
     t = torch.tensor([10, 900])
     before = prior.predict_noise(x_t, t, cond)
-    vsd = make_method("vsd", GuidanceConfig(), prior)
+    vsd = make_method("vsd", dict(), prior)
     randomise_lora(vsd, scale=0.5)
     assert torch.equal(prior.predict_noise(x_t, t, cond), before)  # adapter off: bit for bit
     with torch.no_grad():
@@ -116,9 +118,9 @@ def test_pretrained_branch_is_unchanged_by_the_adapter(prior):
 
 
 def test_a_second_vsd_on_the_same_prior_reuses_and_resets_the_adapter(prior):
-    first = make_method("vsd", GuidanceConfig(), prior)
+    first = make_method("vsd", dict(), prior)
     randomise_lora(first)
-    second = make_method("vsd", GuidanceConfig(), prior)
+    second = make_method("vsd", dict(), prior)
     assert set(second.source.lora) == set(first.source.lora)
     assert all(torch.count_nonzero(p) == 0 for n, p in second.source.lora.items() if ".lora_B." in n)
     assert len(prior.unet.peft_config) == 1
@@ -128,8 +130,8 @@ def test_a_second_vsd_on_the_same_prior_reuses_and_resets_the_adapter(prior):
 def test_the_lora_learns_the_renders(tiny_sd_dir, dtype):
     """Its diffusion loss on a fixed set of latents, at fixed timesteps and noise, falls over a few dozen steps, with
     the UNet in fp32 and in the half types (the LoRA stays fp32; fp16 on the CPU is slow)."""
-    prior = load_prior(PriorConfig(model=str(tiny_sd_dir), dtype=dtype), "cpu")
-    vsd = make_method("vsd", GuidanceConfig(lora_condition_dropout=0.0), prior)
+    prior = load_prior(StableDiffusionSettings(model=str(tiny_sd_dir), dtype=dtype), "cpu")
+    vsd = make_method("vsd", dict(lora_condition_dropout=0.0), prior)
     g = torch.Generator().manual_seed(0)
     renders = torch.randn(4, 4, 32, 32, generator=g) * 0.5 + torch.linspace(-1, 1, 4).view(4, 1, 1, 1)
     cond = prior.embed_prompts(["a red torus"]).expand(4, -1, -1)
@@ -156,7 +158,7 @@ def test_the_lora_learns_the_renders(tiny_sd_dir, dtype):
 
 
 def test_vsd_returns_the_lora_loss_and_an_optimizer_group(prior):
-    vsd = make_method("vsd", GuidanceConfig(lora_lr=1e-4), prior)
+    vsd = make_method("vsd", dict(lora_lr=1e-4), prior)
     assert isinstance(vsd, VSD)
     [group] = vsd.param_groups()
     assert group["name"] == "lora" and group["lr"] == 1e-4
@@ -239,6 +241,7 @@ def test_lora_source_refuses_a_prior_without_unet():
 
     class NoUnet:
         device = torch.device("cpu")
+        capabilities = frozenset({"text"})
 
     with pytest.raises(UserError, match="stable-diffusion"):
         LoraSource(NoUnet(), 4)

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -24,13 +23,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from sdsbridge.config.schema import DEFAULT_SD_MODEL, HUB_ID_PATTERN, KNOWN_MIRRORS, REMOVED_SD_MODELS
+from sdsbridge.priors.hub import DEFAULT_SD_MODEL, cached_model_status
 
 STATUSES = ("ok", "warn", "fail", "info")
 TCNN_HINT = ("optional accelerator, build from source: "
              "pip install git+https://github.com/NVlabs/tiny-cuda-nn/#subdirectory=bindings/torch")
-_HUB_ID = re.compile(HUB_ID_PATTERN)
-_WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
 _GIB = 1024 ** 3
 
 
@@ -69,40 +66,6 @@ def _is_cuda(device: str) -> bool:
     import torch
 
     return device.startswith("cuda") and torch.cuda.is_available()
-
-
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) set to a true value, read now."""
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def hf_cache_dir() -> Path:
-    """The Hugging Face hub cache folder, from the environment as it is now (huggingface_hub reads it at
-    import time): HF_HUB_CACHE, HUGGINGFACE_HUB_CACHE, HF_HOME/hub, XDG_CACHE_HOME/huggingface/hub."""
-    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if os.environ.get(key):
-            return Path(os.path.expandvars(os.environ[key])).expanduser()
-    home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface")
-    return Path(os.path.expandvars(home)).expanduser() / "hub"
-
-
-def _missing_components(folder: Path) -> list[str]:
-    """Components named in ``folder/model_index.json`` whose folder (or, for unet/vae/text_encoder, whose
-    weights file) is missing. Dangling cache symlinks count as missing."""
-    index = json.loads((folder / "model_index.json").read_text())
-    missing = []
-    for name, value in index.items():
-        if name.startswith("_") or not isinstance(value, list) or not value or value[0] is None:
-            continue
-        sub = folder / name
-        if not sub.is_dir():
-            missing.append(name)
-        elif name in _WEIGHT_COMPONENTS and not any(
-                p.suffix in (".safetensors", ".bin") and p.exists() for p in sub.iterdir()):
-            missing.append(f"{name} weights")
-    return missing
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -300,40 +263,8 @@ def check_bf16(device: str) -> Check:
 
 
 def check_prior_model(model: str = DEFAULT_SD_MODEL) -> Check:
-    """Whether the prior model resolves without the network: a local pipeline folder, or the local HF
-    cache for a hub id."""
-    name = "prior model"
-    removed = model.strip().lower() in REMOVED_SD_MODELS
-    note = (f"; '{model.strip()}' was removed from the hub in Nov 2025: use "
-            f"{DEFAULT_SD_MODEL} ({KNOWN_MIRRORS})") if removed else ""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            return Check(name, "fail", f"'{model}' is not a diffusers pipeline folder (no model_index.json)")
-        missing = _missing_components(path)
-        if missing:
-            return Check(name, "fail", f"local folder '{model}' lacks {', '.join(missing)}")
-        return Check(name, "ok", f"local pipeline folder {path.resolve()}")
-    if not _HUB_ID.match(model):
-        return Check(name, "fail", f"local folder '{model}' does not exist (and it is not a hub id)")
-
-    from huggingface_hub import try_to_load_from_cache
-
-    cache = hf_cache_dir()
-    found = try_to_load_from_cache(model, "model_index.json", cache_dir=str(cache))
-    offline = " (HF_HUB_OFFLINE=1 is set: nothing will be downloaded)" if _hub_offline() else ""
-    if isinstance(found, str):
-        snapshot = Path(found).parent
-        missing = _missing_components(snapshot)
-        if missing:
-            return Check(name, "warn", f"'{model}' is only partly cached at {snapshot} (missing "
-                                       f"{', '.join(missing)}); `sdsbridge train` downloads the rest{offline}{note}")
-        return Check(name, "ok", f"'{model}' cached at {snapshot}{note}")
-    if removed:
-        return Check(name, "fail", f"'{model}' is not in the local HF cache ({cache}){note}")
-    return Check(name, "warn", f"'{model}' is not in the local HF cache ({cache}); first `sdsbridge train` "
-                               f"downloads ~5 GB, or point prior.model at a local folder; HF_HUB_OFFLINE=1 "
-                               f"is honoured{offline}")
+    """Whether the prior model resolves without the network (``hub.cached_model_status``)."""
+    return Check("prior model", *cached_model_status(model))
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -10,6 +10,7 @@ import typer
 
 from sdsbridge.cli.app import IMAGE_OVERRIDES_HELP, app, split_file_and_overrides
 from sdsbridge.common.errors import RunFailed, UserError
+from sdsbridge.distill.methods import METHODS
 from sdsbridge.cli.preflight import check_prompt, check_run
 
 
@@ -23,7 +24,7 @@ def image(
                                          "image per prompt, resumable (done prompts are skipped)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a new runs/image-...)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
-    method: Optional[str] = typer.Option(None, "--method", help="bridge | sds | nfsd | vsd | bridge-vsd "
+    method: Optional[str] = typer.Option(None, "--method", help=f"{' | '.join(METHODS)} "
                                          "(overrides `method:`)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
@@ -136,7 +137,7 @@ def doctor(
     json_output: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
 ) -> None:
     """Check what this machine can use: device, CUDA, tinycudann, nerfacc kernels, ffmpeg, fp16, the model."""
-    from sdsbridge.config.schema import DEFAULT_SD_MODEL
+    from sdsbridge.priors.hub import DEFAULT_SD_MODEL
     from sdsbridge.cli.doctor import exit_code, format_table, run_checks, summary, to_json
 
     checks = run_checks(model or DEFAULT_SD_MODEL, device)

@@ -38,7 +38,7 @@ DEFAULT_MESH_RESOLUTION = 128
 def _mesh_stats(scene, config, mesh_resolution: int) -> tuple[Optional[object], dict]:
     """Extract the run's mesh; (MeshResult or None, metadata: threshold, faces, vertices, mesh_error)."""
     try:
-        mesh = extract_mesh(scene.field, config.scene.radius, mesh_resolution, config.export.threshold,
+        mesh = extract_mesh(scene, scene.radius, mesh_resolution, config.export.threshold,
                             min_component_fraction=config.export.min_component_fraction)
     except UserError as exc:
         return None, {"threshold": None, "mesh_faces": 0, "mesh_vertices": 0, "mesh_error": str(exc)}
@@ -50,14 +50,13 @@ def _mesh_stats(scene, config, mesh_resolution: int) -> tuple[Optional[object], 
 def _render_white(scene, config, n_views: int, resolution: int, device: torch.device):
     """[N, 3, R, R] renders over white, [N, 1, R, R] opacity (on the CPU) and the eval cameras."""
     cameras = orbit_cameras(config.cameras, n_views)
-    renderer = scene.renderer
-    was_training = renderer.training
-    renderer.eval()
+    was_training = scene.training
+    scene.eval()
     try:
-        out = renderer.render(cameras.to(device), resolution, resolution,
-                              background_color=torch.ones(3, device=device), chunk_rays=config.render.chunk_rays)
+        out = scene.render(cameras.to(device), resolution, resolution,
+                           background_color=torch.ones(3, device=device), chunk_rays=config.render.chunk_rays)
     finally:
-        renderer.train(was_training)
+        scene.train(was_training)
     rgb = out.rgb.permute(0, 3, 1, 2).clamp(0, 1).float().cpu()
     return rgb, out.opacity.permute(0, 3, 1, 2).float().cpu(), cameras
 

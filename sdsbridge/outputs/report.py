@@ -30,7 +30,8 @@ from sdsbridge.common.atomic import atomic_write_bytes
 from sdsbridge.common.errors import UserError
 from sdsbridge.common.package_files import package_folder
 from sdsbridge.outputs.naming import newest_output
-from sdsbridge.training.plots import PLOTS, TITLES, read_metrics, write_plots
+from sdsbridge.config.loader import config_from_dict
+from sdsbridge.training.plots import PLOTS, TITLES, read_metrics, stage2_step, write_plots
 from sdsbridge.common.safe_yaml import load_yaml
 
 logger = logging.getLogger("sdsbridge")
@@ -78,9 +79,7 @@ def collect_run(run_dir: Path) -> RunPage:
     rows = read_metrics(run_dir / "metrics.jsonl")
     plots = [run_dir / "plots" / f"{name}.png" for name in PLOTS]
     if rows and not all(p.is_file() for p in plots):
-        guidance = config.get("guidance") or {}
-        stage2 = guidance.get("stage2_start_step") if config.get("method") in ("bridge", "bridge-vsd") else None
-        write_plots(run_dir, int(stage2) if isinstance(stage2, (int, float)) else None)
+        write_plots(run_dir, _stage2_step(config))
     mesh = newest_output(run_dir / "mesh", "mesh", "glb")
     return RunPage(
         run_dir=run_dir, prompt=str(config.get("prompt", "")), method=str(config.get("method", "")),
@@ -89,6 +88,15 @@ def collect_run(run_dir: Path) -> RunPage:
         videos=sorted((run_dir / "video").glob("*.mp4")) if (run_dir / "video").is_dir() else [],
         validation=sorted((run_dir / "validation").glob("step-*.png")) if (run_dir / "validation").is_dir() else [],
         plots=[p for p in plots if p.is_file()])
+
+
+def _stage2_step(config: dict) -> Optional[int]:
+    """``plots.stage2_step`` of a run's config.yaml as read (None when it does not load: the plots then mark no
+    switch)."""
+    try:
+        return stage2_step(config_from_dict(config))
+    except UserError:
+        return None
 
 
 def data_uri(path: Path, mime: str) -> str:

@@ -1,33 +1,40 @@
-"""Diffusion priors: Stable Diffusion (diffusers) and the exact reference prior of built-in shapes.
+"""Diffusion priors: Stable Diffusion (diffusers) and the exact reference prior of built-in shapes, found by
+``prior.kind`` in ``PRIORS``.
 
-``load_prior`` is the one loader users, the trainer, the 2D image mode and the tests go through.
+``load_prior`` is the one loader users, the trainer, the 2D image mode and the tests go through. Every module of
+this folder is imported here (none imports diffusers before it needs it), so a prior's file registers itself.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Optional
 
 import torch
 
-from sdsbridge.config.schema import CameraConfig, PriorConfig
-from sdsbridge.priors.base import Prior
+from sdsbridge.common.errors import UserError
+from sdsbridge.priors.base import PRIORS, Prior, PriorSettings, register_prior
+from sdsbridge.scene.cameras import CameraConfig
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+_registered = sorted(PRIORS.items())  # by name, whatever order the files imported in
+PRIORS.clear()
+PRIORS.update(_registered)
 
 
-def load_prior(cfg: PriorConfig, device: torch.device | str, camera_cfg: Optional[CameraConfig] = None) -> Prior:
-    """Build the prior ``cfg.kind`` names on ``device``.
-
-    'stable-diffusion' loads ``cfg.model`` (hub id or local folder); 'reference' renders its reference
-    image sets with the training camera distribution ``camera_cfg`` (defaults when None).
-    """
-    if cfg.kind == "stable-diffusion":
-        from sdsbridge.priors.stable_diffusion import StableDiffusionPrior
-
-        return StableDiffusionPrior.from_config(cfg, device)
-    if cfg.kind == "reference":
-        from sdsbridge.priors.reference import ReferencePrior
-
-        return ReferencePrior.from_config(cfg, camera_cfg or CameraConfig(), device)
-    raise ValueError(f"unknown prior kind {cfg.kind!r}")  # config validation rejects this earlier
+def prior_class(kind: str) -> type:
+    """The prior class registered as ``kind``; UserError naming the registered ones otherwise."""
+    if kind not in PRIORS:
+        raise UserError(f"prior.kind: '{kind}' is not one of {', '.join(PRIORS)}")
+    return PRIORS[kind]
 
 
-__all__ = ["Prior", "load_prior"]
+def load_prior(settings: PriorSettings, device: torch.device | str, camera_cfg: Optional[CameraConfig] = None) -> Prior:
+    """Build the prior ``settings.kind`` names on ``device`` (``camera_cfg``: the training cameras, which the
+    reference prior renders its image sets with; defaults when None)."""
+    return prior_class(settings.kind).load(settings, torch.device(device), camera_cfg or CameraConfig())
+
+
+__all__ = ["PRIORS", "Prior", "PriorSettings", "load_prior", "prior_class", "register_prior"]

@@ -19,12 +19,16 @@ import copy
 import json
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from sdsbridge.common.errors import UserError
 from sdsbridge.common.package_files import package_folder
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
 BYTE_VOCABULARY_SIZE = 514
 """Tokens of a byte-level vocabulary without fillers: 256 byte symbols, the same with "</w>", BOS and EOS
@@ -135,6 +139,8 @@ def text_encoder_config(configs: dict) -> CLIPTextConfig:
     """The CLIP text config of an architecture. Its vocabulary size is the architecture's (``BYTE_VOCABULARY_SIZE``
     byte-level tokens when unset) and its special token ids are our tokenizer's: bos = vocab - 2, eos = pad = vocab - 1
     (the ids CLIP's tokenizer uses; SD 2.1's stored config carries stale ids 0/2/1)."""
+    from transformers import CLIPTextConfig
+
     args = _arguments(configs["text_encoder"])
     vocab_size = args.pop("vocab_size", BYTE_VOCABULARY_SIZE)
     return CLIPTextConfig(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
@@ -144,6 +150,9 @@ def text_encoder_config(configs: dict) -> CLIPTextConfig:
 def build_models(configs: dict) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
     """(UNet, VAE, text encoder) of an architecture, freshly initialised from torch's global RNG (or
     weightless when built under ``with torch.device("meta")``)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
     unet = UNet2DConditionModel(**_arguments(configs["unet"]))
     vae = AutoencoderKL(**_arguments(configs["vae"]))
     text_encoder = CLIPTextModel(text_encoder_config(configs))

@@ -1,16 +1,59 @@
-"""The prior interface: what score distillation needs from a diffusion model.
+"""The prior interface: what score distillation needs from a diffusion model, the settings every prior
+reads, and the registry of prior kinds.
 
 Two implementations: Stable Diffusion through diffusers (stable_diffusion.py) and the exact reference
-prior of built-in shapes (reference.py). Guidance code only talks to this Protocol. The noise-schedule
-arithmetic (``noisy_latents``) lives here too, so that priors (VSD's LoRA) and methods both import it downward.
+prior of built-in shapes (reference.py). Methods only talk to the ``Prior`` Protocol and ask a prior's
+``capabilities`` for what not every prior has. A prior class registers itself under its ``kind``
+(``register_prior``) with its ``Settings`` (the ``prior:`` section), ``load`` and its checks before a run
+(``check_prompt``, ``check_machine``). The
+noise-schedule arithmetic (``noisy_latents``, ``alpha_bar``) lives here too, so that priors (VSD's LoRA) and
+methods both import it downward.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+import re
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from sdsbridge.common.checks import check
+from sdsbridge.common.devices import DEVICE_PATTERN
+
+
+@dataclass
+class PriorSettings:
+    """What every prior reads (the ``prior:`` keys they share)."""
+
+    kind: str = "stable-diffusion"
+    """Which prior (``PRIORS``): 'stable-diffusion' (diffusers) or 'reference' (exact denoiser of built-in shapes,
+    CPU friendly)."""
+    device: Optional[str] = None
+    """Where the prior runs in 3D training: None = the scene's ``device``; else cpu, cuda or cuda:N. Renders go to it
+    (resized there) and their gradients come back to the scene's device, so a second GPU can hold the UNet
+    and VAE (most of the memory at 512 px) while the first holds the scene."""
+
+    def validate(self) -> None:
+        """UserError naming the first bad ``prior.*`` key. Subclasses check their own fields, then call this."""
+        check(self.device is None or re.match(DEVICE_PATTERN, self.device) is not None, "prior.device",
+              f"'{self.device}' is not one of null (the scene's device), auto, cpu, cuda, cuda:N")
+
+
+PRIORS: dict[str, type] = {}
+"""Prior kind (``prior.kind``) -> class, filled by ``register_prior`` where each class is defined (priors/
+imports its modules)."""
+
+
+def register_prior(cls: type) -> type:
+    """Class decorator: ``PRIORS[cls.kind] = cls``. The class gives ``kind``, ``Settings``, ``capabilities``,
+    ``load(settings, device, camera_cfg)``, ``check_prompt(prompt)`` and ``check_machine(settings)``."""
+    if cls.kind in PRIORS and PRIORS[cls.kind] is not cls:
+        raise ValueError(f"prior kind {cls.kind!r} is registered twice")
+    PRIORS[cls.kind] = cls
+    return cls
 
 
 class Prior(Protocol):
@@ -21,6 +64,9 @@ class Prior(Protocol):
     condition ids for the reference prior).
     """
 
+    capabilities: ClassVar[frozenset[str]]
+    """What not every prior has (``methods.base.PRIOR_CAPABILITIES``): 'text' (free-text embeddings that can be
+    blended), 'adapters' (a UNet that takes LoRA adapters)."""
     image_resolution: int
     """R: ``encode_images`` resizes images (bilinearly) to R x R first."""
     num_train_timesteps: int

@@ -20,7 +20,6 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.embeddings import TimestepEmbedding
 
 from sdsbridge.common.errors import UserError
 from sdsbridge.priors.base import noisy_latents
@@ -86,8 +85,10 @@ class LoraSource:
             from peft import LoraConfig
         except ImportError:
             raise UserError("method: vsd needs the 'peft' package (pip install peft)") from None
-        if not hasattr(prior, "unet"):
-            raise UserError("method: vsd needs prior.kind: stable-diffusion (a UNet to adapt)")
+        from diffusers.models.embeddings import TimestepEmbedding
+
+        if "adapters" not in prior.capabilities:
+            raise UserError("method: vsd needs a prior with a UNet to adapt (prior.kind: stable-diffusion)")
         self.prior = prior
         self.unet = prior.unet
         self.rank = rank

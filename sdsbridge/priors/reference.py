@@ -15,6 +15,7 @@ come from a quite different pose).
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import hashlib
 import json
 import logging
@@ -27,10 +28,11 @@ import torch.nn.functional as F
 
 from sdsbridge.common.atomic import atomic_file
 from sdsbridge.scene.cameras import VIEW_LABELS, Cameras, cameras_from_angles, sample_cameras
-from sdsbridge.config.schema import CameraConfig, PriorConfig
+from sdsbridge.scene.cameras import CameraConfig
 from sdsbridge.common.errors import WriteFailed
 from sdsbridge.priors import shapes as shapes_module
-from sdsbridge.priors.base import to_prior_images
+from sdsbridge.common.checks import check
+from sdsbridge.priors.base import PriorSettings, register_prior, to_prior_images
 from sdsbridge.priors.denoiser import noise_from_denoised, optimal_denoiser, sd_alphas_cumprod
 from sdsbridge.priors.reference_prompts import Condition, parse_prompt
 from sdsbridge.priors.shapes import get_shape, render_shape
@@ -136,6 +138,28 @@ def degrade(images: torch.Tensor, masks: torch.Tensor, kind: str) -> torch.Tenso
     raise ValueError(f"unknown degradation {kind!r}")
 
 
+@dataclass
+class ReferenceSettings(PriorSettings):
+    """The reference prior (``prior.kind: reference``): the exact denoiser of built-in shape renders."""
+
+    kind: str = "reference"
+    resolution: int = 64
+    """Image resolution in pixels."""
+    views_per_label: int = 200
+    """Reference renders per (shape, view label)."""
+    nearest_views: int = 0
+    """Condition on the K reference views nearest the camera (0 = by view label)."""
+    cache_dir: Optional[str] = None
+    """Directory to cache rendered image sets (None = memory only)."""
+
+    def validate(self) -> None:
+        check(self.resolution > 0, "prior.resolution", "must be positive")
+        check(self.views_per_label > 0, "prior.views_per_label", "must be positive")
+        check(self.nearest_views >= 0, "prior.nearest_views", "must be >= 0")
+        super().validate()
+
+
+@register_prior
 class ReferencePrior:
     """Exact denoiser of built-in shape renders; implements the Prior Protocol (priors/base.py).
 
@@ -143,6 +167,9 @@ class ReferencePrior:
     are rendered lazily per shape on first use, kept in memory and optionally cached on disk.
     """
 
+    kind = "reference"
+    Settings = ReferenceSettings
+    capabilities = frozenset()
     num_train_timesteps = 1000
 
     def __init__(self, resolution: int = 64, views_per_label: int = 200, nearest_views: int = 0,
@@ -163,8 +190,18 @@ class ReferencePrior:
         self._masks: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def from_config(cls, cfg: PriorConfig, camera_cfg: CameraConfig, device: torch.device | str) -> "ReferencePrior":
+    def load(cls, cfg: ReferenceSettings, device: torch.device, camera_cfg: CameraConfig) -> "ReferencePrior":
+        """The prior of ``cfg`` on ``device``, its image sets rendered with the training cameras ``camera_cfg``."""
         return cls(cfg.resolution, cfg.views_per_label, cfg.nearest_views, camera_cfg, cfg.cache_dir, device)
+
+    @classmethod
+    def check_prompt(cls, prompt: str) -> None:
+        """UserError unless ``prompt`` names one of the built-in shapes."""
+        parse_prompt(prompt)
+
+    @classmethod
+    def check_machine(cls, cfg: ReferenceSettings) -> None:
+        """Nothing to check: the reference prior needs no files."""
 
     # --- conditions ---------------------------------------------------------------------------------
     def embed_prompts(self, prompts: list[str]) -> torch.Tensor:

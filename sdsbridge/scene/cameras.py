@@ -8,13 +8,39 @@ Angles in the public API are in degrees; ``fovy`` is stored in radians.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
-from sdsbridge.config.schema import CameraConfig
 from sdsbridge.common.devices import generator_device
+
+
+@dataclass
+class CameraConfig:
+    """Random training cameras and the fixed evaluation orbit. Angles in degrees."""
+
+    distance_range: list[float] = field(default_factory=lambda: [1.0, 1.5])
+    """Camera distance from the origin."""
+    fovy_range: list[float] = field(default_factory=lambda: [40.0, 70.0])
+    """Vertical field of view."""
+    elevation_range: list[float] = field(default_factory=lambda: [-10.0, 45.0])
+    """Elevation above the xy-plane; per batch, half the time uniform in angle, half the time uniform on the
+    sphere (threestudio's RandomCameraIterableDataset)."""
+    azimuth_range: list[float] = field(default_factory=lambda: [-180.0, 180.0])
+    """Azimuth; 0 is the front."""
+    front_half_angle: float = 30.0
+    """|azimuth| within this of 0 is 'front', of 180 is 'back'; otherwise 'side'."""
+    overhead_elevation: float = 60.0
+    """Elevation above this is 'overhead'."""
+    eval_distance: float = 1.5
+    """Evaluation / turntable camera distance."""
+    eval_fovy: float = 70.0
+    """Evaluation / turntable field of view."""
+    eval_elevation: float = 15.0
+    """Evaluation / turntable elevation."""
+    eval_views: int = 120
+    """Number of evaluation views around the orbit."""
 
 VIEW_LABELS = ("front", "side", "back", "overhead")
 

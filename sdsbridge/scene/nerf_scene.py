@@ -1,41 +1,89 @@
-"""The scene a run optimises and renders: field + background + renderer; built from a config; its state
-goes into checkpoints and comes back from them."""
+"""The NeRF scene (an implementation of ``base.Scene``): hash-grid field + background + renderer with its
+occupancy grid; its state goes into checkpoints and comes back from them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
+from typing import Optional
 
 import torch
 
-from sdsbridge.config.schema import Config
+from sdsbridge.common.devices import module_device
 from sdsbridge.common.errors import UserError
+from sdsbridge.scene.base import RenderOutput
+from sdsbridge.scene.cameras import Cameras
+from sdsbridge.scene.nerf.settings import RenderConfig, SceneConfig
+from sdsbridge.scene.nerf import encoding
 from sdsbridge.scene.nerf.background import Background
 from sdsbridge.scene.nerf.field import NeRFField
 from sdsbridge.scene.nerf.renderer import Renderer
 
 
+NERF_GROUPS = ("grid", "density", "color", "background")
+"""The NeRF's optimizer groups, in order: hash grid, density head, colour head, background MLP."""
+
+
 @dataclass
-class Scene:
+class NeRFScene:
     """What a run optimises (``field``, ``background``) and how it is rendered (``renderer``, which also
-    holds the occupancy grid on CUDA)."""
+    holds the occupancy grid); ``learning_rates``: group name (``NERF_GROUPS``) -> learning rate."""
 
     field: NeRFField
     background: Background
     renderer: Renderer
+    learning_rates: dict[str, float] = dataclass_field(default_factory=dict)
 
-    def train(self, mode: bool = True) -> "Scene":
+    @property
+    def radius(self) -> float:
+        return self.renderer.radius
+
+    @property
+    def training(self) -> bool:
+        return self.renderer.training
+
+    @property
+    def device(self) -> torch.device:
+        return module_device(self.field)
+
+    def train(self, mode: bool = True) -> "NeRFScene":
         """Training mode (jittered samples) for all three parts, or eval mode with ``mode=False``."""
         self.field.train(mode)
         self.background.train(mode)
         self.renderer.train(mode)
         return self
 
-    def eval(self) -> "Scene":
+    def eval(self) -> "NeRFScene":
         return self.train(False)
 
-    def param_groups(self) -> dict[str, list[torch.nn.Parameter]]:
-        """Parameters by optimizer group: 'grid', 'density', 'color' (the field's) and 'background'."""
-        return {**self.field.param_groups(), "background": list(self.background.parameters())}
+    def render(self, cameras: Cameras, height: int, width: int, background_color: Optional[torch.Tensor] = None,
+               chunk_rays: Optional[int] = None) -> RenderOutput:
+        """``Renderer.render``."""
+        return self.renderer.render(cameras, height, width, background_color=background_color, chunk_rays=chunk_rays)
+
+    def param_groups(self) -> list[dict]:
+        """One group per part (``NERF_GROUPS``: the field's 'grid', 'density', 'color', then 'background'), each
+        with its learning rate (the official run's groups)."""
+        params = {**self.field.param_groups(), "background": list(self.background.parameters())}
+        return [{"params": params[name], "lr": self.learning_rates[name], "name": name} for name in NERF_GROUPS]
+
+    def after_step(self, step: int) -> None:
+        """The occupancy-grid refresh (a no-op for the stratified sampler)."""
+        self.renderer.update_occupancy(step)
+
+    @property
+    def one_off_seconds(self) -> float:
+        """The hash grid's kernel compile time so far (``encoding.compile_seconds``)."""
+        return encoding.compile_seconds
+
+    def prepare_long_run(self) -> None:
+        """Compile the hash grid's CPU kernel from the first step (it pays off over a long run)."""
+        self.field.encoding.compile_after_points = 0
+
+    def density(self, points: torch.Tensor) -> torch.Tensor:
+        return self.field.density(points)
+
+    def colour(self, points: torch.Tensor) -> torch.Tensor:
+        return self.field.colour(points)
 
     def state_dict(self) -> dict[str, dict]:
         """{'field', 'background', 'renderer'} state dicts, as a checkpoint stores them."""
@@ -71,9 +119,10 @@ def _check_shapes(name: str, expected: dict, stored) -> None:
                             f"checkpoint, {list(want.shape)} for this config")
 
 
-def build_scene(config: Config, device: torch.device) -> Scene:
-    """Field, background and renderer from the config, on ``device`` (parameters drawn from torch's RNG)."""
-    field = NeRFField(config.scene, device=device).to(device)
-    background = Background(config.scene).to(device)
-    renderer = Renderer(field, background, config.render, radius=config.scene.radius)
-    return Scene(field, background, renderer)
+def build_nerf_scene(scene_cfg: SceneConfig, render_cfg: RenderConfig, learning_rates: dict[str, float],
+                     device: torch.device) -> NeRFScene:
+    """Field, background and renderer on ``device`` (parameters drawn from torch's RNG, in that order)."""
+    nerf = NeRFField(scene_cfg, device=device).to(device)
+    background = Background(scene_cfg).to(device)
+    renderer = Renderer(nerf, background, render_cfg, radius=scene_cfg.radius)
+    return NeRFScene(nerf, background, renderer, dict(learning_rates))

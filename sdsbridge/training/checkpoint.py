@@ -27,7 +27,8 @@ from sdsbridge.common.atomic import atomic_file, write_failed
 from sdsbridge.common.errors import UserError, WriteFailed
 from sdsbridge.config.loader import config_from_dict
 from sdsbridge.config.schema import Config
-from sdsbridge.scene.nerf_scene import Scene, build_scene
+from sdsbridge.scene.base import Scene
+from sdsbridge.training.step import build_scene
 
 FORMAT = "sdsbridge-checkpoint-v1"
 LAST = "last.ckpt"

@@ -31,12 +31,13 @@ import torch
 from tqdm import tqdm
 
 from sdsbridge.common.atomic import atomic_write_bytes, make_dirs
-from sdsbridge.config.schema import Config, GuidanceConfig
+from sdsbridge.config.schema import Config
 from sdsbridge.config.loader import to_yaml
 from sdsbridge.common.errors import UserError
 from sdsbridge.common.jsonl import append_rows, keep_rows
 from sdsbridge.common.media import to_uint8, video_frame, write_png, write_video
-from sdsbridge.distill.methods import Method, make_method
+from sdsbridge.distill.methods import Method, MethodSettings, make_method
+from sdsbridge.distill.methods.base import setting_names
 from sdsbridge.priors import load_prior
 from sdsbridge.priors.base import Prior
 from sdsbridge.distill.prompts import PromptEmbeddings
@@ -77,14 +78,13 @@ def parse_seeds(spec: str) -> list[int]:
 
 
 # --- settings and the prior's image space ------------------------------------------------------------
-def image_guidance_config(config: Config) -> GuidanceConfig:
-    """The 2D mode's method settings: ``config.image``'s scales, weighting, switch step, timestep range and
-    target modifier (the official 2D code's), VSD's LoRA learning rate, CFG on the plain prompt, no view
-    suffixes (so no view interpolation or Perp-Neg); modifiers, NFSD negative, VSD's CFG scale and LoRA rank
-    and grad clip from ``config.guidance``."""
+def image_guidance_config(config: Config) -> MethodSettings:
+    """The 2D mode's method settings: ``config.guidance`` (the method's ``Settings``) with those of its fields
+    that ``image:`` sets replaced (the official 2D code's scales, weighting, switch step, timestep range, target
+    modifier and LoRA learning rate), CFG on the plain prompt and no view suffixes (so no view interpolation or
+    Perp-Neg). Fields the method does not have are not touched (so any method runs in 2D)."""
     im = config.image
-    return dataclasses.replace(
-        config.guidance,
+    image_values = dict(
         guidance_scale=im.guidance_scale,
         weighting="sds",
         stage2_start_step=im.stage2_start_step,
@@ -100,6 +100,8 @@ def image_guidance_config(config: Config) -> GuidanceConfig:
         perp_neg=False,
         lora_lr=im.lora_lr,
     )
+    own = set(setting_names(type(config.guidance)))
+    return dataclasses.replace(config.guidance, **{k: v for k, v in image_values.items() if k in own})
 
 
 LOW_NOISE_T = 0.2

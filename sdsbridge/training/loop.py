@@ -26,16 +26,15 @@ from sdsbridge.common.atomic import atomic_write_bytes
 from sdsbridge.scene.cameras import orbit_cameras
 from sdsbridge.config.schema import Config
 from sdsbridge.config.loader import config_to_dict, to_yaml
-from sdsbridge.common.devices import fitted_cpu_threads, module_device, resolve_device, seed_everything
+from sdsbridge.common.devices import fitted_cpu_threads, resolve_device, seed_everything
 from sdsbridge.common.errors import Interrupted, RunFailed, UserError, WriteFailed
 from sdsbridge.common.jsonl import append_rows, keep_rows
 from sdsbridge.common.media import image_row, write_png
 from sdsbridge.distill.methods import Method, make_method
-from sdsbridge.scene.nerf import encoding as encoding_module
 from sdsbridge.training.plots import stage2_step, write_plots
 from sdsbridge.priors import load_prior
-from sdsbridge.scene.nerf_scene import Scene, build_scene
-from sdsbridge.training.step import StepResult, Views, build_optimizer, scene_step
+from sdsbridge.scene.base import Scene
+from sdsbridge.training.step import StepResult, Views, build_optimizer, build_scene, scene_step
 
 log = logging.getLogger("sdsbridge")
 
@@ -112,12 +111,12 @@ def try_write(what: str, write) -> bool:
 def save_validation(scene: Scene, config: Config, path: Path) -> None:
     """A grid of fixed eval views (rows: views; columns: rgb | opacity | depth) as PNG, rendered in eval
     mode without touching the training RNG."""
-    device = module_device(scene.field)
+    device = scene.device
     cameras = orbit_cameras(config.cameras, config.log.val_views).to(device)
     res = config.log.val_resolution
     scene.eval()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        out = scene.renderer.render(cameras, res, res, chunk_rays=config.render.chunk_rays)
+        out = scene.render(cameras, res, res, chunk_rays=config.render.chunk_rays)
     scene.train()
     write_png(path, np.concatenate([image_row(out.rgb[i], out.opacity[i], out.depth[i]) for i in range(len(cameras))]))
 
@@ -174,7 +173,7 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
     seed_everything(config.train.seed)
     scene = build_scene(config, device)
     # Before the prior loads (the slow part): a folder that cannot hold this run stops it here.
-    parameters = [p for group in scene.param_groups().values() for p in group]
+    parameters = [p for group in scene.param_groups() for p in group["params"]]
     ckpt.check_room(run_dir, ckpt.estimate_checkpoint_bytes(parameters))
     atomic_write_bytes(run_dir / "config.yaml", to_yaml(config).encode("utf-8"))
     warn_if_gpu_too_small(config, prior_device(config, device))
@@ -201,17 +200,17 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
     metrics_path = run_dir / "metrics.jsonl"
     keep_rows(metrics_path, lambda row: row.get("step", 0) <= start_step)  # a resumed run redoes later steps
     bar = tqdm(total=steps, initial=start_step, disable=not show_progress, dynamic_ncols=True, unit="step")
-    compiled_before = encoding_module.compile_seconds
+    compiled_before = scene.one_off_seconds
     if device.type == "cpu" and steps - start_step >= LONG_RUN_STEPS:
-        scene.field.encoding.compile_after_points = 0
+        scene.prepare_long_run()
     bad_in_row, done, last_saved, interrupted = 0, start_step, None, False
     bad_at_start, unwritten_rows = bad_steps, []
     scene.train()
     with stop_requests() as stop, logging_redirect_tqdm(), fitted_cpu_threads(device) as threads:  # log lines print above the bar, not glued to it
         for step in range(start_step, steps):
             views, result = scene_step(scene, method, prompts, optimizer, config, step)
-            if encoding_module.compile_seconds != compiled_before:  # a one-off kernel compile: not the rate
-                compiled_before = encoding_module.compile_seconds
+            if scene.one_off_seconds != compiled_before:  # e.g. a one-off kernel compile: not the rate
+                compiled_before = scene.one_off_seconds
                 bar.unpause()
             if result.finite:
                 bad_in_row = 0

@@ -262,8 +262,9 @@ def forecast_step(config: Config, arch: Architecture, dtype: torch.dtype, resolu
     gives the split for ``prior.device`` and ``prior.cpu_offload``. ``prior``: a ``meta_prior`` to reuse;
     ``render_costs``: ``render_bytes(config, backend)`` to reuse; ``backend``: the hash grid's ('torch' | 'tcnn')."""
     prior = prior or meta_prior(arch, dtype)
-    stage2 = getattr(config.guidance, "stage2_start_step", None)
-    steps = [0] + ([stage2] if config.method in ("bridge", "bridge-vsd") and stage2 else [])
+    from sdsbridge.distill.methods import method_class
+
+    steps = [0] + [step for step in method_class(config.method).stage_starts(config.guidance) if step]
     activations, own = trace_prior_step(prior, config, resolution, steps)
     models = (prior.unet, prior.vae, prior.text_encoder)
     saved, transient = render_costs or render_bytes(config, backend)

@@ -13,6 +13,7 @@ from typing import Optional
 
 from sdsbridge.common.atomic import atomic_write_bytes
 from sdsbridge.common.jsonl import read_rows
+from sdsbridge.distill.methods import method_class
 
 PLOTS = ("losses", "grad_norm", "t", "resolution")
 """The PNGs written, ``plots/<name>.png``."""
@@ -26,8 +27,9 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def stage2_step(config) -> Optional[int]:
-    """The step where the bridge's stage two starts, None for methods with one stage."""
-    return int(config.guidance.stage2_start_step) if config.method in ("bridge", "bridge-vsd") else None
+    """The step where the method's second stage starts (the bridge's stage two), None for methods with one stage."""
+    starts = method_class(config.method).stage_starts(config.guidance)
+    return int(starts[0]) if starts else None
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:

@@ -20,11 +20,10 @@ import torch.nn.functional as F
 
 from sdsbridge.scene.cameras import Cameras, sample_cameras
 from sdsbridge.config.schema import Config, LossConfig, TrainConfig
-from sdsbridge.common.devices import module_device
-from sdsbridge.distill.methods import GuidanceResult, Method
-from sdsbridge.scene.nerf.renderer import RenderOutput
+from sdsbridge.distill.methods import DistillResult, Method
+from sdsbridge.scene.base import RenderOutput, Scene
 from sdsbridge.distill.prompts import PromptEmbeddings
-from sdsbridge.scene.nerf_scene import Scene
+from sdsbridge.scene.nerf_scene import NeRFScene, build_nerf_scene
 from sdsbridge.common.schedules import schedule_value
 
 Timer = Callable[[str], AbstractContextManager]
@@ -36,13 +35,20 @@ def untimed(section: str) -> AbstractContextManager:
     return nullcontext()
 
 
+def build_scene(config: Config, device: torch.device) -> NeRFScene:
+    """The config's scene on ``device``: the NeRF of ``scene:`` and ``render:``, with the learning rates of
+    ``train:`` (parameters drawn from torch's RNG)."""
+    t = config.train
+    learning_rates = {"grid": t.lr_grid, "density": t.lr_density, "color": t.lr_color, "background": t.lr_background}
+    return build_nerf_scene(config.scene, config.render, learning_rates, device)
+
+
 def build_optimizer(scene: Scene, method: Method, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with one named parameter group per part (the official run's): hash grid, density head, colour
-    head, background, then the method's own groups (``Method.param_groups``); betas, eps and weight decay
-    shared. PyTorch's fused AdamW where it runs (same update, last bits may differ from the loop's)."""
-    lr = {"grid": cfg.lr_grid, "density": cfg.lr_density, "color": cfg.lr_color, "background": cfg.lr_background}
-    groups = [{"params": params, "lr": lr[name], "name": name} for name, params in scene.param_groups().items()]
-    groups += method.param_groups()
+    """AdamW over the scene's parameter groups (``Scene.param_groups``, each with its learning rate; the NeRF's
+    are the official run's: hash grid, density head, colour head, background), then the method's own groups
+    (``Method.param_groups``); betas, eps and weight decay shared. PyTorch's fused AdamW where it runs (same
+    update, last bits may differ from the loop's)."""
+    groups = scene.param_groups() + method.param_groups()
     # The fused kernel (one pass per tensor; 0.6 vs 2.8 ms per step for the demo on a CPU thread) runs on
     # CPU and CUDA float tensors; anything else gets the default loop.
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
@@ -102,7 +108,7 @@ class StepResult:
     losses: dict[str, torch.Tensor]
     """'guidance', the method's extra losses, then the regularisers, each a scalar on the optimised
     parameters' device."""
-    guidance: GuidanceResult
+    guidance: DistillResult
     finite: bool
     """False when the loss or a gradient was not finite: the step was skipped (gradients zeroed)."""
 
@@ -164,9 +170,9 @@ def render_views(scene: Scene, method: Method, prompts: PromptEmbeddings, config
         drawn = sample_cameras(config.cameras, config.train.batch_size)  # on the CPU
         # The conditions read the azimuths on the host (view blend, Perp-Neg): from the CPU copy, so no device sync.
         conditions = prompts.conditions(drawn.labels, drawn.azimuth)
-        cameras = drawn.to(module_device(scene.field))
+        cameras = drawn.to(scene.device)
         resolution = int(round(schedule_value(config.render.resolution, step)))
-        out = scene.renderer.render(cameras, resolution, resolution)
+        out = scene.render(cameras, resolution, resolution)
         images = with_random_backgrounds(out, config.scene.random_background_prob).permute(0, 3, 1, 2)
     latents = method.prior.encode_images(images)  # [N, 3, H, W] -> [N, C, h, w]
     return Views(latents, conditions, cameras, regularizer_losses(out.opacity, step, config.loss), resolution,
@@ -175,11 +181,11 @@ def render_views(scene: Scene, method: Method, prompts: PromptEmbeddings, config
 
 def scene_step(scene: Scene, method: Method, prompts: PromptEmbeddings, optimizer: torch.optim.Optimizer,
                config: Config, step: int, timer: Timer = untimed) -> tuple[Views, StepResult]:
-    """One 3D training step: ``render_views``, ``train_step``, then the occupancy-grid refresh (a no-op
-    for the stratified sampler)."""
+    """One 3D training step: ``render_views``, ``train_step``, then the scene's ``after_step`` (the NeRF's
+    occupancy-grid refresh)."""
     views = render_views(scene, method, prompts, config, step, timer)
     result = train_step(method, optimizer, views.latents, views.conditions, step, views.cameras, views.losses,
                         timer=timer)
     with timer("occupancy"):
-        scene.renderer.update_occupancy(step)
+        scene.after_step(step)
     return views, result

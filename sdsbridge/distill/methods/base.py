@@ -6,7 +6,7 @@ The trainer (``train_step.py``) and the 2D mode only talk to this class:
 - ``role_texts(prompt)``: role -> prompt text; ``prompts.PromptEmbeddings`` adds view suffixes, embeds them
   once and hands ``distill`` the [N, ...] condition of each role.
 - ``distill(latents, conditions, step, cameras, generator)``: samples t and noise, computes the
-  method's ``gradient`` and returns a ``GuidanceResult`` whose ``loss`` backpropagates it to the latents.
+  method's ``gradient`` and returns a ``DistillResult`` whose ``loss`` backpropagates it to the latents.
   ``extra_losses`` carries losses of the method's own parameters (e.g. a LoRA's diffusion loss on
   detached latents); the step adds them to its total loss.
 - ``param_groups()``: optimizer groups (``{"params", "lr", "name"}``) of the method's own parameters; the
@@ -19,28 +19,104 @@ The trainer (``train_step.py``) and the 2D mode only talk to this class:
 Perp-Neg applies wherever a method uses classifier-free guidance between 'cond' and 'uncond'
 (``cfg_predictions``): SDS, the bridge's stage one, NFSD and VSD's pretrained branch.
 
-The settings a method reads are fields of ``GuidanceConfig`` (the ``guidance:`` section; the 2D mode
-builds its own from ``image:``); each subclass lists the ones it uses.
+Each method declares its settings (``Settings``, a dataclass extending ``MethodSettings``: the ``guidance:``
+section of a config, checked by its ``validate``) and its capabilities (``stage_starts``, ``prior_needs``,
+``trains_parameters``), and registers itself under its ``name`` with ``register_method``; the config checks, the
+command line's help, the plots, the report and the memory forecast ask ``METHODS`` instead of keeping lists.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Optional
 
 import torch
 
 from sdsbridge.scene.cameras import Cameras
-from sdsbridge.config.schema import GuidanceConfig
+from sdsbridge.common.checks import check, check_schedule
 from sdsbridge.distill.formulas import (injected_loss, perp_neg_direction, predict_batched, sample_timesteps,
                                 timestep_range)
 from sdsbridge.priors.base import Prior, noisy_latents
 from sdsbridge.distill.prompts import PERP_NEG_ROLES, PromptEmbeddings, join_prompt
-from sdsbridge.common.schedules import schedule_value
+from sdsbridge.common.schedules import schedule_range, schedule_value
 
 
 @dataclass
-class GuidanceResult:
+class MethodSettings:
+    """What every method reads (the ``guidance:`` keys they share): the timestep range, the prompts' view
+    options (suffixes, azimuth blending, Perp-Neg), the target modifier and gradient clipping."""
+
+    min_step_percent: float = 0.02
+    """Lower end of t ~ U[min, max] * num_train_timesteps."""
+    max_step_percent: Any = field(default_factory=lambda: [5000, 0.98, 0.5, 5001])
+    """Scheduled upper end of t / T: 0.98 until step 5000, then 0.5."""
+    target_modifier: str = "."
+    """Appended to the prompt for the target: y_tgt = prompt + ", " + modifier (the official 3D run's ".", so
+    "a pineapple, ., front view"); a modifier that starts with "," is appended as it is."""
+    cfg_on_target: bool = True
+    """Classifier-free guidance between y_tgt and the empty prompt (the official 3D code); False: between the
+    plain prompt and the empty prompt (the official 2D code)."""
+    view_dependent: bool = True
+    """Append ', front view' / ', side view' / ', back view' / ', overhead view' by camera."""
+    grad_clip: Optional[float] = None
+    """Clip the per-pixel guidance gradient to [-x, x] (None = no clipping)."""
+    perp_neg: bool = False
+    """Perp-Neg (Armandpour et al. 2023) against multi-face (Janus) objects: the other views' prompts are
+    negatives, only their components perpendicular to the positive direction are subtracted, weighted by
+    azimuth. Needs a text-conditioned prior (Stable Diffusion) and view-dependent prompts; costs two more
+    UNet samples per image."""
+    perp_neg_f_sb: list[float] = field(default_factory=lambda: [1.0, 0.5, -0.606])
+    """Perp-Neg weight a exp(-b r) + c of the side negative between side and back (threestudio's defaults)."""
+    perp_neg_f_fsb: list[float] = field(default_factory=lambda: [1.0, 0.5, 0.967])
+    """Perp-Neg weight of the front negative between side and back."""
+    perp_neg_f_fs: list[float] = field(default_factory=lambda: [4.0, 0.5, -2.426])
+    """Perp-Neg weight of the front negative between front and side (r = 1 at the front)."""
+    perp_neg_f_sf: list[float] = field(default_factory=lambda: [4.0, 0.5, -2.426])
+    """Perp-Neg weight of the side negative between front and side (of 1 - r)."""
+    view_interpolation: bool = False
+    """Blend the front/side/back prompt embeddings by azimuth instead of picking one view suffix (as Perp-Neg
+    does for its positive prompt); overhead views keep their own. Needs a text-conditioned prior."""
+
+    def validate(self) -> None:
+        """UserError naming the first bad ``guidance.*`` key. Subclasses check their own fields, then call this."""
+        check(0.0 <= self.min_step_percent < 1.0, "guidance.min_step_percent", "must lie in [0, 1)")
+        check_schedule(self.max_step_percent, "guidance.max_step_percent", 0.0, 1.0)
+        check(schedule_range(self.max_step_percent)[0] > self.min_step_percent, "guidance.min_step_percent",
+              "min timestep must be below max timestep (guidance.max_step_percent)")
+        check(self.grad_clip is None or self.grad_clip > 0, "guidance.grad_clip", "must be > 0 or null")
+        for key in ("perp_neg_f_sb", "perp_neg_f_fsb", "perp_neg_f_fs", "perp_neg_f_sf"):
+            check(len(getattr(self, key)) == 3, f"guidance.{key}", "expected [a, b, c] (weight a exp(-b r) + c)")
+        for key in ("perp_neg", "view_interpolation"):
+            check(not getattr(self, key) or self.view_dependent, f"guidance.{key}", "needs guidance.view_dependent: true")
+
+
+WEIGHTINGS = ("sds", "uniform")
+"""What a ``weighting`` setting accepts: w(t) = 1 - abar_t ('sds') or 1 ('uniform')."""
+
+PRIOR_CAPABILITIES = {"text": "embeds free text (view blending, Perp-Neg)",
+                      "adapters": "has a UNet to put LoRA adapters on"}
+"""What a method may need of a prior (``Method.prior_needs``), by name; a prior lists what it has (``capabilities``)."""
+
+METHODS: dict[str, type["Method"]] = {}
+"""Method name (``method:``) -> class, in registration order. Filled by ``register_method`` where each class is
+defined; ``methods/__init__.py`` imports every module of its folder, so a new method's file registers itself."""
+
+
+def register_method(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: ``METHODS[cls.name] = cls`` (a name registered twice is a programming error)."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} is registered twice")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def setting_names(settings_type: type) -> list[str]:
+    """The field names of a settings dataclass, in declaration order."""
+    return [f.name for f in fields(settings_type)]
+
+
+@dataclass
+class DistillResult:
     """What one ``Method.distill`` returns (and what the trainer logs)."""
 
     loss: torch.Tensor
@@ -65,13 +141,35 @@ class Method:
     ``max_step_percent`` (the timestep range), ``grad_clip``.
     """
 
-    name = "method"
+    name: ClassVar[str] = "method"
+    """What ``method:`` calls it (the registry's key)."""
+    summary: ClassVar[str] = ""
+    """One line for the command line's help and the docs."""
+    Settings: ClassVar[type[MethodSettings]] = MethodSettings
+    """The dataclass of its ``guidance:`` settings."""
+    needs: ClassVar[frozenset[str]] = frozenset()
+    """Prior capabilities it needs whatever its settings (``PRIOR_CAPABILITIES``)."""
+    trains_parameters: ClassVar[bool] = False
+    """Whether it has parameters of its own that the optimizer trains (``param_groups``)."""
     view_independent_roles: tuple[str, ...] = ()
     """Roles whose text never gets a view suffix (VSD's LoRA prompt)."""
 
-    def __init__(self, settings: GuidanceConfig, prior: Prior):
-        self.settings = settings
+    def __init__(self, settings: Optional[MethodSettings | dict], prior: Prior):
+        """``settings``: the method's ``Settings``, or a mapping of their fields (None: the defaults)."""
+        self.settings = settings if isinstance(settings, MethodSettings) else self.Settings(**(settings or {}))
         self.prior = prior
+
+    # --- capabilities (of the class and its settings: known before a prior loads) -----------------------
+    @classmethod
+    def stage_starts(cls, settings: MethodSettings) -> tuple[int, ...]:
+        """The steps where a stage after the first begins (the plots mark them; the memory forecast traces a
+        step of each stage). None by default: one stage."""
+        return ()
+
+    @classmethod
+    def prior_needs(cls, settings: MethodSettings) -> frozenset[str]:
+        """Prior capabilities these settings need: ``needs``, plus 'text' for Perp-Neg or view blending."""
+        return cls.needs | ({"text"} if settings.perp_neg or settings.view_interpolation else frozenset())
 
     def prompt_embeddings(self, prompt: str) -> PromptEmbeddings:
         """The embeddings of ``role_texts(prompt)`` with the settings' view options: suffixes
@@ -135,7 +233,7 @@ class Method:
         raise NotImplementedError
 
     def distill(self, latents: torch.Tensor, conditions: dict[str, torch.Tensor], step: int,
-                cameras: Optional[Cameras] = None, generator: Optional[torch.Generator] = None) -> GuidanceResult:
+                cameras: Optional[Cameras] = None, generator: Optional[torch.Generator] = None) -> DistillResult:
         """One score-distillation evaluation on latents [N, C, h, w] (with grad to what produced them).
 
         Samples t (uniform on ``max/min_step_percent`` x T) and then noise ``torch.randn`` from ``generator``
@@ -154,7 +252,7 @@ class Method:
         grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
         if self.settings.grad_clip is not None:
             grad = grad.clamp(-self.settings.grad_clip, self.settings.grad_clip)
-        return GuidanceResult(loss=injected_loss(latents, grad), grad_norm=grad.norm().detach(), t=t, stage=stage)
+        return DistillResult(loss=injected_loss(latents, grad), grad_norm=grad.norm().detach(), t=t, stage=stage)
 
     # --- trainable parameters and state ----------------------------------------------------------------
     def param_groups(self) -> list[dict]:

@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from sdsbridge.scene.cameras import Cameras
 from sdsbridge.distill.formulas import nfsd_gradient, weight
-from sdsbridge.distill.methods.base import Method
+from sdsbridge.common.checks import check, check_choice
+from sdsbridge.distill.methods.base import WEIGHTINGS, Method, MethodSettings, register_method
+
+NFSD_NEGATIVE = (
+    "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, gloomy"
+)
+"""NFSD's negative prompt (the paper's)."""
 
 
+@dataclass
+class NFSDSettings(MethodSettings):
+    """NFSD's ``guidance:`` settings (its preset configs/nfsd.yaml sets the paper's scale 7.5)."""
+
+    guidance_scale: float = 100.0
+    """CFG scale of eps(y) - eps(0)."""
+    weighting: str = "sds"
+    """w(t): 'sds' (1 - alphas_cumprod[t]) or 'uniform' (1)."""
+    nfsd_negative: str = NFSD_NEGATIVE
+    """The negative prompt y_neg."""
+
+    def validate(self) -> None:
+        check(self.guidance_scale >= 0, "guidance.guidance_scale", "must be >= 0")
+        check_choice(self.weighting, "guidance.weighting", WEIGHTINGS)
+        super().validate()
+
+
+@register_method
 class NFSD(Method):
     """g = w(t) (scale (eps(y) - eps(0)) + delta), delta = eps(0) for t < 200 and eps(0) - eps(y_neg)
     above: prompt roles 'cond', 'uncond' and 'negative' (3 predictions per sample, one batched call).
@@ -19,6 +44,8 @@ class NFSD(Method):
     """
 
     name = "nfsd"
+    summary = "Noise-Free Score Distillation (Katzir et al.), a baseline"
+    Settings = NFSDSettings
 
     def role_texts(self, prompt: str) -> dict[str, str]:
         return {**super().role_texts(prompt), "negative": self.settings.nfsd_negative.strip()}

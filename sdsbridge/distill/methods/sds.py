@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from sdsbridge.scene.cameras import Cameras
 from sdsbridge.distill.formulas import sds_gradient, weight
-from sdsbridge.distill.methods.base import Method
+from sdsbridge.common.checks import check, check_choice
+from sdsbridge.distill.methods.base import WEIGHTINGS, Method, MethodSettings, register_method
 
 
+@dataclass
+class SDSSettings(MethodSettings):
+    """SDS's ``guidance:`` settings."""
+
+    guidance_scale: float = 100.0
+    """CFG scale omega (DreamFusion's 100; the official bridge run's stage one too)."""
+    weighting: str = "sds"
+    """w(t): 'sds' (1 - alphas_cumprod[t]) or 'uniform' (1)."""
+
+    def validate(self) -> None:
+        check(self.guidance_scale >= 0, "guidance.guidance_scale", "must be >= 0")
+        check_choice(self.weighting, "guidance.weighting", WEIGHTINGS)
+        super().validate()
+
+
+@register_method
 class SDS(Method):
     """g = w(t) (eps(0) + scale (eps(y) - eps(0)) - eps): prompt roles 'cond' and 'uncond', one stage.
 
@@ -19,6 +37,8 @@ class SDS(Method):
     """
 
     name = "sds"
+    summary = "Score Distillation Sampling (DreamFusion): CFG towards the prompt"
+    Settings = SDSSettings
 
     def gradient(self, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, conditions: dict[str, torch.Tensor],
                  stage: int, cameras: Optional[Cameras] = None) -> torch.Tensor:

@@ -8,17 +8,57 @@ plain diffusion loss on the current renders, so it models what the renders look 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from sdsbridge.scene.cameras import Cameras
-from sdsbridge.config.schema import GuidanceConfig
+from sdsbridge.common.checks import check, check_choice
 from sdsbridge.distill.formulas import bridge_gradient, predict_batched, vsd_gradient, weight
-from sdsbridge.distill.methods.base import GuidanceResult, Method
-from sdsbridge.distill.methods.bridge import Bridge
+from sdsbridge.distill.methods.base import WEIGHTINGS, DistillResult, Method, MethodSettings, register_method
+from sdsbridge.distill.methods.bridge import Bridge, BridgeSettings
 from sdsbridge.priors.base import Prior, noisy_latents
 from sdsbridge.priors.lora import LoraSource, camera_condition
+
+
+@dataclass
+class LearnedSourceSettings(MethodSettings):
+    """The LoRA's settings (VSD's and the bridge-VSD's)."""
+
+    lora_lr: float = 1e-4
+    """Learning rate of the LoRA and the camera embedding (threestudio's prolificdreamer.yaml)."""
+    lora_rank: int = 4
+    """Rank of the LoRA on the UNet's attention projections (to_q, to_k, to_v, to_out.0)."""
+    lora_condition_dropout: float = 0.1
+    """Probability that a LoRA training step drops the camera condition (zeros), so the LoRA also learns the
+    camera-free score (threestudio's ``lora_cfg_training``)."""
+
+    def validate(self) -> None:
+        check(self.lora_lr >= 0, "guidance.lora_lr", "must be >= 0")
+        check(1 <= self.lora_rank <= 256, "guidance.lora_rank", "must lie in [1, 256]")
+        check(0.0 <= self.lora_condition_dropout <= 1.0, "guidance.lora_condition_dropout", "must lie in [0, 1]")
+        super().validate()
+
+
+@dataclass
+class VSDSettings(LearnedSourceSettings):
+    """VSD's ``guidance:`` settings."""
+
+    vsd_guidance_scale: float = 7.5
+    """CFG scale of the pretrained branch (ProlificDreamer's 7.5; the official 2D code's too)."""
+    weighting: str = "sds"
+    """w(t): 'sds' (1 - alphas_cumprod[t]) or 'uniform' (1)."""
+
+    def validate(self) -> None:
+        check(self.vsd_guidance_scale >= 0, "guidance.vsd_guidance_scale", "must be >= 0")
+        check_choice(self.weighting, "guidance.weighting", WEIGHTINGS)
+        super().validate()
+
+
+@dataclass
+class BridgeVSDSettings(BridgeSettings, LearnedSourceSettings):
+    """The bridge-VSD's ``guidance:`` settings: the bridge's (``source_modifier`` unused) and the LoRA's."""
 
 
 class LearnedSource:
@@ -32,10 +72,12 @@ class LearnedSource:
     """
 
     view_independent_roles = ("lora",)
+    needs = frozenset({"adapters"})
+    trains_parameters = True
 
-    def __init__(self, settings: GuidanceConfig, prior: Prior):
+    def __init__(self, settings: Optional[LearnedSourceSettings | dict], prior: Prior):
         super().__init__(settings, prior)
-        self.source = LoraSource(prior, settings.lora_rank)
+        self.source = LoraSource(prior, self.settings.lora_rank)
 
     def role_texts(self, prompt: str) -> dict[str, str]:
         return {**super().role_texts(prompt), "lora": prompt.strip()}
@@ -52,7 +94,7 @@ class LearnedSource:
         return eps.to(x_t.dtype)
 
     def distill(self, latents: torch.Tensor, conditions: dict[str, torch.Tensor], step: int,
-                cameras: Optional[Cameras] = None, generator: Optional[torch.Generator] = None) -> GuidanceResult:
+                cameras: Optional[Cameras] = None, generator: Optional[torch.Generator] = None) -> DistillResult:
         """The method's ``distill`` (t, then noise), then the LoRA's diffusion loss (its t, noise and condition
         dropout drawn after, from the same generator) as ``extra_losses['lora']``."""
         result = super().distill(latents, conditions, step, cameras, generator)
@@ -74,6 +116,7 @@ class LearnedSource:
         self.source.load_state_dict(state)
 
 
+@register_method
 class VSD(LearnedSource, Method):
     """g = w(t) (eps^s(x_t; y) - eps_lora(x_t; y, c)), w(t) = 1 - abar_t ('sds' weighting), where eps^s is CFG
     with scale ``vsd_guidance_scale`` between 'cond' (view suffixes as configured) and 'uncond' on the
@@ -84,6 +127,8 @@ class VSD(LearnedSource, Method):
     """
 
     name = "vsd"
+    summary = "Variational Score Distillation (ProlificDreamer): a camera-conditioned LoRA as the learned source"
+    Settings = VSDSettings
 
     def gradient(self, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, conditions: dict[str, torch.Tensor],
                  stage: int, cameras: Optional[Cameras] = None) -> torch.Tensor:
@@ -96,6 +141,7 @@ class VSD(LearnedSource, Method):
         return vsd_gradient(eps_pretrained, self.source_noise(x_t, t, conditions, cameras), w)
 
 
+@register_method
 class BridgeVSD(LearnedSource, Bridge):
     """The bridge with VSD's learned source in stage two: stage one is SDS (as the bridge's), stage two
     g = w(t) s (eps(x_t; y_tgt) - eps_lora(x_t; y, c)). The LoRA trains from the first step, so it models the
@@ -105,6 +151,8 @@ class BridgeVSD(LearnedSource, Bridge):
     """
 
     name = "bridge-vsd"
+    summary = "the bridge with VSD's learned source in stage two"
+    Settings = BridgeVSDSettings
 
     def role_texts(self, prompt: str) -> dict[str, str]:
         texts = super().role_texts(prompt)

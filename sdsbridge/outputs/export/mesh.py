@@ -29,14 +29,13 @@ import mcubes
 import numpy as np
 import torch
 import trimesh
-from torch import nn
 
 from sdsbridge.common.atomic import atomic_write_bytes, remove_stale_temps
 from sdsbridge.training.checkpoint import find_checkpoint, run_dir_of
-from sdsbridge.common.devices import module_device
 from sdsbridge.outputs.export.axes import to_file_axes
 from sdsbridge.common.errors import UserError
 from sdsbridge.outputs.naming import output_name
+from sdsbridge.scene.base import Scene
 from sdsbridge.training.checkpoint import load_trained_scene
 
 logger = logging.getLogger("sdsbridge")
@@ -71,16 +70,16 @@ def sphere_mask(radius: float, resolution: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def density_grid(field: nn.Module, radius: float, resolution: int, chunk: int = 2 ** 18) -> np.ndarray:
+def density_grid(field: Scene, radius: float, resolution: int, chunk: int = 2 ** 18) -> np.ndarray:
     """Density on the corner grid over [-radius, radius]^3 (see the module docstring).
 
-    ``field.density`` ([M, 3] world points -> [M]) is called on at most ``chunk`` points at a time and only
+    ``field.density`` (the scene contract's: [M, 3] world points -> [M], on ``field.device``) is called on at most ``chunk`` points at a time and only
     on points inside the sphere of ``radius`` (``sphere_mask``); the others are 0.
     Returns [R, R, R] float32, axes (x, y, z).
     """
     if resolution < 2:
         raise UserError(f"mesh resolution must be at least 2, got {resolution}")
-    device = module_device(field)
+    device = field.device
     axis = torch.linspace(-radius, radius, resolution, dtype=torch.float64)
     inside = torch.from_numpy(sphere_mask(radius, resolution).reshape(-1))
     grid = np.zeros(resolution ** 3, dtype=np.float32)
@@ -169,11 +168,10 @@ def decimate(vertices: np.ndarray, faces: np.ndarray, target_faces: int) -> tupl
 
 
 @torch.no_grad()
-def vertex_colors(field: nn.Module, vertices: np.ndarray, chunk: int = 2 ** 18) -> np.ndarray:
-    """[V, 3] world points -> [V, 3] uint8 colours from ``field.forward`` (rgb in [0, 1])."""
-    device = module_device(field)
+def vertex_colors(field: Scene, vertices: np.ndarray, chunk: int = 2 ** 18) -> np.ndarray:
+    """[V, 3] world points -> [V, 3] uint8 colours from ``field.colour`` (rgb in [0, 1])."""
     points = torch.from_numpy(np.ascontiguousarray(vertices, dtype=np.float32))
-    colors = [field(part.to(device))[1].float().clamp(0, 1).cpu() for part in points.split(chunk)]
+    colors = [field.colour(part.to(field.device)).float().clamp(0, 1).cpu() for part in points.split(chunk)]
     rgb = torch.cat(colors) if colors else torch.zeros(0, 3)
     return (rgb.numpy() * 255.0 + 0.5).astype(np.uint8)
 
@@ -183,10 +181,10 @@ def _suggest(densities: np.ndarray) -> str:
     return f"{level:.3g}" if level is not None else "none (the field holds no object; is the run trained?)"
 
 
-def extract_mesh(field: nn.Module, radius: float, resolution: int = 256,
+def extract_mesh(field: Scene, radius: float, resolution: int = 256,
                  threshold: Union[str, float] = "auto", chunk: int = 2 ** 18,
                  min_component_fraction: float = 0.05, decimate_faces: int = 0) -> MeshResult:
-    """Marching-cubes mesh of ``field`` (``density(x [M,3]) -> [M]``, ``forward(x) -> (sigma, rgb [M,3])``)
+    """Marching-cubes mesh of ``field`` (a ``Scene``, or anything with its ``density``, ``colour`` and ``device``)
     over the scene cube [-radius, radius]^3 at ``resolution``^3 grid points.
 
     Args:
@@ -276,7 +274,7 @@ def mesh_path(config, run_dir: Path, step: int, fmt: str, resolution: Optional[i
 def export_mesh(scene, config, run_dir: Path, step: int, format: Optional[str] = None,
                 resolution: Optional[int] = None, threshold: Union[str, float, None] = None,
                 texture: Optional[bool] = None, texture_size: Optional[int] = None, out: Optional[Path] = None) -> Path:
-    """Extract the mesh of a trained scene (anything with a ``field``, e.g. ``scene.Scene``) at training step
+    """Extract the mesh of a trained scene (a ``Scene``) at training step
     ``step`` and save it as ``out``, else as ``mesh_path`` (``<run_dir>/mesh/mesh-step<step>[-tags].<format>``);
     with ``texture`` as that .glb plus .obj / .mtl / .png of the same stem (texture.py). Unset arguments come
     from ``config.export`` (format glb, resolution 256, threshold auto, texture off, 1024 texels). Returns the
@@ -290,7 +288,7 @@ def export_mesh(scene, config, run_dir: Path, step: int, format: Optional[str] =
         fmt = "glb"
     path = Path(out) if out is not None else mesh_path(config, run_dir, step, fmt, resolution, threshold, textured,
                                                        texture_size)
-    result = extract_mesh(scene.field, config.scene.radius, resolution or export.resolution,
+    result = extract_mesh(scene, scene.radius, resolution or export.resolution,
                           export.threshold if threshold is None else threshold,
                           min_component_fraction=export.min_component_fraction,
                           decimate_faces=export.decimate_faces)
@@ -301,7 +299,7 @@ def export_mesh(scene, config, run_dir: Path, step: int, format: Optional[str] =
     vertices, faces = result.vertices, result.faces
     if export.texture_faces and faces.shape[0] > export.texture_faces:
         vertices, faces = decimate(vertices, faces, export.texture_faces)
-    baked = bake_texture(scene.field, vertices, faces, texture_size or export.texture_size)
+    baked = bake_texture(scene, vertices, faces, texture_size or export.texture_size)
     return save_textured(baked, path.parent, path.stem)[0]
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from sdsbridge.scene.base import Scene
 from sdsbridge.scene.nerf.field import finite_difference_normals
 
 LIGHT_CAMERA = (-0.4, 0.5, 0.77)
@@ -30,7 +31,7 @@ FD_STEP_CELLS = 64
 NORMAL_METHODS = ("finite", "analytic")
 
 
-def density_normals(field: nn.Module, points: Tensor, radius: float, method: str = "finite",
+def density_normals(field: Scene, points: Tensor, radius: float, method: str = "finite",
                     chunk: int = 1 << 16) -> Tensor:
     """[N, 3] world points -> [N, 3] outward unit normals -grad(density)/|grad(density)| (0 where the gradient
     vanishes), by ``method`` (module docstring; "analytic" needs a density differentiable w.r.t. its input,
@@ -51,7 +52,7 @@ def density_normals(field: nn.Module, points: Tensor, radius: float, method: str
     return torch.cat(out)
 
 
-def surface_normals(field: nn.Module, origins: Tensor, dirs: Tensor, depth: Tensor, opacity: Tensor,
+def surface_normals(field: Scene, origins: Tensor, dirs: Tensor, depth: Tensor, opacity: Tensor,
                     radius: float, method: str = "finite") -> Tensor:
     """World-space normals at each ray's expected surface point.
 

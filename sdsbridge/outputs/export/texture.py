@@ -26,10 +26,9 @@ import torch.nn.functional as F
 import trimesh
 import xatlas
 from PIL import Image
-from torch import nn
 
 from sdsbridge.common.atomic import atomic_write_bytes
-from sdsbridge.common.devices import module_device
+from sdsbridge.scene.base import Scene
 from sdsbridge.outputs.export.axes import to_file_axes
 from sdsbridge.common.errors import UserError
 
@@ -143,10 +142,10 @@ def dilate(image: torch.Tensor, mask: torch.Tensor, texels: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def bake_texture(field: nn.Module, vertices: np.ndarray, faces: np.ndarray, texture_size: int = 1024,
+def bake_texture(field: Scene, vertices: np.ndarray, faces: np.ndarray, texture_size: int = 1024,
                  chunk: int = 2 ** 18) -> TexturedMesh:
     """Unwrap a mesh (``vertices`` [V, 3] world units, ``faces`` [F, 3]) and bake the base colour of
-    ``field`` (``forward(x [M, 3]) -> (sigma, rgb [M, 3] in [0, 1])``) into a ``texture_size``^2 texture."""
+    ``field`` (a ``Scene``: ``colour(x [M, 3]) -> rgb [M, 3] in [0, 1]`` on ``field.device``) into a ``texture_size``^2 texture."""
     if texture_size < 16:
         raise UserError(f"texture size must be at least 16 texels, got {texture_size}")
     started = time.time()
@@ -157,8 +156,7 @@ def bake_texture(field: nn.Module, vertices: np.ndarray, faces: np.ndarray, text
     mask = face >= 0
     corners = torch.from_numpy(new_vertices)[torch.from_numpy(new_faces)[face[mask]]]  # [T, 3, 3]
     points = (bary[mask][..., None] * corners).sum(1)  # [T, 3] surface points
-    device = module_device(field)
-    colors = [field(part.to(device))[1].float().clamp(0, 1).cpu() for part in points.split(chunk)]
+    colors = [field.colour(part.to(field.device)).float().clamp(0, 1).cpu() for part in points.split(chunk)]
     image = torch.zeros(texture_size, texture_size, 3)
     if colors:
         image[mask] = torch.cat(colors)

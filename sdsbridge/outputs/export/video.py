@@ -21,12 +21,11 @@ from tqdm import tqdm
 from sdsbridge.scene.cameras import Cameras, camera_rays, orbit_cameras
 from sdsbridge.common.atomic import remove_stale_temps
 from sdsbridge.training.checkpoint import find_checkpoint, run_dir_of
-from sdsbridge.config.schema import CameraConfig
-from sdsbridge.common.devices import module_device
+from sdsbridge.scene.cameras import CameraConfig
 from sdsbridge.common.errors import UserError
 from sdsbridge.outputs.export.shading import normal_panel, shaded_panel, surface_normals, to_camera
 from sdsbridge.common.media import pad_to_even, to_uint8, write_video
-from sdsbridge.scene.nerf.renderer import RenderOutput, Renderer
+from sdsbridge.scene.base import RenderOutput
 from sdsbridge.outputs.naming import output_name
 from sdsbridge.training.checkpoint import load_trained_scene
 
@@ -77,9 +76,9 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
     ``fps`` to ``path``, atomically (``media.write_video``).
 
     Args:
-        scene: anything with a ``renderer`` (a ``Renderer``), e.g. ``scene.Scene``.
+        scene: a ``Scene`` (rendered in eval mode; normals from its ``density``).
         resolution: frame height in pixels (each panel is resolution x resolution).
-        chunk_rays: rays per field call (default ``renderer.cfg.chunk_rays``).
+        chunk_rays: rays per pass (default: the scene's).
         background_color: RGB in [0, 1] behind the object (default: the scene's learnt background).
         progress: show a tqdm bar.
         modes: the panels, left to right (``MODES``).
@@ -90,34 +89,31 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
     if frames < 1 or resolution < 2 or fps < 1:
         raise UserError(f"video: frames, fps must be >= 1 and resolution >= 2 (got frames={frames}, "
                         f"resolution={resolution}, fps={fps})")
-    renderer: Renderer = scene.renderer
-    device = module_device(renderer.field)
+    device = scene.device
     cameras = orbit_cameras(camera_cfg, frames).to(device)
     background = None if background_color is None else torch.tensor(background_color, dtype=torch.float32,
                                                                       device=device)
-    near = camera_cfg.eval_distance - renderer.radius
-    far = camera_cfg.eval_distance + renderer.radius
-    was_training = renderer.training
-    renderer.eval()
+    near = camera_cfg.eval_distance - scene.radius
+    far = camera_cfg.eval_distance + scene.radius
+    was_training = scene.training
+    scene.eval()
     started = time.time()
 
     def rendered_frames():
         for i in tqdm(range(frames), disable=not progress, desc="turntable", unit="frame", dynamic_ncols=True):
             camera = _one(cameras, i)
-            out = renderer.render(camera, resolution, resolution, background_color=background,
-                                  chunk_rays=chunk_rays or renderer.cfg.chunk_rays)
+            out = scene.render(camera, resolution, resolution, background_color=background, chunk_rays=chunk_rays)
             normals_cam = None
             if "normal" in modes or "shaded" in modes:
                 origins, dirs = camera_rays(camera, resolution, resolution)
-                normals = surface_normals(renderer.field, origins[0], dirs[0], out.depth[0], out.opacity[0],
-                                          renderer.radius)
+                normals = surface_normals(scene, origins[0], dirs[0], out.depth[0], out.opacity[0], scene.radius)
                 normals_cam = to_camera(normals, camera.c2w[0])
             yield turntable_frame(out, 0, near, far, modes, normals_cam)
 
     try:
         write_video(path, rendered_frames(), fps)
     finally:
-        renderer.train(was_training)
+        scene.train(was_training)
     logger.info("video: %d frames of %dx%d (%s) at %d fps in %.1f s -> %s", frames, len(modes) * resolution,
                 resolution, " | ".join(modes), fps, time.time() - started, path)
     return path
@@ -148,7 +144,7 @@ def export_video(scene, config, run_dir: Path, step: int, frames: Optional[int] 
     (``video_modes`` for the panels), and where that leaves frames or resolution unset, from
     ``turntable_size`` (what fits the scene's device). Returns the path."""
     export = config.export
-    device = module_device(scene.field)
+    device = scene.device
     defaults = (*turntable_size(export.video_frames, export.video_resolution, device, log=False), export.video_fps,
                 tuple(export.video_modes))
     frames, resolution = turntable_size(frames or export.video_frames, resolution or export.video_resolution, device)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdsbridge.config.schema import SceneConfig
+from sdsbridge.scene.nerf.settings import SceneConfig
 from sdsbridge.scene.nerf.networks import mlp, spherical_harmonics
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdsbridge.config.schema import SceneConfig
+from sdsbridge.scene.nerf.settings import SceneConfig
 from sdsbridge.scene.nerf.encoding import HashGridEncoding
 from sdsbridge.scene.nerf.networks import mlp
 
@@ -68,6 +68,10 @@ class NeRFField(nn.Module):
         h = self._features(x)
         rgb = torch.sigmoid(self.color_mlp(h))
         return self._activate(x, self.density_mlp(h)[:, 0]), rgb
+
+    def colour(self, x: Tensor) -> Tensor:
+        """[N, 3] world points -> [N, 3] rgb in [0, 1] (``forward``'s colour)."""
+        return self(x)[1]
 
     def normals(self, x: Tensor, eps: float = 1e-2) -> Tensor:
         """[N, 3] world points -> [N, 3] unit outward normals, -grad(density) by central differences.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
 from typing import Optional
 
 import nerfacc
@@ -26,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from sdsbridge.scene.cameras import Cameras, camera_rays
-from sdsbridge.config.schema import RenderConfig
+from sdsbridge.scene.base import RenderOutput
+from sdsbridge.scene.nerf.settings import RenderConfig
 from sdsbridge.common.devices import module_device
 from sdsbridge.scene.nerf.marching import render_with_grid
 from sdsbridge.scene.nerf.occupancy import OccupancyGrid, fill_occupancy
@@ -38,23 +38,6 @@ OCCUPANCY_EVAL_CHUNK = 1 << 20
 OCCUPANCY_FILL_SUBDIVISIONS = 3
 """Outside training, a grid that was never filled (a checkpoint without one) is built from the field at
 this many jittered points per cell and axis (``fill_occupancy``): one point per cell can miss a thin surface."""
-
-
-@dataclass
-class RenderOutput:
-    """What ``Renderer.render`` returns for N images of H x W pixels."""
-
-    rgb: Tensor
-    """[N, H, W, 3] colour composited over the background, in [0, 1]."""
-    opacity: Tensor
-    """[N, H, W, 1] accumulated weight (sum of the ray's weights), in [0, 1]; regularisers use it."""
-    depth: Tensor
-    """[N, H, W, 1] expected distance along the ray, sum_i w_i t_i (background counts as 0); divide by
-    opacity for the distance to the surface."""
-    background: Tensor
-    """[N, H, W, 3] the background colour behind each pixel."""
-    samples_per_ray: float
-    """Mean number of field samples per ray (all rays, misses included)."""
 
 
 def ray_sphere_intersect(origins: Tensor, dirs: Tensor, radius: float, near: float = 0.0
