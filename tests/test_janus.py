@@ -152,9 +152,9 @@ def test_bridge_stage_two_uses_blended_target_and_source_without_negatives(prior
     calls = []
     original = prior.predict_noise
 
-    def counting(latents_noisy, t, conditions, camera_positions=None):
+    def counting(latents_noisy, t, conditions, cameras=None):
         calls.append(latents_noisy.shape[0])
-        return original(latents_noisy, t, conditions, camera_positions)
+        return original(latents_noisy, t, conditions, cameras)
 
     prior.predict_noise = counting
     try:

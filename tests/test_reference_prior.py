@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sdsbridge.scene.cameras import VIEW_LABELS, view_label
-from sdsbridge.scene.cameras import CameraConfig
+from sdsbridge.scene.cameras import CameraConfig, Cameras
 from sdsbridge.distill.methods.nfsd import NFSD_NEGATIVE
 from sdsbridge.distill.methods.bridge import SOURCE_MODIFIER
 from sdsbridge.priors.reference import ReferenceSettings
@@ -231,7 +231,7 @@ def test_nearest_view_conditioning_uses_the_matching_camera():
     x0 = prior.encode_images(images[other:other + 1])
     t = torch.tensor([3])
     x_t = add_noise(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)), t, AC)
-    eps_hat = prior.predict_noise(x_t, t, cid, camera_positions=prior.cameras.positions[j:j + 1])
+    eps_hat = prior.predict_noise(x_t, t, cid, cameras=prior.cameras[j:j + 1])
     a = float(AC[3])
     x0_hat = (x_t - (1 - a) ** 0.5 * eps_hat) / a ** 0.5
     assert torch.allclose(x0_hat, prior.encode_images(images[j:j + 1]), atol=1e-4)
@@ -249,7 +249,10 @@ def test_nearest_views_denoise_over_exactly_the_nearest_cameras_images():
     positions = torch.randn(3, 3, generator=g) * 1.5
     x_t = torch.randn(3, 3, 8, 8, generator=g)
     t, conditions = torch.tensor([400, 700, 150]), ids[torch.tensor([0, 1, 0])]
-    got = prior.predict_noise(x_t, t, conditions, camera_positions=positions)
+    c2w = torch.eye(4).repeat(3, 1, 1)
+    c2w[:, :3, 3] = positions
+    cameras = Cameras(c2w, torch.ones(3), torch.zeros(3), torch.zeros(3), positions.norm(dim=-1), ["front"] * 3)
+    got = prior.predict_noise(x_t, t, conditions, cameras=cameras)
     for r in range(3):
         images, _, cams = prior._blocks(prior.condition(int(conditions[r])), all_views=True)
         directions = torch.nn.functional.normalize(positions[r], dim=-1)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sdsbridge.priors.base import Prior
+from sdsbridge.scene.cameras import Cameras
 
 NFSD_SMALL_T = 200
 """NFSD uses delta = eps(0) below this timestep (of T = 1000) and eps(0) - eps(y_neg) from it on."""
@@ -56,13 +57,13 @@ def weight(t: torch.Tensor, alphas_cumprod: torch.Tensor, kind: str) -> torch.Te
 
 
 def predict_batched(prior: Prior, latents_noisy: torch.Tensor, t: torch.Tensor, conditions: list[torch.Tensor],
-                    camera_positions: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+                    cameras: Optional[Cameras] = None) -> list[torch.Tensor]:
     """The prior's noise prediction for each of K conditions ([N, ...] each) on the same noisy latents
     [N, C, h, w] and timesteps [N], in one batched ``predict_noise`` call of K * N samples. Returns K
-    tensors [N, C, h, w] in the latents' dtype. ``camera_positions`` [N, 3] or None."""
+    tensors [N, C, h, w] in the latents' dtype. ``cameras``: the N cameras the latents were rendered from, or None."""
     n, k = latents_noisy.shape[0], len(conditions)
-    positions = None if camera_positions is None else camera_positions.repeat(k, 1)
-    eps = prior.predict_noise(latents_noisy.repeat(k, 1, 1, 1), t.repeat(k), torch.cat(conditions), positions)
+    eps = prior.predict_noise(latents_noisy.repeat(k, 1, 1, 1), t.repeat(k), torch.cat(conditions),
+                              None if cameras is None else cameras.repeat(k))
     return list(eps.to(latents_noisy.dtype).split(n))
 
 

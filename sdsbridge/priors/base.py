@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from sdsbridge.common.checks import check
 from sdsbridge.common.devices import DEVICE_PATTERN
+from sdsbridge.scene.cameras import Cameras
 
 
 @dataclass
@@ -86,10 +87,11 @@ class Prior(Protocol):
         """[N, C, h, w] latents -> [N, 3, R, R] float32 images in [0, 1] on ``device`` (no gradient)."""
 
     def predict_noise(self, latents_noisy: torch.Tensor, t: torch.Tensor, conditions: torch.Tensor,
-                      camera_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      cameras: Optional[Cameras] = None) -> torch.Tensor:
         """One batched evaluation: [M, C, h, w] noisy latents, [M] integer timesteps, [M, ...] conditions
-        -> [M, C, h, w] predicted noise (float32, no gradient). ``camera_positions`` ([M, 3], world
-        space) is used only by the reference prior's nearest-view conditioning; others ignore it."""
+        -> [M, C, h, w] predicted noise (float32, no gradient). ``cameras``: the M cameras the latents were
+        rendered from (None in 2D), for priors that condition on the camera (the reference prior's nearest
+        views; a multi-view prior's poses); others ignore them."""
 
 
 def to_prior_images(images: torch.Tensor, resolution: int, device: torch.device) -> torch.Tensor:

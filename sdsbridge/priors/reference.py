@@ -289,9 +289,10 @@ class ReferencePrior:
     # --- the prior ----------------------------------------------------------------------------------
     @torch.no_grad()
     def predict_noise(self, latents_noisy: torch.Tensor, t: torch.Tensor, conditions: torch.Tensor,
-                      camera_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """[M, 3, R, R] noisy latents, [M] integer timesteps, [M] condition ids (, [M, 3] camera centres)
-        -> [M, 3, R, R] float32 exact noise prediction."""
+                      cameras: Optional[Cameras] = None) -> torch.Tensor:
+        """[M, 3, R, R] noisy latents, [M] integer timesteps, [M] condition ids (, the M cameras: their centres
+        pick the nearest reference views) -> [M, 3, R, R] float32 exact noise prediction."""
+        camera_positions = None if cameras is None else cameras.positions
         x = latents_noisy.detach().to(self.device, torch.float32)
         t = t.to(self.device).long().reshape(-1).expand(x.shape[0])
         conditions = conditions.to(self.device).long().reshape(-1)

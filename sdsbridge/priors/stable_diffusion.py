@@ -19,6 +19,7 @@ from sdsbridge.priors.hub import (DEFAULT_SD_MODEL, KNOWN_MIRRORS, REMOVED_SD_MO
                                   hub_offline, local_pipeline_folder, model_hints)
 from sdsbridge.common.errors import UserError
 from sdsbridge.common.checks import check, check_choice
+from sdsbridge.scene.cameras import Cameras
 from sdsbridge.priors.base import PriorSettings, register_prior, to_prior_images
 from sdsbridge.common.quiet import no_loading_bars
 if TYPE_CHECKING:
@@ -233,9 +234,9 @@ class StableDiffusionPrior:
 
     @torch.no_grad()
     def predict_noise(self, latents_noisy: torch.Tensor, t: torch.Tensor, conditions: torch.Tensor,
-                      camera_positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      cameras: Optional[Cameras] = None) -> torch.Tensor:
         """One batched UNet call: [M, 4, h, w] noisy latents, [M] integer timesteps, [M, L, D] text
-        embeddings -> [M, 4, h, w] float32 epsilon. ``camera_positions`` is ignored."""
+        embeddings -> [M, 4, h, w] float32 epsilon. ``cameras`` are ignored."""
         t = t.to(self.device)
         return self.to_epsilon(self.unet_output(latents_noisy, t, conditions), latents_noisy, t)
 

@@ -70,6 +70,21 @@ class Cameras:
         """[N, 3] camera centres in world space."""
         return self.c2w[:, :3, 3]
 
+    def __getitem__(self, index: slice | torch.Tensor) -> "Cameras":
+        """The cameras at ``index`` (a slice, or a [N] bool mask / integer index tensor) as a batch."""
+        if isinstance(index, torch.Tensor):
+            rows = index.nonzero().flatten() if index.dtype == torch.bool else index
+            labels = [self.labels[int(i)] for i in rows.cpu()]
+        else:
+            labels = self.labels[index]
+        return Cameras(self.c2w[index], self.fovy[index], self.elevation[index], self.azimuth[index],
+                       self.distance[index], labels)
+
+    def repeat(self, k: int) -> "Cameras":
+        """The batch ``k`` times over, one copy after another (as ``Tensor.repeat`` on dim 0)."""
+        return Cameras(self.c2w.repeat(k, 1, 1), self.fovy.repeat(k), self.elevation.repeat(k), self.azimuth.repeat(k),
+                       self.distance.repeat(k), list(self.labels) * k)
+
     def to(self, device: torch.device | str) -> "Cameras":
         return Cameras(self.c2w.to(device), self.fovy.to(device), self.elevation.to(device),
                        self.azimuth.to(device), self.distance.to(device), list(self.labels))

@@ -206,8 +206,7 @@ class Method:
         if missing:
             raise KeyError(f"conditions lack roles {missing} (have {sorted(conditions)})")
         x_t = noisy_latents(latents, t, noise, self.prior.alphas_cumprod)
-        positions = None if cameras is None else cameras.positions
-        return predict_batched(self.prior, x_t, t, [conditions[role] for role in roles], positions)
+        return predict_batched(self.prior, x_t, t, [conditions[role] for role in roles], cameras)
 
     @staticmethod
     def cfg_roles(conditions: dict[str, torch.Tensor]) -> tuple[str, ...]:

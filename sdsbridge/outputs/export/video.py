@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sdsbridge.scene.cameras import Cameras, camera_rays, orbit_cameras
+from sdsbridge.scene.cameras import camera_rays, orbit_cameras
 from sdsbridge.common.atomic import remove_stale_temps
 from sdsbridge.training.checkpoint import find_checkpoint, run_dir_of
 from sdsbridge.scene.cameras import CameraConfig
@@ -101,7 +101,7 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
 
     def rendered_frames():
         for i in tqdm(range(frames), disable=not progress, desc="turntable", unit="frame", dynamic_ncols=True):
-            camera = _one(cameras, i)
+            camera = cameras[i:i + 1]
             out = scene.render(camera, resolution, resolution, background_color=background, chunk_rays=chunk_rays)
             normals_cam = None
             if "normal" in modes or "shaded" in modes:
@@ -117,12 +117,6 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
     logger.info("video: %d frames of %dx%d (%s) at %d fps in %.1f s -> %s", frames, len(modes) * resolution,
                 resolution, " | ".join(modes), fps, time.time() - started, path)
     return path
-
-
-def _one(cameras: Cameras, i: int) -> Cameras:
-    """Camera ``i`` of a batch as a batch of one."""
-    return Cameras(cameras.c2w[i:i + 1], cameras.fovy[i:i + 1], cameras.elevation[i:i + 1],
-                   cameras.azimuth[i:i + 1], cameras.distance[i:i + 1], cameras.labels[i:i + 1])
 
 
 def video_path(run_dir: Path, step: int, frames: int, resolution: int, fps: int, modes: Sequence[str],
