@@ -84,7 +84,7 @@ def test_scheduled_value_from_command_line(tmp_path):
     ("prompt: x\n", ["guidance.min_step_percent=0.99"], "min timestep must be below max timestep"),
     ("prompt: x\n", ["render.resolution=0"], "render.resolution"),
     ("prompt: x\n", ["cameras.fovy_range=[70, 40]"], "cameras.fovy_range"),
-    ("prompt: x\n", ["method=magic"], "method: 'magic' is not one of bridge, bridge-vsd, nfsd"),
+    ("prompt: x\n", ["method=magic"], "method: 'magic' is not one of bridge, bridge-vsd, "),
     ("prompt: x\n", ["loss.opacity=[5, 1, 2]"], "loss.opacity"),
     ("prompt: x\n", ["scene=3"], "key 'scene' is a section"),
     ("method: sds\n", [], "prompt: missing"),

@@ -67,7 +67,7 @@ def test_names_keep_values_readable_and_safe():
     ({"grdi": {"method": ["sds"]}}, "unknown key 'grdi' (did you mean 'grid'?)"),
     ({"grid": {"metod": ["sds"]}}, "grid: unknown key 'metod' (did you mean 'method'?)"),
     ({"grid": {"train.steps": [4, -1]}}, "run a-red-torus__train.steps=-1: train.steps: must be >= 0"),
-    ({"grid": {"method": ["sds", "dreamfusion"]}}, "method: 'dreamfusion' is not one of bridge, bridge-vsd, nfsd"),
+    ({"grid": {"method": ["sds", "dreamfusion"]}}, "method: 'dreamfusion' is not one of bridge, bridge-vsd, "),
     ({"grid": {"prompt": ["x"]}}, "grid: 'prompt' is set by 'prompts'"),
     ({"grid": {"method": []}}, "grid: key 'method' lists no values"),
     ({"prompts_file": "p.txt"}, "give either 'prompts' (a list) or 'prompts_file'"),

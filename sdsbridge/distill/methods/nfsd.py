@@ -9,8 +9,8 @@ import torch
 
 from sdsbridge.scene.cameras import Cameras
 from sdsbridge.distill.formulas import nfsd_gradient, weight
-from sdsbridge.common.checks import check, check_choice
-from sdsbridge.distill.methods.base import WEIGHTINGS, Method, MethodSettings, register_method
+from sdsbridge.distill.methods.base import Method, register_method
+from sdsbridge.distill.methods.sds import SDSSettings
 
 NFSD_NEGATIVE = (
     "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, gloomy"
@@ -19,20 +19,12 @@ NFSD_NEGATIVE = (
 
 
 @dataclass
-class NFSDSettings(MethodSettings):
-    """NFSD's ``guidance:`` settings (its preset configs/nfsd.yaml sets the paper's scale 7.5)."""
+class NFSDSettings(SDSSettings):
+    """NFSD's ``guidance:`` settings: SDS's CFG scale (of eps(y) - eps(0); the preset configs/nfsd.yaml sets the
+    paper's 7.5) and weighting, and the negative prompt."""
 
-    guidance_scale: float = 100.0
-    """CFG scale of eps(y) - eps(0)."""
-    weighting: str = "sds"
-    """w(t): 'sds' (1 - alphas_cumprod[t]) or 'uniform' (1)."""
     nfsd_negative: str = NFSD_NEGATIVE
     """The negative prompt y_neg."""
-
-    def validate(self) -> None:
-        check(self.guidance_scale >= 0, "guidance.guidance_scale", "must be >= 0")
-        check_choice(self.weighting, "guidance.weighting", WEIGHTINGS)
-        super().validate()
 
 
 @register_method
