@@ -63,7 +63,7 @@ def test_one_3d_step_of_every_method(prior, sd21_dir, options):
     views, result = scene_step(scene, method, prompts, optimizer, config, 0)
     assert views.latents.shape == (1, 4, 64, 64)
     assert result.finite and torch.isfinite(result.loss)
-    assert result.guidance.stage == (2 if "stage2_start_step=0" in " ".join(options) else 1)
+    assert result.distill.stage == (2 if "stage2_start_step=0" in " ".join(options) else 1)
     assert any(not torch.equal(p, q) for p, q in zip(before, scene.field.parameters()))  # the gradient arrived
     if config.method.endswith("vsd"):
         lora = method.source.lora

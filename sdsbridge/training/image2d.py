@@ -193,10 +193,10 @@ def optimise_image(method: Method, embeddings: PromptEmbeddings, config: Config,
     for step in bar:
         result = train_step(method, optimizer, latents, conditions, step, generator=generator)
         if step % config.log.log_every == 0 or step == im.steps - 1:
-            t, grad_norm = int(result.guidance.t[0]), result.guidance.grad_norm.item()
+            t, grad_norm = int(result.distill.t[0]), result.distill.grad_norm.item()
             rows.append({"seed": seed, "step": step, "loss": result.loss.item(), "grad_norm": grad_norm,
-                         "t": t, "stage": result.guidance.stage})
-            bar.set_postfix(stage=result.guidance.stage, t=t, grad=f"{grad_norm:.3g}", refresh=False)
+                         "t": t, "stage": result.distill.stage})
+            bar.set_postfix(stage=result.distill.stage, t=t, grad=f"{grad_norm:.3g}", refresh=False)
         if im.video_every and (step + 1) % im.video_every == 0:
             frames.append(first_image(prior, latents))
     bar.close()

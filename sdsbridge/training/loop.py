@@ -91,8 +91,8 @@ def restore_checkpoint(checkpoint: dict, scene: Scene, method: Method, optimizer
 
 def metrics_row(done: int, views: Views, result: StepResult, bad_steps: int, seconds: float) -> dict:
     """One line of metrics.jsonl after ``done`` steps (reads the step's scalars: one host sync)."""
-    return {"step": done, "loss": result.loss.item(), "stage": result.guidance.stage,
-            "t": result.guidance.t.float().mean().item(), "grad_norm": result.guidance.grad_norm.item(),
+    return {"step": done, "loss": result.loss.item(), "stage": result.distill.stage,
+            "t": result.distill.t.float().mean().item(), "grad_norm": result.distill.grad_norm.item(),
             "resolution": views.resolution, "bad_steps": bad_steps, "elapsed_s": round(seconds, 3),
             **{f"loss_{k}": v.item() for k, v in result.losses.items()}}
 

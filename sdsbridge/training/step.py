@@ -108,7 +108,8 @@ class StepResult:
     losses: dict[str, torch.Tensor]
     """'guidance', the method's extra losses, then the regularisers, each a scalar on the optimised
     parameters' device."""
-    guidance: DistillResult
+    distill: DistillResult
+    """What ``Method.distill`` returned (t, stage, the injected gradient's norm)."""
     finite: bool
     """False when the loss or a gradient was not finite: the step was skipped (gradients zeroed)."""
 
@@ -126,8 +127,8 @@ def train_step(method: Method, optimizer: torch.optim.Optimizer, latents: torch.
     """
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     device = parameters[0].device  # the prior may sit on another device: sum the losses here
-    guidance = method.distill(latents, conditions, step, cameras, generator)
-    terms = {"guidance": guidance.loss, **guidance.extra_losses, **(losses or {})}
+    distilled = method.distill(latents, conditions, step, cameras, generator)
+    terms = {"guidance": distilled.loss, **distilled.extra_losses, **(losses or {})}
     terms = {name: value.to(device) for name, value in terms.items()}
     loss = sum(terms.values())
 
@@ -140,7 +141,7 @@ def train_step(method: Method, optimizer: torch.optim.Optimizer, latents: torch.
             optimizer.step()
         else:
             optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss, terms, guidance, finite)
+    return StepResult(loss, terms, distilled, finite)
 
 
 @dataclass
