@@ -56,3 +56,44 @@ def test_a_broken_mesh_shows_as_a_page_error(browser, tmp_path):
     assert 'data-models-loaded="0"' in dom
     errors = re.search(r'<pre id="page-errors">(.*?)</pre>', dom, re.S).group(1)
     assert "model-viewer error" in errors or "console.error" in errors
+
+
+PROBE = """<script type="module">
+const frames = [...document.querySelectorAll('.val')];
+const visible = () => frames.filter((f) => getComputedStyle(f).display !== 'none' && f.getBoundingClientRect().height > 0)
+  .map((f) => f.dataset.step).join(',');
+document.body.dataset.visibleAtLoad = visible();
+const slider = document.querySelector('.timeline');
+slider.value = '0';
+slider.dispatchEvent(new Event('input'));
+document.body.dataset.visibleAfterDrag = visible();
+document.body.dataset.label = document.querySelector('.val-step').textContent;
+</script></body>"""
+"""Appended to a report: which validation grids a person sees at load and after dragging the slider to the start."""
+
+
+def test_the_timeline_shows_one_grid_and_the_slider_moves_it(browser, tmp_path):
+    import trimesh
+
+    from sdsbridge.common.media import write_png, write_video
+    from sdsbridge.outputs.report import write_report
+
+    run = tmp_path / "run"
+    (run / "validation").mkdir(parents=True)
+    (run / "config.yaml").write_text("prompt: a red torus\nmethod: sds\nexport: {video_modes: [rgb, depth]}\n")
+    for step, value in ((10, 40), (20, 120), (30, 200)):
+        write_png(run / "validation" / f"step-{step:07d}.png", np.full((24, 72, 3), value, np.uint8))
+    (run / "mesh").mkdir()
+    trimesh.creation.box().export(run / "mesh" / "mesh-step0000030.glb")
+    write_video(run / "video" / "turntable-step0000030.mp4", (np.full((16, 32, 3), v, np.uint8) for v in (0, 255)), 2)
+    page = write_report([run], tmp_path / "report.html")
+    probed = tmp_path / "probed.html"
+    probed.write_text(page.read_text().replace("</body>", PROBE))
+    dom = dump_dom(browser, probed)
+    assert re.search(r'data-visible-at-load="30"', dom), re.findall(r'data-visible[^ >]*', dom)
+    assert re.search(r'data-visible-after-drag="10"', dom)
+    assert "step 10" in re.search(r'data-label="([^"]*)"', dom).group(1)
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", dom)
+    assert any(c.startswith("mesh-step0000030.glb") for c in captions)
+    assert any(c.startswith("turntable-step0000030.mp4: rgb | depth") for c in captions)
+    assert any(c.startswith("rgb | opacity | depth") for c in captions)

@@ -53,6 +53,22 @@ class RunPage:
     videos: list[Path] = field(default_factory=list)
     validation: list[Path] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
+    video_modes: list[str] = field(default_factory=lambda: ["rgb", "normal"])
+    """The run's ``export.video_modes``: the panels of a turntable whose name does not say otherwise."""
+
+
+PANELS = ("rgb", "normal", "shaded", "depth")
+"""Turntable panel names (``export/video.py``'s modes)."""
+
+
+def video_panels(video: Path, default: list[str]) -> list[str]:
+    """The panels of a turntable: its name's panel tag ('rgb_depth', written when they differ from the run's
+    ``export.video_modes``), else ``default``."""
+    for tag in video.stem.split("-")[2:]:
+        parts = tag.split("_")
+        if parts and all(part in PANELS for part in parts):
+            return parts
+    return list(default)
 
 
 def viewer_script() -> str:
@@ -87,7 +103,13 @@ def collect_run(run_dir: Path) -> RunPage:
         mesh=mesh,
         videos=sorted((run_dir / "video").glob("*.mp4")) if (run_dir / "video").is_dir() else [],
         validation=sorted((run_dir / "validation").glob("step-*.png")) if (run_dir / "validation").is_dir() else [],
-        plots=[p for p in plots if p.is_file()])
+        plots=[p for p in plots if p.is_file()], video_modes=_video_modes(config))
+
+
+def _video_modes(config: dict) -> list[str]:
+    """``export.video_modes`` of a run's config.yaml as read (the default panels where it says none)."""
+    modes = (config.get("export") or {}).get("video_modes") if isinstance(config.get("export"), dict) else None
+    return [str(m) for m in modes] if isinstance(modes, list) and modes else ["rgb", "normal"]
 
 
 def _stage2_step(config: dict) -> Optional[int]:
@@ -97,6 +119,10 @@ def _stage2_step(config: dict) -> Optional[int]:
         return stage2_step(config_from_dict(config))
     except UserError:
         return None
+
+
+VALIDATION_COLUMNS = "rgb | opacity | depth"
+"""The columns of a validation grid (``training/loop.py``'s ``save_validation``)."""
 
 
 def data_uri(path: Path, mime: str) -> str:
@@ -111,16 +137,18 @@ def _run_column(page: RunPage, index: int) -> str:
              f'<p class="meta">{esc(page.method)} · {esc(page.run_dir.name)}'
              + (f" · step {page.step}" if page.step is not None else "") + "</p>", "<h3>Mesh</h3>"]
     if page.mesh is not None:
-        parts.append(f'<model-viewer id="model-{index}" class="model" src="{data_uri(page.mesh, "model/gltf-binary")}" '
-                     'camera-controls auto-rotate interaction-prompt="none" shadow-intensity="0.6" '
-                     f'exposure="1.0" alt="3D mesh of {esc(page.prompt)}"></model-viewer>')
+        parts.append(f'<figure><model-viewer id="model-{index}" class="model" '
+                     f'src="{data_uri(page.mesh, "model/gltf-binary")}" camera-controls auto-rotate interaction-prompt="none" '
+                     f'shadow-intensity="0.6" exposure="1.0" alt="3D mesh of {esc(page.prompt)}"></model-viewer>'
+                     f'<figcaption>{esc(page.mesh.name)}: drag to turn, scroll to zoom</figcaption></figure>')
     else:
         parts.append(f'<p class="missing">no mesh/*.glb (make one: <code>sdsbridge export {esc(str(page.run_dir))}'
                      "</code>)</p>")
     parts.append("<h3>Turntable</h3>")
     for video in page.videos:
-        parts.append(f'<video class="turntable" src="{data_uri(video, "video/mp4")}" controls autoplay loop muted '
-                     f'playsinline title="{esc(video.name)}"></video>')
+        parts.append(f'<figure><video class="turntable" src="{data_uri(video, "video/mp4")}" controls autoplay loop '
+                     f'muted playsinline title="{esc(video.name)}"></video><figcaption>{esc(video.name)}: '
+                     f'{esc(" | ".join(video_panels(video, page.video_modes)))}, left to right</figcaption></figure>')
     if not page.videos:
         parts.append(f'<p class="missing">no video/*.mp4 (make one: <code>sdsbridge video '
                      f'{esc(str(page.run_dir))}</code>)</p>')
@@ -130,7 +158,9 @@ def _run_column(page: RunPage, index: int) -> str:
                          for i, p in enumerate(page.validation))
         last = len(page.validation) - 1
         parts.append(f'<h3>Validation <span class="val-step"></span></h3><input type="range" class="timeline" '
-                     f'min="0" max="{last}" value="{last}" step="1"><div class="frames">{frames}</div>')
+                     f'min="0" max="{last}" value="{last}" step="1" aria-label="training step">'
+                     f'<figure><div class="frames">{frames}</div><figcaption>{VALIDATION_COLUMNS}, one row per '
+                     'evaluation view</figcaption></figure>')
     if page.plots:
         parts.append("<h3>Training curves</h3>" + "".join(
             f'<img class="plot" alt="{esc(TITLES[p.stem])}" src="{data_uri(p, "image/png")}">' for p in page.plots))
@@ -147,6 +177,8 @@ h1{font-size:20px;margin:0 0 12px} h2{font-size:17px;margin:0} h3{font-size:14px
 .model{width:100%;height:360px;background:#eef0f3;border-radius:4px}
 video,.plot{width:100%;display:block;margin-bottom:6px}
 .val{display:block;max-width:100%;max-height:480px;margin:0 auto 6px}
+.val[hidden]{display:none}
+figure{margin:0 0 8px} figcaption{color:#555;font-size:12px;margin-top:2px}
 .timeline{width:100%} pre{font-size:11px;overflow:auto;max-height:400px;background:#f4f4f4;padding:8px}
 #page-errors{color:#a00;white-space:pre-wrap} #page-errors:empty{display:none}
 """
