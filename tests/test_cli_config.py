@@ -1,6 +1,7 @@
 """`sdsbridge config show|check` and the one-line error contract of the CLI."""
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -88,3 +89,17 @@ def test_console_script_help_and_error():
     bad = subprocess.run([sys.executable, "-m", "sdsbridge", "config", "check", "/nonexistent/p.yaml"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: /nonexistent/p.yaml: file not found"
+
+
+def test_a_stage_that_starts_after_the_last_step_is_warned_about(capsys, caplog):
+    import logging
+
+    demo = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+    with caplog.at_level(logging.WARNING, logger="sdsbridge"):
+        code, out, _ = run_cli(["config", "check", str(demo), "train.steps=300"], capsys)
+    assert code == 0 and out.startswith("OK")
+    assert "stage two starts at step 1200, but the run has train.steps=300" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sdsbridge"):
+        run_cli(["config", "check", str(demo)], capsys)
+    assert "stage two" not in caplog.text

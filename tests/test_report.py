@@ -61,3 +61,11 @@ def test_not_a_run_is_one_line_error(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("a: [1\n")
     code, _, err = run_cli(["report", tmp_path], capsys)
     assert code == 2 and "config.yaml: line 2: malformed YAML" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_run_shorter_than_the_validation_interval_validates_its_last_step(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(["train", prompt_file(tmp_path), f"log.runs_dir={runs}", "train.steps=3", "export.mesh=false",
+                            "export.video=false", *TINY, "log.val_every=1000"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in (runs / "bridge-a-red-torus" / "validation").iterdir()) == ["step-0000003.png"]

@@ -267,7 +267,22 @@ def load_config(path: Optional[Path], overrides: list[str] = (), require_prompt:
     except OmegaConfBaseException as exc:
         raise UserError(f"{path}: {str(exc).splitlines()[0]}") from None
     validate(config, require_prompt=require_prompt)
+    if command == "train":
+        for warning in setting_warnings(config):
+            logger.warning(warning)
     return config
+
+
+def setting_warnings(config: Config) -> list[str]:
+    """What the settings silently change, as sentences: a stage of the method that starts after the last step
+    (``method=bridge`` with fewer ``train.steps`` than ``guidance.stage2_start_step`` is plain SDS)."""
+    warnings = []
+    for start in method_class(config.method).stage_starts(config.guidance):
+        if start >= config.train.steps:
+            warnings.append(f"method {config.method}: its stage two starts at step {start}, but the run has "
+                            f"train.steps={config.train.steps}, so it never gets there (every step is stage one); "
+                            "lower guidance.stage2_start_step or raise train.steps")
+    return warnings
 
 
 def to_yaml(config: Config) -> str:

@@ -235,7 +235,7 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
                 if try_write("metrics", lambda: append_rows(metrics_path, unwritten_rows)):
                     unwritten_rows = []
                 bar.set_postfix(loss=f"{row['loss']:.4g}", stage=row["stage"], t=int(row["t"]))
-            if config.log.val_every and done % config.log.val_every == 0:
+            if config.log.val_every and (done % config.log.val_every == 0 or done == steps):  # and the last step's
                 try_write("validation image", lambda: save_validation(
                     scene, config, run_dir / "validation" / f"step-{done:07d}.png"))
                 try_write("plots", lambda: write_plots(run_dir, stage2_step(config)))
@@ -243,7 +243,7 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
                 last_saved = save(done, final=True)
                 interrupted = True
                 log.info(f"stopped by signal {stop['signal']} at step {done}; checkpoint {last_saved}; "
-                         f"resume with: sdsbridge train --resume {run_dir}")
+                         f"resume it with `sdsbridge train --resume {run_dir}`")
                 break
             if done % config.log.checkpoint_every == 0 or done == steps:
                 last_saved = save(done, final=done == steps) or last_saved
