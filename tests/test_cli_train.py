@@ -87,3 +87,28 @@ def test_full_cpu_demo_reaches_its_quality_targets(tmp_path, capsys):
     assert scores["psnr_db"] >= 22.5
     assert scores["chamfer"] <= 0.04
     assert scores["saturation_error"] <= 0.2
+
+
+def test_commands_that_do_not_train_say_each_thing_once(tmp_path, capsys, caplog):
+    """export, video and eval: no backend lines (train said them), the file named once, eval's scores once."""
+    import logging
+
+    runs = tmp_path / "runs"
+    code, _, err = run_cli(["train", DEMO, f"log.runs_dir={runs}", *SHORT, "export.mesh=false", "export.video=false"],
+                           capsys)
+    assert code == 0, err
+    run_dir = runs / "bridge-a-red-torus"
+    for args, name in ((["export", run_dir, "--resolution", "16"], "mesh-step0000006-res16.glb"),
+                       (["video", run_dir, "--frames", "2", "--resolution", "16", "--no-progress"], "turntable-step")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="sdsbridge"):
+            code, out, err = run_cli([*args, "--device", "cpu"], capsys)
+        assert code == 0, err
+        text = out + err + caplog.text
+        assert "backend" not in text and "sampler" not in text, text
+        assert text.count(name) == 1, text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sdsbridge"):
+        code, out, err = run_cli(["eval", run_dir, "--views", "2", "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert (out + err + caplog.text).count("psnr_db") == 1

@@ -65,3 +65,20 @@ def no_loading_bars() -> Iterator[None]:
             diffusers_logging.enable_progress_bar()
         if was[1]:
             transformers_logging.enable_progress_bar()
+
+
+BACKEND_LOGGER = "sdsbridge.backend"
+"""The logger of the lines that say which backend a scene uses (hash grid, sampler, nerfacc's kernels)."""
+
+
+@contextmanager
+def quiet_backend() -> Iterator[None]:
+    """Hush the backend lines (``BACKEND_LOGGER``) while a finished run's scene is rebuilt for export, video or
+    eval: those commands do not train, and ``train`` said them already."""
+    log = logging.getLogger(BACKEND_LOGGER)
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

@@ -110,6 +110,6 @@ def evaluate_scene(scene, config, step: int, device: Union[torch.device, str] = 
         result["reason"] = (f"no ground truth for a {config.prior.kind} prior: PSNR, Chamfer and saturation "
                             "are scored only for prior.kind=reference runs")
     result["seconds"] = round(time.time() - started, 2)
-    logger.info("eval: %s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+    logger.debug("eval: %s", ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                       for k, v in result.items() if k not in ("prompt", "mesh_error", "reason")))
     return result

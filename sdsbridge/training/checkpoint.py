@@ -25,6 +25,7 @@ import torch
 
 from sdsbridge.common.atomic import atomic_file, write_failed
 from sdsbridge.common.errors import UserError, WriteFailed
+from sdsbridge.common.quiet import quiet_backend
 from sdsbridge.config.loader import config_from_dict
 from sdsbridge.config.schema import Config
 from sdsbridge.scene.base import Scene
@@ -326,6 +327,7 @@ def load_trained_scene(run_or_checkpoint: Path, device: torch.device) -> tuple[S
     and evaluation: (scene in eval mode, the run's config, its step)."""
     _, checkpoint = load_newest(Path(run_or_checkpoint), map_location=device)
     config = config_from_dict(checkpoint["config"])
-    scene = build_scene(config, device)
+    with quiet_backend():
+        scene = build_scene(config, device)
     scene.load_state_dict(checkpoint)
     return scene.eval(), config, int(checkpoint["step"])

@@ -315,5 +315,4 @@ def export_run_mesh(run_dir: Path, format: Optional[str] = None, resolution: Opt
     scene, config, step = load_trained_scene(Path(run_dir), torch.device(device))
     path = export_mesh(scene, config, run_dir_of(checkpoint), step, format, resolution, threshold, texture,
                        texture_size, out)
-    logger.info("mesh: step %d -> %s", step, path)
     return path

@@ -114,8 +114,8 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
         write_video(path, rendered_frames(), fps)
     finally:
         scene.train(was_training)
-    logger.info("video: %d frames of %dx%d (%s) at %d fps in %.1f s -> %s", frames, len(modes) * resolution,
-                resolution, " | ".join(modes), fps, time.time() - started, path)
+    logger.info("video: %d frames of %dx%d (%s) at %d fps in %.1f s", frames, len(modes) * resolution,
+                resolution, " | ".join(modes), fps, time.time() - started)
     return path
 
 

@@ -21,9 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from sdsbridge.common.errors import UserError
+from sdsbridge.common.quiet import BACKEND_LOGGER
 from sdsbridge.scene.nerf import hashgrid_kernels as K
 
 logger = logging.getLogger("sdsbridge")
+backend_log = logging.getLogger(BACKEND_LOGGER)
+"""Which backend a scene built with: said once per command that trains (``quiet_backend`` hushes it elsewhere)."""
 
 COMPILE_AFTER_POINTS = 2 ** 21
 """CPU: an encoding compiles its kernels after this many points went through it eagerly (a few seconds'
@@ -143,7 +146,7 @@ class HashGridEncoding(nn.Module):
         self._kernels_seen: set = set()
         self.backend, reason = resolve_backend(backend, device)
         if backend == "auto":
-            logger.info("hash grid backend: %s (%s)", self.backend, reason)
+            backend_log.info("hash grid backend: %s (%s)", self.backend, reason)
         # Plain attribute, not a submodule: the state dict must hold `params` only (same as the torch backend).
         object.__setattr__(self, "_tcnn", self._make_tcnn() if self.backend == "tcnn" else None)
 

@@ -27,11 +27,14 @@ from torch import Tensor, nn
 from sdsbridge.scene.cameras import Cameras, camera_rays
 from sdsbridge.scene.base import RenderOutput
 from sdsbridge.scene.nerf.settings import RenderConfig
+from sdsbridge.common.quiet import BACKEND_LOGGER
 from sdsbridge.common.devices import module_device
 from sdsbridge.scene.nerf.marching import render_with_grid
 from sdsbridge.scene.nerf.occupancy import OccupancyGrid, fill_occupancy
 
 logger = logging.getLogger("sdsbridge")
+backend_log = logging.getLogger(BACKEND_LOGGER)
+"""Which backend a scene built with: said once per command that trains (``quiet_backend`` hushes it elsewhere)."""
 
 OCCUPANCY_EVAL_CHUNK = 1 << 20
 """Points per field call when refreshing the occupancy grid (128^3 cells = 2M points in warm-up)."""
@@ -96,7 +99,7 @@ def nerfacc_cuda_available() -> bool:
     """Whether nerfacc's CUDA kernels load (a prebuilt wheel, or a JIT build that needs nvcc). Probed once per
     process: without a prebuilt wheel, the first probe builds the kernels (minutes, said in the log first) and a
     failed build would otherwise be retried by every renderer."""
-    logger.info("checking nerfacc's CUDA kernels (without a prebuilt wheel nerfacc builds them the first time: "
+    backend_log.info("checking nerfacc's CUDA kernels (without a prebuilt wheel nerfacc builds them the first time: "
                 "minutes; a build that never ends is a stale 'lock' file in ~/.cache/torch_extensions)")
     try:
         # nerfacc loads (or JIT-builds) its kernels lazily; importing its backend module is the only probe.
@@ -153,7 +156,7 @@ class Renderer:
         self.training = True
         device = module_device(field)
         self.sampler, reason = choose_sampler(cfg.sampler, device)
-        logger.info("renderer: %s sampler (%s)", SAMPLER_NAMES[self.sampler], reason)
+        backend_log.info("renderer: %s sampler (%s)", SAMPLER_NAMES[self.sampler], reason)
         self.estimator: Optional[nerfacc.OccGridEstimator | OccupancyGrid] = None
         # threestudio's render_step_size, with its 1.732 for sqrt(3): the cube's diagonal / num_samples.
         self.step_size = 1.732 * 2.0 * self.radius / cfg.num_samples_occupancy
