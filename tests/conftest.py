@@ -1,5 +1,8 @@
 """Shared fixtures."""
 
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -22,3 +25,9 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    """The per-user cache (reference image sets) in a fresh temporary folder for this test run (subprocesses
+    inherit it), not in the user's home."""
+    os.environ["SDSBRIDGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdsbridge-test-cache-")

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +33,7 @@ from sdsbridge.scene.cameras import CameraConfig
 from sdsbridge.common.errors import WriteFailed
 from sdsbridge.priors import shapes as shapes_module
 from sdsbridge.common.checks import check
+from sdsbridge.common.package_files import user_cache_folder
 from sdsbridge.priors.base import PriorSettings, register_prior, to_prior_images
 from sdsbridge.priors.denoiser import noise_from_denoised, optimal_denoiser, sd_alphas_cumprod
 from sdsbridge.priors.reference_prompts import Condition, parse_prompt
@@ -149,8 +151,11 @@ class ReferenceSettings(PriorSettings):
     """Reference renders per (shape, view label)."""
     nearest_views: int = 0
     """Condition on the K reference views nearest the camera (0 = by view label)."""
-    cache_dir: Optional[str] = None
-    """Directory to cache rendered image sets (None = memory only)."""
+    cache_dir: Optional[str] = "auto"
+    """Where rendered image sets are cached, keyed by everything they depend on (shape, resolution, views,
+    cameras): 'auto' = the per-user cache (``$SDSBRIDGE_CACHE_DIR``, else ``~/.cache/sdsbridge``; ``reference/``
+    in it), a folder, or null = memory only (rendered again by every run). Writes are atomic, so concurrent runs
+    and sweeps share it; an entry that does not load is rendered again and replaced."""
 
     def validate(self) -> None:
         check(self.resolution > 0, "prior.resolution", "must be positive")
@@ -192,7 +197,8 @@ class ReferencePrior:
     @classmethod
     def load(cls, cfg: ReferenceSettings, device: torch.device, camera_cfg: CameraConfig) -> "ReferencePrior":
         """The prior of ``cfg`` on ``device``, its image sets rendered with the training cameras ``camera_cfg``."""
-        return cls(cfg.resolution, cfg.views_per_label, cfg.nearest_views, camera_cfg, cfg.cache_dir, device)
+        cache = str(user_cache_folder("reference")) if cfg.cache_dir == "auto" else cfg.cache_dir
+        return cls(cfg.resolution, cfg.views_per_label, cfg.nearest_views, camera_cfg, cache, device)
 
     @classmethod
     def check_prompt(cls, prompt: str) -> None:
@@ -354,8 +360,13 @@ class ReferencePrior:
                         return images, masks
                 except Exception:  # a corrupt or foreign file: render again and overwrite it
                     pass
+        started = time.time()
+        logger.info("reference prior: rendering the image set of '%s' (%d views at %d px)%s", shape_name,
+                    len(self.cameras), self.image_resolution,
+                    f", once: cached in {self.cache_dir}" if path is not None else " (no cache: prior.cache_dir is null)")
         images, masks = render_shape(shape_name, self.cameras.to(self.device), self.image_resolution, SUPERSAMPLE)
         images, masks = images.to(torch.float32).cpu(), masks.to(torch.float32).cpu()
+        logger.info("reference prior: '%s' rendered in %.1f s", shape_name, time.time() - started)
         if path is not None:
             try:
                 with atomic_file(path) as handle:
