@@ -133,6 +133,8 @@ def _export_after_training(config, result, progress: bool) -> tuple[list[tuple[s
     from sdsbridge.outputs.export.video import export_video
     from sdsbridge.outputs.report import write_report
 
+    from sdsbridge.common.devices import fitted_cpu_threads
+
     outputs, code = [], 0
     steps = [("mesh", config.export.mesh, lambda: export_mesh(result.scene, config, result.run_dir, result.step)),
              ("video", config.export.video, lambda: export_video(result.scene, config, result.run_dir, result.step,
@@ -142,7 +144,8 @@ def _export_after_training(config, result, progress: bool) -> tuple[list[tuple[s
         if not wanted:
             continue
         try:
-            outputs.append((name, make()))
+            with fitted_cpu_threads(result.scene.device):  # the thread count training ran with
+                outputs.append((name, make()))
         except UserError as exc:
             typer.echo(f"error: {name} export failed: {' '.join(str(exc).split())}", err=True)
             code = max(code, EXIT_WRITE_FAILED if isinstance(exc, WriteFailed) else EXIT_FAILED)

@@ -23,6 +23,7 @@ import torch
 
 from sdsbridge.outputs import scores
 from sdsbridge.scene.cameras import orbit_cameras
+from sdsbridge.common.devices import fitted_cpu_threads
 from sdsbridge.common.errors import UserError
 from sdsbridge.outputs.export.mesh import extract_mesh
 from sdsbridge.training.checkpoint import load_trained_scene
@@ -68,7 +69,8 @@ def evaluate_run(run_dir: Path, device: Union[torch.device, str] = "cpu", n_view
     checkpoint. Arguments and result as there."""
     device = torch.device(device)
     scene, config, step = load_trained_scene(Path(run_dir), device)
-    return evaluate_scene(scene, config, step, device, n_views, resolution, mesh_resolution, n_points)
+    with fitted_cpu_threads(device):
+        return evaluate_scene(scene, config, step, device, n_views, resolution, mesh_resolution, n_points)
 
 
 def evaluate_scene(scene, config, step: int, device: Union[torch.device, str] = "cpu",

@@ -33,6 +33,7 @@ import trimesh
 from sdsbridge.common.atomic import atomic_write_bytes, remove_stale_temps
 from sdsbridge.training.checkpoint import find_checkpoint, run_dir_of
 from sdsbridge.outputs.export.axes import to_file_axes
+from sdsbridge.common.devices import fitted_cpu_threads
 from sdsbridge.common.errors import UserError
 from sdsbridge.outputs.naming import output_name
 from sdsbridge.scene.base import Scene
@@ -313,6 +314,6 @@ def export_run_mesh(run_dir: Path, format: Optional[str] = None, resolution: Opt
     checkpoint = find_checkpoint(Path(run_dir))
     remove_stale_temps(run_dir_of(checkpoint))  # left by a killed write
     scene, config, step = load_trained_scene(Path(run_dir), torch.device(device))
-    path = export_mesh(scene, config, run_dir_of(checkpoint), step, format, resolution, threshold, texture,
-                       texture_size, out)
-    return path
+    with fitted_cpu_threads(torch.device(device)):
+        return export_mesh(scene, config, run_dir_of(checkpoint), step, format, resolution, threshold, texture,
+                           texture_size, out)

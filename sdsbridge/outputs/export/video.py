@@ -22,6 +22,7 @@ from sdsbridge.scene.cameras import camera_rays, orbit_cameras
 from sdsbridge.common.atomic import remove_stale_temps
 from sdsbridge.training.checkpoint import find_checkpoint, run_dir_of
 from sdsbridge.scene.cameras import CameraConfig
+from sdsbridge.common.devices import fitted_cpu_threads
 from sdsbridge.common.errors import UserError
 from sdsbridge.outputs.export.shading import normal_panel, shaded_panel, surface_normals, to_camera
 from sdsbridge.common.media import pad_to_even, to_uint8, write_video
@@ -157,7 +158,8 @@ def render_run_video(run_dir: Path, frames: Optional[int] = None, resolution: Op
     checkpoint = find_checkpoint(Path(run_dir))
     remove_stale_temps(run_dir_of(checkpoint))  # left by a killed write
     scene, config, step = load_trained_scene(Path(run_dir), torch.device(device))
-    return export_video(scene, config, run_dir_of(checkpoint), step, frames, resolution, fps, progress, modes, out)
+    with fitted_cpu_threads(torch.device(device)):
+        return export_video(scene, config, run_dir_of(checkpoint), step, frames, resolution, fps, progress, modes, out)
 
 
 TURNTABLE_SIZES = {"cuda": (120, 512), "cpu": (60, 256)}
