@@ -56,8 +56,9 @@ def main() -> None:
         run = args.run or train_demo(tmp / "runs")
         device = torch.device("cpu")
         scene, config, step = load_trained_scene(run, device)
+        scene.prepare_long_run()  # a long training run compiles its kernels from the first step
         with fitted_cpu_threads(device), torch.no_grad():
-            scene.density(torch.rand(1 << 18, 3) * 2 - 1)  # warm-up: compile as a trained run has
+            scene.density(torch.rand(1 << 18, 3) * 2 - 1)  # warm-up: the kernels compiled, as a trained run has them
             inside = {
                 "export": timed(lambda: export_mesh(scene, config, run, step, resolution=args.mesh_resolution,
                                                    out=tmp / "in.glb")),

@@ -36,3 +36,23 @@ def test_every_subpackage_is_installed():
     listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     subpackages = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
     assert subpackages - listed == set()
+
+
+def test_readme_states_the_demo_settings_that_configs_demo_yaml_holds():
+    import yaml
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    demo = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text(encoding="utf-8"))
+    paragraph = readme.split("`sdsbridge train configs/demo.yaml` trains", 1)[1].split("\n\n", 1)[0]
+    steps = demo["train"]["steps"]
+    assert int(re.search(r"for ([\d,]+) steps", paragraph).group(1).replace(",", "")) == steps
+    assert int(re.search(r"hash grid at (\d+) px", paragraph).group(1)) == demo["render"]["resolution"]
+    share = int(re.search(r"the last (\d+)% of the steps", paragraph).group(1))
+    assert share == round(100 * (steps - demo["guidance"]["stage2_start_step"]) / steps)
+    assert int(re.search(r"the mesh \((\d+)³ grid\)", paragraph).group(1)) == demo["export"]["resolution"]
+    frames, size, panels = re.search(r"\((\d+) frames at (\d+) px, ([a-z |]+)\)", paragraph).groups()
+    export = demo["export"]
+    assert (int(frames), int(size), panels) == (export["video_frames"], export["video_resolution"],
+                                                " | ".join(export["video_modes"]))
+    elsewhere = readme.replace(paragraph, "")
+    assert "whole demo command" not in elsewhere.lower(), "the demo's time is stated in one place only"

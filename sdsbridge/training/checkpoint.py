@@ -330,6 +330,4 @@ def load_trained_scene(run_or_checkpoint: Path, device: torch.device) -> tuple[S
     with quiet_backend():
         scene = build_scene(config, device)
     scene.load_state_dict(checkpoint)
-    if device.type == "cpu":
-        scene.prepare_long_run()  # export, video and eval evaluate the field at millions of points, as a long run
     return scene.eval(), config, int(checkpoint["step"])
