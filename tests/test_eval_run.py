@@ -54,6 +54,7 @@ def test_the_true_shape_scores_near_perfectly():
     assert result["psnr_db"] > 25.0
     assert result["chamfer"] < 0.02
     assert result["saturation_error"] < 0.05 and result["mask_iou"] > 0.9
+    assert result["normal_error_deg"] < 12.0  # the field's density normals against the SDF's
     assert 0.0 < result["threshold"] <= 5.0 and result["mesh_faces"] > 1000
     assert scene.renderer.training  # eval mode was only for the renders
 
@@ -62,6 +63,7 @@ def test_a_wrong_shape_scores_badly():
     scene, config = analytic_setup(prompt="a blue box")
     result = evaluate_scene(scene, config, step=0, n_views=4, resolution=32, mesh_resolution=48, n_points=2000)
     assert result["psnr_db"] < 15.0 and result["chamfer"] > 0.05
+    assert result["normal_error_deg"] > 20.0
 
 
 def test_stable_diffusion_run_is_reported_unscorable():

@@ -22,7 +22,8 @@ from typing import Optional, Union
 import torch
 
 from sdsbridge.outputs import scores
-from sdsbridge.scene.cameras import orbit_cameras
+from sdsbridge.outputs.export.shading import surface_normals
+from sdsbridge.scene.cameras import camera_rays, orbit_cameras
 from sdsbridge.common.devices import fitted_cpu_threads
 from sdsbridge.common.errors import UserError
 from sdsbridge.outputs.export.mesh import extract_mesh
@@ -49,7 +50,8 @@ def _mesh_stats(scene, config, mesh_resolution: int) -> tuple[Optional[object], 
 
 @torch.no_grad()
 def _render_white(scene, config, n_views: int, resolution: int, device: torch.device):
-    """[N, 3, R, R] renders over white, [N, 1, R, R] opacity (on the CPU) and the eval cameras."""
+    """[N, 3, R, R] renders over white, [N, 1, R, R] opacity (on the CPU), the eval cameras and the normals of
+    the rendered surface ([N, R, R, 3] world space, 0 where opacity < ``MIN_OPACITY``; ``surface_normals``)."""
     cameras = orbit_cameras(config.cameras, n_views)
     was_training = scene.training
     scene.eval()
@@ -59,7 +61,10 @@ def _render_white(scene, config, n_views: int, resolution: int, device: torch.de
     finally:
         scene.train(was_training)
     rgb = out.rgb.permute(0, 3, 1, 2).clamp(0, 1).float().cpu()
-    return rgb, out.opacity.permute(0, 3, 1, 2).float().cpu(), cameras
+    origins, dirs = camera_rays(cameras.to(device), resolution, resolution)
+    normals = torch.stack([surface_normals(scene, origins[v], dirs[v], out.depth[v], out.opacity[v], scene.radius)
+                           for v in range(len(cameras))]).float().cpu()
+    return rgb, out.opacity.permute(0, 3, 1, 2).float().cpu(), cameras, normals
 
 
 def evaluate_run(run_dir: Path, device: Union[torch.device, str] = "cpu", n_views: int = DEFAULT_VIEWS,
@@ -86,7 +91,7 @@ def evaluate_scene(scene, config, step: int, device: Union[torch.device, str] = 
 
     Returns a JSON-ready dict. Always: prior, prompt, step, scored (bool), n_views, resolution,
     mesh_resolution, mean_opacity, threshold, mesh_faces, mesh_vertices (+ mesh_error when no mesh could be
-    extracted), seconds. Reference-prior runs add shape, psnr_db, chamfer, saturation_error, mask_iou
+    extracted), seconds. Reference-prior runs add shape, psnr_db, chamfer, saturation_error, mask_iou, normal_error_deg
     (module docstring); other runs add ``reason``: why they cannot be scored.
     """
     started = time.time()
@@ -95,7 +100,7 @@ def evaluate_scene(scene, config, step: int, device: Union[torch.device, str] = 
     resolution = resolution or (config.prior.resolution if reference else 64)
     if reference:
         shape = scores.shape_for_prompt(config.prompt)  # UserError before any rendering if unscorable
-    rgb, opacity, cameras = _render_white(scene, config, n_views, resolution, device)
+    rgb, opacity, cameras, normals = _render_white(scene, config, n_views, resolution, device)
     mesh, mesh_meta = _mesh_stats(scene, config, mesh_resolution)
     result = {"prior": config.prior.kind, "prompt": config.prompt, "step": step, "scored": reference,
               "n_views": n_views, "resolution": resolution, "mesh_resolution": mesh_resolution,
@@ -105,9 +110,12 @@ def evaluate_scene(scene, config, step: int, device: Union[torch.device, str] = 
         chamfer = math.inf if mesh is None else scores.chamfer_distance(
             torch.from_numpy(mesh.vertices), torch.from_numpy(mesh.faces), shape, n_points=n_points)
         union = float(torch.maximum(opacity, coverage).sum())
+        true_hit, true_normals = scores.true_normals(shape, cameras, resolution)
+        both = true_hit & (normals.norm(dim=-1) > 0)  # pixels where the truth and the render have a surface
         result.update({"shape": shape, "psnr_db": scores.psnr(rgb, truth), "chamfer": chamfer,
                        "saturation_error": scores.saturation_error(rgb, truth, coverage),
-                       "mask_iou": float(torch.minimum(opacity, coverage).sum()) / union if union else 0.0})
+                       "mask_iou": float(torch.minimum(opacity, coverage).sum()) / union if union else 0.0,
+                       "normal_error_deg": scores.normal_error_deg(normals[both], true_normals[both])})
     else:
         result["reason"] = (f"no ground truth for a {config.prior.kind} prior: PSNR, Chamfer and saturation "
                             "are scored only for prior.kind=reference runs")

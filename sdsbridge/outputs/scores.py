@@ -9,11 +9,11 @@ import math
 
 import torch
 
-from sdsbridge.scene.cameras import Cameras
+from sdsbridge.scene.cameras import Cameras, camera_rays
 from sdsbridge.common.errors import UserError
 from sdsbridge.priors.reference import SUPERSAMPLE
 from sdsbridge.priors.reference_prompts import available_shapes, parse_prompt
-from sdsbridge.priors.shapes import Shape, get_shape, render_shape
+from sdsbridge.priors.shapes import Shape, get_shape, render_shape, sdf_normals, sphere_trace
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -125,3 +125,23 @@ def chamfer_distance(vertices: torch.Tensor, faces: torch.Tensor, shape: Shape |
     mesh_points = sample_mesh_surface(torch.as_tensor(vertices), torch.as_tensor(faces), n_points, generator)
     true_points = sample_sdf_surface(shape, n_points, generator)
     return 0.5 * (_mean_nearest(mesh_points, true_points) + _mean_nearest(true_points, mesh_points))
+
+
+def true_normals(shape_name: str, cameras: Cameras, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each pixel's ray meets the true surface and its outward normal there: (hit [N, R, R] bool,
+    normals [N, R, R, 3] unit, world space; 0 where no hit), by sphere tracing the shape's SDF (CPU)."""
+    shape = get_shape(shape_name)
+    origins, dirs = camera_rays(cameras.to("cpu"), resolution, resolution)
+    hit, points = sphere_trace(shape.sdf, origins.reshape(-1, 3), dirs.reshape(-1, 3), shape.bound)
+    normals = torch.zeros_like(points)
+    normals[hit] = sdf_normals(shape.sdf, points[hit])
+    n = len(cameras)
+    return hit.view(n, resolution, resolution), normals.view(n, resolution, resolution, 3)
+
+
+def normal_error_deg(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    """Mean angle in degrees between [M, 3] unit normals and the true [M, 3] (nan for M = 0)."""
+    if pred.shape[0] == 0:
+        return math.nan
+    cosine = (pred * truth).sum(-1).clamp(-1.0, 1.0)
+    return float(torch.rad2deg(torch.acos(cosine)).mean())
