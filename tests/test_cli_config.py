@@ -103,3 +103,10 @@ def test_a_stage_that_starts_after_the_last_step_is_warned_about(capsys, caplog)
     with caplog.at_level(logging.WARNING, logger="sdsbridge"):
         run_cli(["config", "check", str(demo)], capsys)
     assert "stage two" not in caplog.text
+
+
+def test_the_command_line_starts_without_torch():
+    """`sdsbridge --help` / `--version` stay instant: torch and the components load with the first command."""
+    code = "import sys, sdsbridge.cli; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'sdsbridge' in m)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr

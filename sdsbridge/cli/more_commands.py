@@ -10,7 +10,6 @@ import typer
 
 from sdsbridge.cli.app import IMAGE_OVERRIDES_HELP, app, split_file_and_overrides
 from sdsbridge.common.errors import RunFailed, UserError
-from sdsbridge.distill.methods import METHODS
 from sdsbridge.cli.preflight import check_prompt, check_run
 
 
@@ -24,8 +23,8 @@ def image(
                                          "image per prompt, resumable (done prompts are skipped)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: a new runs/image-...)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
-    method: Optional[str] = typer.Option(None, "--method", help=f"{' | '.join(METHODS)} "
-                                         "(overrides `method:`)."),
+    method: Optional[str] = typer.Option(None, "--method", help="A registered method's name, "
+                                         "e.g. bridge or sds (overrides `method:`; a wrong name lists them all)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
     """2D score distillation: optimise an image (SD latent or reference-prior pixels) with bridge/sds/nfsd/vsd

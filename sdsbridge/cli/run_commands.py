@@ -11,7 +11,6 @@ import typer
 
 from sdsbridge.cli.app import OVERRIDES_HELP, app, config_app, split_file_and_overrides
 from sdsbridge.common.errors import EXIT_FAILED, EXIT_WRITE_FAILED, Interrupted, UserError, WriteFailed
-from sdsbridge.distill.methods import METHODS
 from sdsbridge.cli.preflight import check_run
 
 
@@ -48,8 +47,8 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue a run: its directory or a .ckpt file. "
                                           "Raise train.steps=N to extend a finished run."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (overrides `device:`)."),
-    method: Optional[str] = typer.Option(None, "--method", help=f"{' | '.join(METHODS)} "
-                                         "(overrides `method:`)."),
+    method: Optional[str] = typer.Option(None, "--method", help="A registered method's name, "
+                                         "e.g. bridge or sds (overrides `method:`; a wrong name lists them all)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     run_dir_option: Optional[Path] = typer.Option(None, "--run-dir", help="Train a fresh run in this directory "
                                                   "(created; it must not exist or be empty) instead of a new one "
