@@ -29,6 +29,7 @@ from typing import Optional
 from sdsbridge.common.atomic import atomic_write_bytes
 from sdsbridge.common.errors import UserError
 from sdsbridge.common.package_files import package_folder
+from sdsbridge.outputs.export.video import DEFAULT_MODES, MODES
 from sdsbridge.outputs.naming import newest_output
 from sdsbridge.config.loader import config_from_dict
 from sdsbridge.training.plots import PLOTS, TITLES, read_metrics, stage2_step, write_plots
@@ -53,12 +54,8 @@ class RunPage:
     videos: list[Path] = field(default_factory=list)
     validation: list[Path] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
-    video_modes: list[str] = field(default_factory=lambda: ["rgb", "normal"])
+    video_modes: list[str] = field(default_factory=lambda: list(DEFAULT_MODES))
     """The run's ``export.video_modes``: the panels of a turntable whose name does not say otherwise."""
-
-
-PANELS = ("rgb", "normal", "shaded", "depth")
-"""Turntable panel names (``export/video.py``'s modes)."""
 
 
 def video_panels(video: Path, default: list[str]) -> list[str]:
@@ -66,7 +63,7 @@ def video_panels(video: Path, default: list[str]) -> list[str]:
     ``export.video_modes``), else ``default``."""
     for tag in video.stem.split("-")[2:]:
         parts = tag.split("_")
-        if parts and all(part in PANELS for part in parts):
+        if parts and all(part in MODES for part in parts):
             return parts
     return list(default)
 
@@ -109,7 +106,7 @@ def collect_run(run_dir: Path) -> RunPage:
 def _video_modes(config: dict) -> list[str]:
     """``export.video_modes`` of a run's config.yaml as read (the default panels where it says none)."""
     modes = (config.get("export") or {}).get("video_modes") if isinstance(config.get("export"), dict) else None
-    return [str(m) for m in modes] if isinstance(modes, list) and modes else ["rgb", "normal"]
+    return [str(m) for m in modes] if isinstance(modes, list) and modes else list(DEFAULT_MODES)
 
 
 def _stage2_step(config: dict) -> Optional[int]:
