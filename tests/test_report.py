@@ -69,3 +69,26 @@ def test_a_run_shorter_than_the_validation_interval_validates_its_last_step(tmp_
                             "export.video=false", *TINY, "log.val_every=1000"], capsys)
     assert code == 0, err
     assert sorted(p.name for p in (runs / "bridge-a-red-torus" / "validation").iterdir()) == ["step-0000003.png"]
+
+
+def test_a_reference_run_shows_the_true_shape_beside_its_validation_grid(tmp_path, capsys):
+    import base64
+
+    import imageio.v3 as iio
+
+    run, _ = finished_run(tmp_path, capsys)
+    page = (run / "report.html").read_text()
+    assert "ground truth: the true torus, same views" in page
+    uri = re.search(r'<img class="truth" src="data:image/png;base64,([^"]+)"', page).group(1)
+    truth = iio.imread(base64.b64decode(uri))
+    grid = iio.imread(sorted((run / "validation").glob("step-*.png"))[-1])
+    assert truth.shape[0] == grid.shape[0] and truth.shape[1] * 3 == grid.shape[1]  # rows align with the grid's views
+    red = truth[..., 0].astype(int) - truth[..., 2].astype(int)
+    assert (red > 100).mean() > 0.02  # a red torus is in the picture
+
+    other = tmp_path / "sd-run"
+    other.mkdir()
+    (other / "config.yaml").write_text("prompt: a cat\nmethod: sds\n")
+    from sdsbridge.outputs.report import write_report
+
+    assert "ground truth" not in write_report([other]).read_text()

@@ -56,6 +56,9 @@ class RunPage:
     plots: list[Path] = field(default_factory=list)
     video_modes: list[str] = field(default_factory=lambda: list(DEFAULT_MODES))
     """The run's ``export.video_modes``: the panels of a turntable whose name does not say otherwise."""
+    truth: Optional[bytes] = None
+    """PNG of the true shape at the validation views (rgb, one row per view): reference-prior runs only."""
+    truth_shape: str = ""
 
 
 def video_panels(video: Path, default: list[str]) -> list[str]:
@@ -100,7 +103,31 @@ def collect_run(run_dir: Path) -> RunPage:
         mesh=mesh,
         videos=sorted((run_dir / "video").glob("*.mp4")) if (run_dir / "video").is_dir() else [],
         validation=sorted((run_dir / "validation").glob("step-*.png")) if (run_dir / "validation").is_dir() else [],
-        plots=[p for p in plots if p.is_file()], video_modes=_video_modes(config))
+        plots=[p for p in plots if p.is_file()], video_modes=_video_modes(config), **_ground_truth(config))
+
+
+def _ground_truth(config: dict) -> dict:
+    """``{"truth": PNG bytes, "truth_shape": name}`` of a reference-prior run: the true shape rendered at the
+    validation grid's views and size (rgb, one row per view); {} for any other run or a config that does not load."""
+    try:
+        resolved = config_from_dict(config)
+    except UserError:
+        return {}
+    if resolved.prior.kind != "reference":
+        return {}
+    import imageio.v3 as iio
+
+    from sdsbridge.outputs.scores import reference_views, shape_for_prompt
+    from sdsbridge.scene.cameras import orbit_cameras
+
+    try:
+        shape = shape_for_prompt(resolved.prompt)
+    except UserError:
+        return {}
+    cameras = orbit_cameras(resolved.cameras, resolved.log.val_views)
+    rgb, _ = reference_views(shape, cameras, resolved.log.val_resolution)
+    column = (rgb.permute(0, 2, 3, 1).reshape(-1, rgb.shape[-1], 3).clamp(0, 1) * 255 + 0.5).byte().numpy()
+    return {"truth": iio.imwrite("<bytes>", column, extension=".png"), "truth_shape": shape}
 
 
 def _video_modes(config: dict) -> list[str]:
@@ -125,6 +152,15 @@ VALIDATION_COLUMNS = "rgb | opacity | depth"
 def data_uri(path: Path, mime: str) -> str:
     """``data:<mime>;base64,...`` of a file."""
     return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _truth_figure(page: RunPage) -> str:
+    """The ground-truth column beside the validation grid (HTML; empty without a truth)."""
+    if page.truth is None:
+        return ""
+    uri = "data:image/png;base64," + base64.b64encode(page.truth).decode("ascii")
+    return (f'<figure><img class="truth" src="{uri}" alt="the true {html.escape(page.truth_shape)}">'
+            f'<figcaption>ground truth: the true {html.escape(page.truth_shape)}, same views</figcaption></figure>')
 
 
 def _run_column(page: RunPage, index: int) -> str:
@@ -156,8 +192,8 @@ def _run_column(page: RunPage, index: int) -> str:
         last = len(page.validation) - 1
         parts.append(f'<h3>Validation <span class="val-step"></span></h3><input type="range" class="timeline" '
                      f'min="0" max="{last}" value="{last}" step="1" aria-label="training step">'
-                     f'<figure><div class="frames">{frames}</div><figcaption>{VALIDATION_COLUMNS}, one row per '
-                     'evaluation view</figcaption></figure>')
+                     f'<div class="side"><figure><div class="frames">{frames}</div><figcaption>{VALIDATION_COLUMNS}, '
+                     'one row per evaluation view</figcaption></figure>' + _truth_figure(page) + '</div>')
     if page.plots:
         parts.append("<h3>Training curves</h3>" + "".join(
             f'<img class="plot" alt="{esc(TITLES[p.stem])}" src="{data_uri(p, "image/png")}">' for p in page.plots))
@@ -176,6 +212,7 @@ video,.plot{width:100%;display:block;margin-bottom:6px}
 .val{display:block;max-width:100%;max-height:480px;margin:0 auto 6px}
 .val[hidden]{display:none}
 figure{margin:0 0 8px} figcaption{color:#555;font-size:12px;margin-top:2px}
+.side{display:flex;gap:12px;justify-content:center;align-items:flex-start} .truth{display:block;max-height:480px}
 .timeline{width:100%} pre{font-size:11px;overflow:auto;max-height:400px;background:#f4f4f4;padding:8px}
 #page-errors{color:#a00;white-space:pre-wrap} #page-errors:empty{display:none}
 """
