@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -59,9 +60,10 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+@functools.cache
 def component_fields() -> dict[str, dict[str, list[str]]]:
     """The component sections' keys: {'guidance': key -> the methods that read it, 'prior': key -> the prior
-    kinds that read it}, from the registries."""
+    kinds that read it}, from the registries (filled at import, so computed once; do not modify)."""
     sections: dict[str, dict[str, list[str]]] = {"guidance": {}, "prior": {}}
     for section, registry in (("guidance", METHODS), ("prior", PRIORS)):
         for name, cls in registry.items():
@@ -128,11 +130,17 @@ def _check_keys(data: dict, schema: Any, source: str, prefix: str = "", command:
                 _check_component_keys(value, components[key], source, full_key, command)
             else:
                 _check_keys(value, default, source, full_key + ".", command)
-        elif isinstance(value, dict):
-            raise UserError(f"{source}: key '{full_key}' takes a value, not a section")
-        elif isinstance(value, list) and len(value) > MAX_LIST_ITEMS:
-            raise UserError(f"{source}: key '{full_key}': a list of {len(value)} values; it takes at most "
-                            f"{MAX_LIST_ITEMS}")
+        else:
+            _check_value(value, full_key, source)
+
+
+def _check_value(value: Any, full_key: str, source: str) -> None:
+    """A key that takes a value: not a section, and a list of at most ``MAX_LIST_ITEMS``."""
+    if isinstance(value, dict):
+        raise UserError(f"{source}: key '{full_key}' takes a value, not a section")
+    if isinstance(value, list) and len(value) > MAX_LIST_ITEMS:
+        raise UserError(f"{source}: key '{full_key}': a list of {len(value)} values; it takes at most "
+                        f"{MAX_LIST_ITEMS}")
 
 
 def _check_component_keys(data: dict, known: dict[str, list[str]], source: str, section: str, command: str) -> None:
@@ -141,11 +149,7 @@ def _check_component_keys(data: dict, known: dict[str, list[str]], source: str, 
         full_key = f"{section}.{key}"
         if key not in known:
             raise UserError(_unknown_key_message(full_key, source, command))
-        if isinstance(value, dict):
-            raise UserError(f"{source}: key '{full_key}' takes a value, not a section")
-        if isinstance(value, list) and len(value) > MAX_LIST_ITEMS:
-            raise UserError(f"{source}: key '{full_key}': a list of {len(value)} values; it takes at most "
-                            f"{MAX_LIST_ITEMS}")
+        _check_value(value, full_key, source)
 
 
 def _read_choice(layers: list[dict], section: Optional[str], key: str, default: str) -> Any:
@@ -173,11 +177,16 @@ def _only_settings_of(data: dict, section: str, owner: str, settings_type: type,
     return {**data, section: {key: value for key, value in values.items() if key not in foreign}}
 
 
+def _check_method(method: Any) -> None:
+    """UserError unless ``method`` is a registered method's name."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise UserError(f"method: '{method}' is not one of {', '.join(METHODS)}")
+
+
 def _structured(method: Any, kind: Any) -> Any:
     """The OmegaConf schema of a Config whose ``guidance`` and ``prior`` are the settings of ``method`` and
     prior ``kind`` (UserError for unknown names)."""
-    if not isinstance(method, str) or method not in METHODS:
-        raise UserError(f"method: '{method}' is not one of {', '.join(METHODS)}")
+    _check_method(method)
     if not isinstance(kind, str) or kind not in PRIORS:
         raise UserError(f"prior.kind: '{kind}' is not one of {', '.join(PRIORS)}")
     return OmegaConf.structured(Config(method=method, guidance=method_class(method).Settings(),
@@ -237,8 +246,7 @@ def load_config(path: Optional[Path], overrides: list[str] = (), require_prompt:
     user = _read_yaml(Path(path)) if path is not None else {}
     cli = _parse_overrides(list(overrides))
     method = _read_choice([cli, user], None, "method", DEFAULT_METHOD)
-    if not isinstance(method, str) or method not in METHODS:
-        raise UserError(f"method: '{method}' is not one of {', '.join(METHODS)}")
+    _check_method(method)  # before its preset is looked for
     preset_path = presets_dir() / f"{method}.yaml"
     preset = _read_yaml(preset_path) if preset_path.is_file() else {}
     kind = _read_choice([cli, user, preset], "prior", "kind", Config().prior.kind)

@@ -32,6 +32,7 @@ from sdsbridge.common.package_files import package_folder
 from sdsbridge.outputs.export.video import DEFAULT_MODES, MODES
 from sdsbridge.outputs.naming import newest_output
 from sdsbridge.config.loader import config_from_dict
+from sdsbridge.config.schema import Config
 from sdsbridge.training.plots import PLOTS, TITLES, read_metrics, stage2_step, write_plots
 from sdsbridge.common.safe_yaml import load_yaml
 
@@ -94,8 +95,9 @@ def collect_run(run_dir: Path) -> RunPage:
         raise UserError(f"report: {config_path}: expected a mapping of settings")
     rows = read_metrics(run_dir / "metrics.jsonl")
     plots = [run_dir / "plots" / f"{name}.png" for name in PLOTS]
+    resolved = _resolved(config)
     if rows and not all(p.is_file() for p in plots):
-        write_plots(run_dir, _stage2_step(config))
+        write_plots(run_dir, stage2_step(resolved) if resolved is not None else None)
     mesh = newest_output(run_dir / "mesh", "mesh", "glb")
     return RunPage(
         run_dir=run_dir, prompt=str(config.get("prompt", "")), method=str(config.get("method", "")),
@@ -103,17 +105,22 @@ def collect_run(run_dir: Path) -> RunPage:
         mesh=mesh,
         videos=sorted((run_dir / "video").glob("*.mp4")) if (run_dir / "video").is_dir() else [],
         validation=sorted((run_dir / "validation").glob("step-*.png")) if (run_dir / "validation").is_dir() else [],
-        plots=[p for p in plots if p.is_file()], video_modes=_video_modes(config), **_ground_truth(config))
+        plots=[p for p in plots if p.is_file()], video_modes=_video_modes(config), **_ground_truth(resolved))
 
 
-def _ground_truth(config: dict) -> dict:
-    """``{"truth": PNG bytes, "truth_shape": name}`` of a reference-prior run: the true shape rendered at the
-    validation grid's views and size (rgb, one row per view); {} for any other run or a config that does not load."""
+def _resolved(config: dict) -> Optional[Config]:
+    """A run's config.yaml as read, resolved (None when it does not load: the plots then mark no stage switch and
+    the page shows no ground truth)."""
     try:
-        resolved = config_from_dict(config)
+        return config_from_dict(config)
     except UserError:
-        return {}
-    if resolved.prior.kind != "reference":
+        return None
+
+
+def _ground_truth(resolved: Optional[Config]) -> dict:
+    """``{"truth": PNG bytes, "truth_shape": name}`` of a reference-prior run: the true shape rendered at the
+    validation grid's views and size (rgb, one row per view); {} for any other run or a config that did not load."""
+    if resolved is None or resolved.prior.kind != "reference":
         return {}
     import imageio.v3 as iio
 
@@ -134,15 +141,6 @@ def _video_modes(config: dict) -> list[str]:
     """``export.video_modes`` of a run's config.yaml as read (the default panels where it says none)."""
     modes = (config.get("export") or {}).get("video_modes") if isinstance(config.get("export"), dict) else None
     return [str(m) for m in modes] if isinstance(modes, list) and modes else list(DEFAULT_MODES)
-
-
-def _stage2_step(config: dict) -> Optional[int]:
-    """``plots.stage2_step`` of a run's config.yaml as read (None when it does not load: the plots then mark no
-    switch)."""
-    try:
-        return stage2_step(config_from_dict(config))
-    except UserError:
-        return None
 
 
 VALIDATION_COLUMNS = "rgb | opacity | depth"
