@@ -4,8 +4,9 @@
                                       [--out runs/compare] [key=value ...]
 
 Trains one run per (shape, method) on the CPU demo setup (the overrides apply to all), then prints a table of
-PSNR on held-out views (dB), Chamfer distance of the mesh to the true surface (scene units), colour
-saturation error and wall time. Both methods share everything but `method` (the bridge's stage-two settings
+PSNR on held-out views (dB), Chamfer distance of the mesh to the true surface (scene units), mask IoU,
+the rendered normals' mean angular error against the true shape's (degrees), colour saturation error and
+wall time. Both methods share everything but `method` (the bridge's stage-two settings
 come from the config). On the reference prior SDS and the bridge are expected to be close; it cannot show
 the bridge's advantage on real images (see README).
 """
@@ -54,16 +55,21 @@ def main(argv=None) -> list[dict]:
                 raise SystemExit(130)
             scores = evaluate_scene(result.scene, config, result.step, device)  # the trained scene, in memory
             rows.append({"shape": shape, "method": method, "psnr_db": scores.get("psnr_db"),
-                         "chamfer": scores.get("chamfer"), "saturation_error": scores.get("saturation_error"),
+                         "chamfer": scores.get("chamfer"), "mask_iou": scores.get("mask_iou"),
+                         "normal_error_deg": scores.get("normal_error_deg"),
+                         "saturation_error": scores.get("saturation_error"),
                          "train_s": seconds, "run": str(run_dir)})
-            print(f"{shape:>10} {method:>6}: {rows[-1]['psnr_db']:.2f} dB, chamfer {rows[-1]['chamfer']:.4f}, "
-                  f"saturation error {rows[-1]['saturation_error']:.4f}, {seconds:.0f} s", flush=True)
+            row = rows[-1]
+            print(f"{shape:>10} {method:>6}: {row['psnr_db']:.2f} dB, chamfer {row['chamfer']:.4f}, "
+                  f"IoU {row['mask_iou']:.3f}, normal error {row['normal_error_deg']:.1f} deg, "
+                  f"saturation error {row['saturation_error']:.4f}, {seconds:.0f} s", flush=True)
     print()
-    print("| shape | method | PSNR (dB) | Chamfer | saturation error | train time (s) |")
-    print("|---|---|---|---|---|---|")
+    print("| shape | method | PSNR (dB) | Chamfer | mask IoU | normal error (deg) | saturation error | train time (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['shape']} | {row['method']} | {row['psnr_db']:.2f} | {row['chamfer']:.4f} | "
-              f"{row['saturation_error']:.4f} | {row['train_s']:.0f} |")
+              f"{row['mask_iou']:.3f} | {row['normal_error_deg']:.1f} | {row['saturation_error']:.4f} | "
+              f"{row['train_s']:.0f} |")
     if args.json:
         print(json.dumps(rows, indent=2))
     return rows

@@ -2,6 +2,8 @@
 reported as unscorable; a real tiny reference-prior run gives finite numbers, a mesh file and a video."""
 
 import math
+from pathlib import Path
+
 import pytest
 import torch
 import trimesh
@@ -9,7 +11,9 @@ from torch import nn
 
 from sdsbridge.scene.nerf_scene import NeRFScene
 
+from sdsbridge.config.loader import load_config
 from sdsbridge.config.schema import Config
+from sdsbridge.outputs.export.shading import normal_step
 from sdsbridge.outputs.evaluation import evaluate_scene
 from sdsbridge.scene.nerf.background import Background
 from sdsbridge.scene.nerf.renderer import Renderer
@@ -57,6 +61,23 @@ def test_the_true_shape_scores_near_perfectly():
     assert result["normal_error_deg"] < 12.0  # the field's density normals against the SDF's
     assert 0.0 < result["threshold"] <= 5.0 and result["mesh_faces"] > 1000
     assert scene.renderer.training  # eval mode was only for the renders
+
+
+def test_normals_are_differenced_over_a_training_pixel_or_a_64th_of_the_cube():
+    """The demo's 32 px renders at distance 1.5 and 70 deg resolve 0.066 scene units; 512 px GPU runs resolve
+    finer than 1/64 of the cube, which then sets the step."""
+    demo = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml", [])
+    assert normal_step(demo, demo.scene.radius) == pytest.approx(2 * 1.5 * math.tan(math.radians(35)) / 32)
+    official = Config(prompt="a hamburger")
+    assert normal_step(official, official.scene.radius) == pytest.approx(2 * official.scene.radius / 64)
+
+
+def test_the_true_shape_keeps_its_normals_at_the_demos_coarser_step():
+    scene, config = analytic_setup()
+    config.render.resolution, config.cameras.distance_range, config.cameras.fovy_range = 32, [1.5, 1.5], [70, 70]
+    assert normal_step(config, scene.radius) > 2 * scene.radius / 64
+    result = evaluate_scene(scene, config, step=7, n_views=4, resolution=32, mesh_resolution=32, n_points=1000)
+    assert result["normal_error_deg"] < 12.0
 
 
 def test_a_wrong_shape_scores_badly():

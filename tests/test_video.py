@@ -75,7 +75,7 @@ class SmoothBall(nn.Module):
 @pytest.mark.parametrize("method", NORMAL_METHODS)
 def test_ball_normals_are_the_radial_direction(method):
     points = torch.nn.functional.normalize(torch.randn(500, 3, generator=torch.Generator().manual_seed(0)), dim=-1)
-    normals = density_normals(SmoothBall(), 0.4 * points, radius=1.0, method=method)
+    normals = density_normals(SmoothBall(), 0.4 * points, step=2.0 / 64, method=method)
     assert (normals * points).sum(-1).min() > 0.999
 
 

@@ -22,7 +22,7 @@ from typing import Optional, Union
 import torch
 
 from sdsbridge.outputs import scores
-from sdsbridge.outputs.export.shading import surface_normals
+from sdsbridge.outputs.export.shading import normal_step, surface_normals
 from sdsbridge.scene.cameras import camera_rays, orbit_cameras
 from sdsbridge.common.devices import fitted_cpu_threads
 from sdsbridge.common.errors import UserError
@@ -62,7 +62,8 @@ def _render_white(scene, config, n_views: int, resolution: int, device: torch.de
         scene.train(was_training)
     rgb = out.rgb.permute(0, 3, 1, 2).clamp(0, 1).float().cpu()
     origins, dirs = camera_rays(cameras.to(device), resolution, resolution)
-    normals = torch.stack([surface_normals(scene, origins[v], dirs[v], out.depth[v], out.opacity[v], scene.radius)
+    step = normal_step(config, scene.radius)
+    normals = torch.stack([surface_normals(scene, origins[v], dirs[v], out.depth[v], out.opacity[v], step)
                            for v in range(len(cameras))]).float().cpu()
     return rgb, out.opacity.permute(0, 3, 1, 2).float().cpu(), cameras, normals
 

@@ -24,7 +24,8 @@ from sdsbridge.training.checkpoint import find_checkpoint, run_dir_of
 from sdsbridge.scene.cameras import CameraConfig
 from sdsbridge.common.devices import fitted_cpu_threads
 from sdsbridge.common.errors import UserError
-from sdsbridge.outputs.export.shading import normal_panel, shaded_panel, surface_normals, to_camera
+from sdsbridge.outputs.export.shading import (FD_STEP_CELLS, normal_panel, normal_step, shaded_panel,
+                                               surface_normals, to_camera)
 from sdsbridge.common.media import pad_to_even, to_uint8, write_video
 from sdsbridge.scene.base import RenderOutput
 from sdsbridge.outputs.naming import output_name
@@ -71,7 +72,7 @@ def turntable_frame(out: RenderOutput, index: int, near: float, far: float, mode
 def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 120, resolution: int = 512,
                      fps: int = 30, chunk_rays: Optional[int] = None,
                      background_color: Optional[Sequence[float]] = None, progress: bool = True,
-                     modes: Sequence[str] = DEFAULT_MODES) -> Path:
+                     modes: Sequence[str] = DEFAULT_MODES, normal_step: Optional[float] = None) -> Path:
     """Render ``frames`` views of the eval orbit (``camera_cfg.eval_elevation`` / ``eval_distance`` /
     ``eval_fovy``, azimuth from 0 in equal steps) one at a time and write an mp4 (libx264, yuv420p) at
     ``fps`` to ``path``, atomically (``media.write_video``).
@@ -83,6 +84,8 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
         background_color: RGB in [0, 1] behind the object (default: the scene's learnt background).
         progress: show a tqdm bar.
         modes: the panels, left to right (``MODES``).
+        normal_step: the normal and shaded panels' finite-difference step in world units (default: 1/64 of
+            the scene cube; ``shading.normal_step`` gives a trained run's).
     Returns ``path``.
     """
     if not modes or any(m not in MODES for m in modes):
@@ -92,6 +95,7 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
                         f"resolution={resolution}, fps={fps})")
     device = scene.device
     cameras = orbit_cameras(camera_cfg, frames).to(device)
+    fd_step = normal_step or 2.0 * scene.radius / FD_STEP_CELLS
     background = None if background_color is None else torch.tensor(background_color, dtype=torch.float32,
                                                                       device=device)
     near = camera_cfg.eval_distance - scene.radius
@@ -107,7 +111,7 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
             normals_cam = None
             if "normal" in modes or "shaded" in modes:
                 origins, dirs = camera_rays(camera, resolution, resolution)
-                normals = surface_normals(scene, origins[0], dirs[0], out.depth[0], out.opacity[0], scene.radius)
+                normals = surface_normals(scene, origins[0], dirs[0], out.depth[0], out.opacity[0], fd_step)
                 normals_cam = to_camera(normals, camera.c2w[0])
             yield turntable_frame(out, 0, near, far, modes, normals_cam)
 
@@ -146,7 +150,8 @@ def export_video(scene, config, run_dir: Path, step: int, frames: Optional[int] 
     fps, modes = fps or export.video_fps, tuple(modes or export.video_modes)
     path = Path(out) if out is not None else video_path(run_dir, step, frames, resolution, fps, modes, defaults)
     return render_turntable(scene, config.cameras, path, frames=frames, resolution=resolution, fps=fps,
-                            chunk_rays=config.render.chunk_rays, progress=progress, modes=modes)
+                            chunk_rays=config.render.chunk_rays, progress=progress, modes=modes,
+                            normal_step=normal_step(config, scene.radius))
 
 
 def render_run_video(run_dir: Path, frames: Optional[int] = None, resolution: Optional[int] = None,
