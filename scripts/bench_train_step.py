@@ -203,7 +203,7 @@ def make_2d_step(config: Config, prior: TimedPrior) -> tuple[Callable, tuple]:
     conditions = method.prompt_embeddings(config.prompt).conditions(["front"])
     shape = latent_shape(prior, prior.image_resolution)
     latents = torch.randn(shape, device=prior.device).requires_grad_(True)
-    optimizer = image_optimizer(latents, method, config.image.lr)
+    optimizer = image_optimizer(latents, method, config.image)
 
     def step(i: int, sections: Sections) -> float:
         prior.sections = sections

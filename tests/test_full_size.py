@@ -83,7 +83,7 @@ def test_one_2d_step_with_the_lora(prior, sd21_dir):
     shape = latent_shape(prior, prior.image_resolution)
     assert shape == (1, 4, 64, 64)
     latents = torch.randn(shape).requires_grad_(True)
-    optimizer = image_optimizer(latents, method, config.image.lr)
+    optimizer = image_optimizer(latents, method, config.image)
     before = latents.detach().clone()
     result = train_step(method, optimizer, latents, conditions, 0)
     assert result.finite and not torch.equal(before, latents.detach())

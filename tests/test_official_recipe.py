@@ -4,6 +4,8 @@ OFFICIAL holds the official values, each with the file it comes from (repository
 folder threestudio-sds-bridge/, and the threestudio modules its config names). Each row is checked
 against the config a one-line prompt.yaml resolves to, or against what that config builds (scene,
 optimizer, sampler, prompts), so a later change cannot drift from the paper's run silently.
+OFFICIAL_VSD_OPTIMIZER does the same for the optimizer groups of VSD's LoRA: in 3D threestudio's ProlificDreamer
+run, in 2D the official SDS-Bridge 2D code (2D_experiments/generate.py), whose image latent's group is there too.
 Deliberate differences are listed in README ("What still differs from the official run").
 """
 
@@ -24,6 +26,8 @@ from sdsbridge.distill.prompts import role_prompts
 from sdsbridge.training.step import build_scene
 from sdsbridge.common.schedules import schedule_value
 from sdsbridge.training.step import build_optimizer
+from sdsbridge.training.image2d import image_guidance_config, image_optimizer
+from sdsbridge.priors import load_prior
 
 SDS_BRIDGE_YAML = "configs/sds-bridge.yaml"
 GUIDANCE = "guidance/sds_bridge_guidance.py"
@@ -34,6 +38,10 @@ BACKGROUND = "threestudio/models/background/neural_environment_map_background.py
 UNCOND = "threestudio/data/uncond.py"
 RENDERER = "threestudio/models/renderers/nerf_volume_renderer.py"
 SYSTEM_UTILS = "threestudio/systems/utils.py (AdamW built from the config's args: no weight_decay -> 0.01)"
+PROLIFICDREAMER_YAML = "threestudio configs/prolificdreamer.yaml (optimizer: args betas, eps; params guidance lr)"
+GENERATE_2D = "2D_experiments/generate.py"
+LORA_OPTIMIZER_2D = (f"{GENERATE_2D} (lora_optimizer = AdamW(unet_lora's parameters, lr 3e-4, weight_decay=0): "
+                     "torch's default betas and eps)")
 
 # (name, official value, where it comes from, how to read ours from the resolved config `c`)
 OFFICIAL = [
@@ -86,6 +94,24 @@ OFFICIAL = [
     ("AdamW eps", 1e-15, SDS_BRIDGE_YAML, lambda c: c.train.eps),
     ("AdamW weight decay", 0.01, SYSTEM_UTILS, lambda c: c.train.weight_decay),
     ("seed", 0, SDS_BRIDGE_YAML, lambda c: c.train.seed),
+]
+
+
+# (run, optimizer group, AdamW setting, official value, where it comes from). The 'lora' group holds the LoRA and
+# the camera embedding, as threestudio's 'guidance' group and the official 2D code's unet_lora parameters do.
+OFFICIAL_VSD_OPTIMIZER = [
+    ("3D", "lora", "lr", 1e-4, PROLIFICDREAMER_YAML),
+    ("3D", "lora", "betas", (0.9, 0.99), PROLIFICDREAMER_YAML),
+    ("3D", "lora", "eps", 1e-15, PROLIFICDREAMER_YAML),
+    ("3D", "lora", "weight_decay", 0.01, SYSTEM_UTILS),
+    ("2D", "lora", "lr", 3e-4, LORA_OPTIMIZER_2D),
+    ("2D", "lora", "betas", (0.9, 0.999), LORA_OPTIMIZER_2D),
+    ("2D", "lora", "eps", 1e-8, LORA_OPTIMIZER_2D),
+    ("2D", "lora", "weight_decay", 0.0, LORA_OPTIMIZER_2D),
+    ("2D", "image", "lr", 0.01, f"{GENERATE_2D} (--lr)"),
+    ("2D", "image", "betas", (0.9, 0.99), f"{GENERATE_2D} (im_optimizer)"),
+    ("2D", "image", "eps", 1e-15, f"{GENERATE_2D} (im_optimizer)"),
+    ("2D", "image", "weight_decay", 0.01, f"{GENERATE_2D} (im_optimizer passes none: torch's default)"),
 ]
 
 
@@ -183,3 +209,29 @@ def test_schedules_switch_where_the_official_run_does(config):
     assert schedule_value(config.render.resolution, 5000) == 64
     assert schedule_value(config.render.resolution, 5001) == 512
     assert schedule_value(config.guidance.max_step_percent, 5001) == 0.5
+
+
+@pytest.fixture(scope="module")
+def vsd_optimizers(tmp_path_factory, tiny_sd_dir, scene):
+    """{'3D': group name -> group, '2D': ...}: the optimizers a `method: vsd` prompt.yaml gets from ``train``
+    (on the default scene) and from ``image`` (on a latent), on the tiny random pipeline (VSD needs a UNet)."""
+    path = tmp_path_factory.mktemp("official-vsd") / "prompt.yaml"
+    path.write_text("prompt: a pineapple\nmethod: vsd\n")
+    vsd_config = load_config(path, [f"prior.model={tiny_sd_dir}"])
+    prior = load_prior(vsd_config.prior, "cpu")
+    in_3d = build_optimizer(scene, make_method("vsd", vsd_config.guidance, prior), vsd_config.train)
+    latents = torch.zeros(1, 4, 32, 32, requires_grad=True)
+    method_2d = make_method("vsd", image_guidance_config(vsd_config), prior)
+    in_2d = image_optimizer(latents, method_2d, vsd_config.image)
+    assert [g["name"] for g in in_2d.param_groups] == ["image", "lora"]
+    assert [p is latents for p in in_2d.param_groups[0]["params"]] == [True]
+    assert {id(p) for p in in_2d.param_groups[1]["params"]} == {id(p) for p in method_2d.source.parameters()}
+    assert [g["name"] for g in in_3d.param_groups] == ["grid", "density", "color", "background", "lora"]
+    return {run: {g["name"]: g for g in optimizer.param_groups} for run, optimizer in (("3D", in_3d), ("2D", in_2d))}
+
+
+@pytest.mark.parametrize("run, group, setting, official, source", OFFICIAL_VSD_OPTIMIZER,
+                         ids=[f"{row[0]} {row[1]} {row[2]}" for row in OFFICIAL_VSD_OPTIMIZER])
+def test_vsd_optimizer_groups_match_the_official_values(vsd_optimizers, run, group, setting, official, source):
+    ours = vsd_optimizers[run][group][setting]
+    assert ours == official, f"{run} {group} {setting}: ours {ours!r}, official {official!r} ({source})"

@@ -155,7 +155,14 @@ class ImageConfig:
     video_every: int = 10
     """Record a video frame every N steps (0 = no video)."""
     lora_lr: float = 3e-4
-    """VSD in 2D: learning rate of the LoRA (the official 2D code's)."""
+    """VSD in 2D: learning rate of the LoRA and its camera embedding (the official 2D code's)."""
+    lora_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """VSD in 2D: AdamW betas of the LoRA's group (the official 2D code's LoRA optimizer passes none: torch's
+    default). The image latent's are the 3D run's (0.9, 0.99), as the official 2D code's image optimizer."""
+    lora_eps: float = 1e-8
+    """VSD in 2D: AdamW epsilon of the LoRA's group (torch's default, as the official 2D code's)."""
+    lora_weight_decay: float = 0.0
+    """VSD in 2D: AdamW weight decay of the LoRA's group (the official 2D code passes 0)."""
 
 
 @dataclass

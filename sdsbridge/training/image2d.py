@@ -6,8 +6,8 @@ What is optimised is the prior's latent x [1, C, h, w] itself: for Stable Diffus
 with x ~ N(0, I); for the reference prior (built at R = ``image.resolution``) the pixel-space tensor its
 ``encode_images`` returns ([1, 3, R, R] in [-1, 1] units), initialised the same way (N(0, I) is also what that
 prior's diffusion holds at t = T). Every step is ``train_step`` on x (the same methods and step as 3D): one
-distillation and one AdamW step (lr ``image.lr``, betas (0.9, 0.99), eps 1e-15, torch's default weight decay
-0.01, as the official code).
+distillation and one AdamW step (``image_optimizer``: the official code's settings, the image latent's and, for
+VSD, the LoRA's own).
 
 Outputs in ``out_dir`` (each seed ``s``): ``seed-<s>.png`` (the final image, written atomically and last),
 ``seed-<s>.mp4`` (the initial image and one frame every ``image.video_every`` steps), ``metrics.jsonl``
@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from sdsbridge.common.atomic import atomic_write_bytes, make_dirs
-from sdsbridge.config.schema import Config
+from sdsbridge.config.schema import Config, ImageConfig
 from sdsbridge.config.loader import to_yaml
 from sdsbridge.common.errors import UserError
 from sdsbridge.common.jsonl import append_rows, keep_rows
@@ -163,11 +163,23 @@ class Trace:
     """Wall time of the loop (including video frame decoding)."""
 
 
-def image_optimizer(latents: torch.Tensor, method: Method, lr: float) -> torch.optim.AdamW:
-    """AdamW on the image latent (lr ``lr``) and the method's own groups, with the official 2D code's
-    betas (0.9, 0.99), eps 1e-15 and torch's default weight decay 0.01."""
-    return torch.optim.AdamW([{"params": [latents], "lr": lr, "name": "image"}, *method.param_groups()],
-                             betas=(0.9, 0.99), eps=1e-15, weight_decay=0.01)
+IMAGE_BETAS = (0.9, 0.99)
+"""AdamW betas of the image latent (the official 2D code's image optimizer, as the 3D run's)."""
+IMAGE_EPS = 1e-15
+"""AdamW epsilon of the image latent."""
+IMAGE_WEIGHT_DECAY = 0.01
+"""AdamW weight decay of the image latent (torch's default: the official 2D code passes none)."""
+
+
+def image_optimizer(latents: torch.Tensor, method: Method, im: ImageConfig) -> torch.optim.AdamW:
+    """One AdamW with the settings of the official 2D code's two (generate.py): the image latent ``latents``
+    (lr ``im.lr``, ``IMAGE_BETAS``, ``IMAGE_EPS``, ``IMAGE_WEIGHT_DECAY``), then the method's own groups (VSD's
+    LoRA and camera embedding, lr ``image.lora_lr`` through ``image_guidance_config``) with ``im.lora_betas``,
+    ``im.lora_eps`` and ``im.lora_weight_decay`` (official: torch's defaults (0.9, 0.999) and 1e-8, weight decay
+    0). AdamW updates each tensor on its own, so one optimizer steps both as the two would."""
+    lora = {"betas": tuple(im.lora_betas), "eps": im.lora_eps, "weight_decay": im.lora_weight_decay}
+    groups = [{"params": [latents], "lr": im.lr, "name": "image"}, *({**g, **lora} for g in method.param_groups())]
+    return torch.optim.AdamW(groups, betas=IMAGE_BETAS, eps=IMAGE_EPS, weight_decay=IMAGE_WEIGHT_DECAY)
 
 
 def optimise_image(method: Method, embeddings: PromptEmbeddings, config: Config, seed: int,
@@ -183,7 +195,7 @@ def optimise_image(method: Method, embeddings: PromptEmbeddings, config: Config,
     shape = latent_shape(prior, im.resolution or prior.image_resolution)
     latents = torch.randn(shape, generator=generator).to(prior.device).requires_grad_(True)
     method.reset(generator)  # a fresh LoRA per seed (VSD); nothing for the other methods
-    optimizer = image_optimizer(latents, method, im.lr)
+    optimizer = image_optimizer(latents, method, im)
     conditions = embeddings.conditions(["front"])  # no view suffixes in 2D: every label has the same text
 
     frames = [first_image(prior, latents)] if im.video_every else []

@@ -256,7 +256,8 @@ class Method:
     # --- trainable parameters and state ----------------------------------------------------------------
     def param_groups(self) -> list[dict]:
         """AdamW groups of the method's own parameters: ``{"params": [...], "lr": float, "name": str}``
-        each (betas, eps and weight decay are the trainer's). None by default."""
+        each (betas, eps and weight decay are the trainer's: ``train.*`` in 3D, ``image.lora_*`` in 2D). None by
+        default."""
         return []
 
     def reset(self, generator: Optional[torch.Generator] = None) -> None:
