@@ -73,3 +73,10 @@ def test_no_import_cycles():
     package_inits = {m for m in MODULES if (PACKAGE.parent / (m.replace(".", "/") + "/__init__.py")).exists()}
     for module in sorted(set(MODULES) - package_inits):
         visit(module, [module])
+
+
+def test_every_package_folder_has_its_init_file():
+    """A folder of modules without ``__init__.py`` still imports from a checkout (as a namespace package), so
+    only a fresh clone shows that the file was never committed (a ``.gitignore`` rule once hid one)."""
+    folders = {path.parent for path in PACKAGE.rglob("*.py") if "__pycache__" not in path.parts}
+    assert sorted(str(f.relative_to(PACKAGE)) for f in folders if not (f / "__init__.py").is_file()) == []
