@@ -74,6 +74,10 @@ class Scene(Protocol):
     def prepare_long_run(self) -> None:
         """Called once before a long CPU run (the NeRF compiles its hash-grid kernel from the first step)."""
 
+    def prepare_for_points(self, n_points: int) -> None:
+        """Called by a command about to evaluate about ``n_points`` field points (a mesh grid, a turntable's
+        rays): the NeRF compiles its kernel up front when it would compile part-way through anyway."""
+
     def state_dict(self) -> dict:
         """What a checkpoint stores of the scene (top-level entries of the checkpoint)."""
 

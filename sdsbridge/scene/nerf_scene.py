@@ -79,6 +79,14 @@ class NeRFScene:
         """Compile the hash grid's CPU kernel from the first step (it pays off over a long run)."""
         self.field.encoding.compile_after_points = 0
 
+    def prepare_for_points(self, n_points: int) -> None:
+        """``prepare_long_run`` when ``n_points`` passes the encoding's eager budget (``compile_after_points``):
+        a standalone export then runs at the speed the end of training has, without its first 2^21 points
+        eager. (A field without a hash grid, e.g. a test's analytic shape, has nothing to compile.)"""
+        grid = getattr(self.field, "encoding", None)
+        if grid is not None and n_points > grid.compile_after_points:
+            self.prepare_long_run()
+
     def density(self, points: torch.Tensor) -> torch.Tensor:
         return self.field.density(points)
 

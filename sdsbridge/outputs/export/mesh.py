@@ -314,6 +314,7 @@ def export_run_mesh(run_dir: Path, format: Optional[str] = None, resolution: Opt
     checkpoint = find_checkpoint(Path(run_dir))
     remove_stale_temps(run_dir_of(checkpoint))  # left by a killed write
     scene, config, step = load_trained_scene(Path(run_dir), torch.device(device))
+    scene.prepare_for_points((resolution or config.export.resolution) ** 3)
     with fitted_cpu_threads(torch.device(device)):
         return export_mesh(scene, config, run_dir_of(checkpoint), step, format, resolution, threshold, texture,
                            texture_size, out)

@@ -163,6 +163,9 @@ def render_run_video(run_dir: Path, frames: Optional[int] = None, resolution: Op
     checkpoint = find_checkpoint(Path(run_dir))
     remove_stale_temps(run_dir_of(checkpoint))  # left by a killed write
     scene, config, step = load_trained_scene(Path(run_dir), torch.device(device))
+    n_frames, size = turntable_size(frames or config.export.video_frames, resolution or config.export.video_resolution,
+                                    scene.device, log=False)
+    scene.prepare_for_points(n_frames * size * size)  # rays: fewer than the field points they sample
     with fitted_cpu_threads(torch.device(device)):
         return export_video(scene, config, run_dir_of(checkpoint), step, frames, resolution, fps, progress, modes, out)
 
