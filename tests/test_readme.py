@@ -46,7 +46,9 @@ def test_readme_states_the_demo_settings_that_configs_demo_yaml_holds():
     paragraph = readme.split("`sdsbridge train configs/demo.yaml` trains", 1)[1].split("\n\n", 1)[0]
     steps = demo["train"]["steps"]
     assert int(re.search(r"for ([\d,]+) steps", paragraph).group(1).replace(",", "")) == steps
-    assert int(re.search(r"hash grid at (\d+) px", paragraph).group(1)) == demo["render"]["resolution"]
+    first, switch, last = re.search(r"hash grid at (\d+) px,\s+from step ([\d,]+) (\d+) px", paragraph).groups()
+    switch_step, first_px, last_px, _ = demo["render"]["resolution"]
+    assert (int(first), int(switch.replace(",", "")), int(last)) == (first_px, switch_step, last_px)
     share = int(re.search(r"the last (\d+)% of the steps", paragraph).group(1))
     assert share == round(100 * (steps - demo["guidance"]["stage2_start_step"]) / steps)
     assert int(re.search(r"the mesh \((\d+)³ grid\)", paragraph).group(1)) == demo["export"]["resolution"]

@@ -60,7 +60,7 @@ MAX_PROMPTS = 5_000
 """Most prompts one sweep may hold."""
 MAX_PROMPTS_BYTES = 4 << 20
 """Largest prompts file read."""
-EVAL_KEYS = ("psnr_db", "chamfer", "saturation_error", "mask_iou")
+EVAL_KEYS = ("psnr_db", "chamfer", "saturation_error", "mask_iou", "normal_error_deg")
 """``eval`` scores copied into a run's row (as ``eval_<key>``)."""
 FINAL_KEYS = ("loss", "loss_guidance", "grad_norm", "bad_steps")
 """metrics.jsonl entries of the last row copied into a run's row (as ``final_<key>``)."""

@@ -39,9 +39,14 @@ NORMAL_METHODS = ("finite", "analytic")
 
 def normal_step(config, radius: float) -> float:
     """The "finite" normals' central-difference step (world units) for a scene of ``radius`` trained with
-    ``config``: max(2 * radius / FD_STEP_CELLS, the final training render's pixel footprint at the farthest
-    camera distance and widest field of view, 2 * d * tan(fovy / 2) / resolution)."""
+    ``config``: max(2 * radius / FD_STEP_CELLS, the pixel footprint of the finest images the prior saw at the
+    farthest camera distance and widest field of view, 2 * d * tan(fovy / 2) / resolution). Those images are
+    the final training renders, resized to the prior's own resolution where it sets one and is smaller (the
+    reference prior's ``prior.resolution``; Stable Diffusion's 512 px exceeds the renders)."""
     resolution = schedule_value(config.render.resolution, config.train.steps)
+    prior_resolution = getattr(config.prior, "resolution", None)
+    if prior_resolution:
+        resolution = min(resolution, prior_resolution)
     distance, fovy = max(config.cameras.distance_range), max(config.cameras.fovy_range)
     footprint = 2.0 * distance * math.tan(math.radians(fovy) / 2.0) / resolution
     return max(2.0 * radius / FD_STEP_CELLS, footprint)
