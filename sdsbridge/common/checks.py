@@ -9,6 +9,24 @@ from sdsbridge.common.errors import UserError
 from sdsbridge.common.schedules import is_schedule, schedule_range
 
 
+SHOWN_CHARS = 80
+"""Most characters of a value an error message shows (``shown``): a hostile value may be megabytes."""
+
+
+def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` on one line (runs of whitespace made one space), cut to its first ``limit`` characters and
+    '... (N characters in all)' when longer. Reads only the start of ``text``."""
+    head = " ".join(text[: 2 * limit + 64].split())
+    if len(head) <= limit and len(text) <= 2 * limit + 64:
+        return head
+    return f"{head[:limit]}... ({len(text):,} characters in all)"
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters (``shorten``)."""
+    return shorten(repr(value), limit)
+
+
 def check(ok: bool, key: str, problem: str) -> None:
     """UserError "``key``: ``problem``" unless ``ok``."""
     if not ok:

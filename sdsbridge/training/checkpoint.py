@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -83,10 +84,42 @@ def restore_cuda_rng_states(states: list[torch.Tensor]) -> None:
         torch.cuda.set_rng_state(rng, index)
 
 
+MAX_DEPTH = 32
+"""Deepest nesting of dicts and lists a checkpoint may hold (sdsbridge writes 4: optimizer state)."""
+
+
+def check_payload(tree: Any, where: str = "", depth: int = 0) -> None:
+    """UserError naming the first entry (``'field.encoding.params'``) that no sdsbridge checkpoint holds: nesting
+    deeper than MAX_DEPTH (a hostile file's 5,000-deep list would end the checksum's walk in a RecursionError), or
+    a tensor that is not plain data: sparse or another layout, without data (meta), quantized, or with overlapping
+    elements (a broadcast view that a copy would blow up to its full size)."""
+    if depth > MAX_DEPTH:
+        raise UserError(f"'{where.split('[')[0]}' nests deeper than {MAX_DEPTH} levels")
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            check_payload(value, f"{where}.{key}" if where else str(key), depth + 1)
+    elif isinstance(tree, (list, tuple)):
+        for index, item in enumerate(tree):
+            check_payload(item, f"{where}[{index}]", depth + 1)
+    elif isinstance(tree, int) and tree.bit_length() > 64:
+        raise UserError(f"'{where}' is an integer of {tree.bit_length()} bits")
+    elif isinstance(tree, torch.Tensor):
+        if tree.layout != torch.strided:
+            kind = "sparse" if tree.is_sparse or "sparse" in str(tree.layout) else str(tree.layout)
+            raise UserError(f"'{where}' is a {kind} tensor; checkpoints hold dense tensors")
+        if tree.is_meta:
+            raise UserError(f"'{where}' is a tensor without data (meta)")
+        if tree.is_quantized:
+            raise UserError(f"'{where}' is a quantized tensor; checkpoints hold plain tensors")
+        if tree.numel() * tree.element_size() > tree.untyped_storage().nbytes():
+            raise UserError(f"'{where}' is a tensor whose elements overlap (a broadcast view of "
+                            f"{tree.untyped_storage().nbytes()} bytes shaped {list(tree.shape)})")
+
+
 def _hash_tree(tree: Any, digest: "hashlib._Hash") -> None:
-    """Feed a checkpoint (sub)tree into ``digest`` in a fixed order: dict keys sorted, tensors as dtype,
-    shape and raw bytes, other leaves as repr. Lists and tuples hash alike (pickling may turn one into
-    the other)."""
+    """Feed a checkpoint (sub)tree that ``check_payload`` accepted into ``digest`` in a fixed order: dict keys
+    sorted, tensors as dtype, shape and raw bytes, other leaves as repr. Lists and tuples hash alike (pickling may
+    turn one into the other)."""
     if isinstance(tree, dict):
         digest.update(b"{")
         for key in sorted(tree, key=repr):
@@ -158,6 +191,9 @@ def check_structure(checkpoint: dict, path: Path, for_resume: bool = False) -> N
         _check_type(checkpoint, key, dict, path)
     if "bad_steps" in checkpoint:
         _check_type(checkpoint, "bad_steps", int, path)
+        if not 0 <= checkpoint["bad_steps"] <= checkpoint["step"]:
+            raise UserError(f"{path}: damaged checkpoint: 'bad_steps' is {checkpoint['bad_steps']}, expected 0 to "
+                            f"'step' ({checkpoint['step']})")
     if not for_resume:
         return
     optimizer, rng = checkpoint["optimizer"], checkpoint["rng"]
@@ -230,18 +266,41 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", for_re
         raise UserError(f"{path}: checkpoint not found")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(_unpickling_refused(path, str(exc))) from None
     except Exception as exc:  # noqa: BLE001 - any failure to parse an untrusted file is the file's fault
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise UserError(f"{path}: not a readable sdsbridge checkpoint (corrupt or foreign file: {reason})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise UserError(f"{path}: not an sdsbridge checkpoint (expected format {FORMAT})")
+    try:
+        check_payload(checkpoint)
+    except UserError as exc:
+        raise UserError(f"{path}: damaged checkpoint: {exc}") from None
     stored = checkpoint.get(CHECKSUM)
     if stored is None:
-        log.debug("%s: written before checkpoints had checksums; not verified", path)
+        log.warning("%s: no checksum (written before checkpoints had one, or edited): its contents are not verified",
+                    path)
     elif stored != payload_checksum(checkpoint):
         raise UserError(f"{path}: damaged checkpoint: its contents do not match their checksum")
     check_structure(checkpoint, path, for_resume)
     return checkpoint
+
+
+_REFUSED_GLOBAL = re.compile(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL)\s+([\w.]+)")
+
+
+def _unpickling_refused(path: Path, message: str) -> str:
+    """The one line for a file whose pickle ``weights_only`` refused: the callable or class it would have
+    loaded, instead of torch's advice to load it without ``weights_only`` (which would run it)."""
+    found = _REFUSED_GLOBAL.search(message)
+    if found is None:
+        parts = [part for part in message.split("\n\n") if part.strip()
+                 and not part.lstrip().startswith(("Weights only load failed", "Check the documentation"))]
+        reason = " ".join(" ".join(parts or [message]).split())[:160]
+        return f"{path}: not a readable sdsbridge checkpoint (corrupt or foreign file: {reason})"
+    return (f"{path}: refused: loading it would call {found.group(1)}, and checkpoints hold only tensors and plain "
+            "values (nothing in it was run)")
 
 
 def _run_checkpoints(run: Path) -> tuple[list[Path], list[tuple[int, Path]]]:
