@@ -56,7 +56,7 @@ def train(
 ) -> None:
     """Train a NeRF from a prompt by score distillation, then export the mesh and turntable video."""
     from sdsbridge.training import checkpoint as ckpt
-    from sdsbridge.common.atomic import make_dirs, remove_stale_temps
+    from sdsbridge.common.atomic import make_dirs
     from sdsbridge.config.loader import config_from_dict, load_config
     from sdsbridge.training.rundir import create_run_dir, run_slug
     from sdsbridge.common.devices import resolve_device
@@ -82,7 +82,6 @@ def train(
                        f"Raise train.steps to train on (`sdsbridge train --resume {run_dir} train.steps=N`); "
                        f"`sdsbridge export` / `video` / `report` {run_dir} make outputs.")
             return
-        remove_stale_temps(run_dir)
         typer.echo(f"resuming from {checkpoint_path} (step {checkpoint['step']})")
     else:
         if path is None:

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sdsbridge.training import checkpoint as ckpt
-from sdsbridge.common.atomic import atomic_write_bytes
+from sdsbridge.common.atomic import atomic_write_bytes, remove_stale_temps
+from sdsbridge.common.checks import shorten
 from sdsbridge.scene.cameras import orbit_cameras
 from sdsbridge.config.schema import Config
 from sdsbridge.config.loader import config_to_dict, to_yaml
@@ -85,7 +86,7 @@ def restore_checkpoint(checkpoint: dict, scene: Scene, method: Method, optimizer
         ckpt.restore_rng_state(checkpoint["rng"])
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
         raise UserError(f"checkpoint's method, optimizer or RNG state does not fit this run: "
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+                        f"{type(exc).__name__}: {shorten(str(exc), 300)}") from None
     return checkpoint["step"], checkpoint.get("bad_steps", 0)
 
 
@@ -175,7 +176,8 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
     # Before the prior loads (the slow part): a folder that cannot hold this run stops it here.
     parameters = [p for group in scene.param_groups() for p in group["params"]]
     ckpt.check_room(run_dir, ckpt.estimate_checkpoint_bytes(parameters))
-    atomic_write_bytes(run_dir / "config.yaml", to_yaml(config).encode("utf-8"))
+    if checkpoint is None:  # a resumed run's config.yaml changes only once its checkpoint is known to fit (below)
+        atomic_write_bytes(run_dir / "config.yaml", to_yaml(config).encode("utf-8"))
     warn_if_gpu_too_small(config, prior_device(config, device))
     prior = load_prior(config.prior, prior_device(config, device), config.cameras)
     method = make_method(config.method, config.guidance, prior)
@@ -185,6 +187,9 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
     start_step, bad_steps = 0, 0
     if checkpoint is not None:
         start_step, bad_steps = restore_checkpoint(checkpoint, scene, method, optimizer)
+        # Only now, when nothing can refuse the resume any more (exit 2 writes nothing), is the run touched.
+        remove_stale_temps(run_dir)
+        atomic_write_bytes(run_dir / "config.yaml", to_yaml(config).encode("utf-8"))
         log.info(f"resuming {run_dir} at step {start_step} (stage {method.stage(start_step)})")
     steps = config.train.steps
     if start_step >= steps:
