@@ -34,7 +34,7 @@ def check(ok: bool, key: str, problem: str) -> None:
 
 
 def check_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
-    check(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
+    check(value in choices, key, f"{shown(value)} is not one of {', '.join(choices)}")
 
 
 def check_schedule(value: Any, key: str, low: float, high: float) -> None:
@@ -42,10 +42,10 @@ def check_schedule(value: Any, key: str, low: float, high: float) -> None:
     check(is_schedule(value), key, "expected a number or [start_step, start_value, end_value, end_step] "
           "with end_step > start_step")
     lo, hi = schedule_range(value)
-    check(low <= lo and hi <= high, key, f"values must lie in [{low}, {high}], got {value}")
+    check(low <= lo and hi <= high, key, f"values must lie in [{low}, {high}], got {shown(value)}")
 
 
 def check_range2(value: list, key: str, low: float, high: float) -> None:
     """[min, max] with low <= min <= max <= high."""
-    check(len(value) == 2 and value[0] <= value[1], key, f"expected [min, max] with min <= max, got {value}")
-    check(low <= value[0] and value[1] <= high, key, f"values must lie in [{low}, {high}], got {value}")
+    check(len(value) == 2 and value[0] <= value[1], key, f"expected [min, max] with min <= max, got {shown(value)}")
+    check(low <= value[0] and value[1] <= high, key, f"values must lie in [{low}, {high}], got {shown(value)}")

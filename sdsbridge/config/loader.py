@@ -23,6 +23,7 @@ from sdsbridge.distill.methods import METHODS, method_class
 from sdsbridge.config.validation import setting_warnings, validate
 from sdsbridge.distill.methods.base import setting_names
 from sdsbridge.priors import PRIORS, prior_class
+from sdsbridge.common.checks import shorten, shown
 from sdsbridge.common.errors import UserError
 from sdsbridge.common.package_files import package_folder
 from sdsbridge.common.safe_yaml import MAX_BYTES, MalformedYaml, load_yaml
@@ -125,7 +126,7 @@ def _check_keys(data: dict, schema: Any, source: str, prefix: str = "", command:
         if key in components or dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
                 raise UserError(f"{source}: key '{full_key}' is a section: expected a mapping of its keys, "
-                                f"got {value!r}")
+                                f"got {shown(value)}")
             if key in components:
                 _check_component_keys(value, components[key], source, full_key, command)
             else:
@@ -206,8 +207,7 @@ def _merge(base: Any, update: dict, source: str) -> Any:
         return OmegaConf.merge(base, update)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        text = str(exc).splitlines()[0]
-        raise UserError(f"{source}: key '{key}': {text}") from None
+        raise UserError(f"{source}: key '{key}': {shorten(str(exc).splitlines()[0], 200)}") from None
 
 
 def _parse_overrides(overrides: list[str]) -> dict:
@@ -269,7 +269,7 @@ def load_config(path: Optional[Path], overrides: list[str] = (), require_prompt:
     try:
         config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
-        raise UserError(f"{path}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{path}: {shorten(str(exc).splitlines()[0], 200)}") from None
     validate(config, require_prompt=require_prompt)
     if command == "train":
         for warning in setting_warnings(config):
