@@ -136,12 +136,16 @@ def _check_keys(data: dict, schema: Any, source: str, prefix: str = "", command:
 
 
 def _check_value(value: Any, full_key: str, source: str) -> None:
-    """A key that takes a value: not a section, and a list of at most ``MAX_LIST_ITEMS``."""
+    """A key that takes a value: not a section, and a flat list of at most ``MAX_LIST_ITEMS`` (no key takes a list
+    of lists; the checks after the merge compare and hash the items as values)."""
     if isinstance(value, dict):
         raise UserError(f"{source}: key '{full_key}' takes a value, not a section")
     if isinstance(value, list) and len(value) > MAX_LIST_ITEMS:
         raise UserError(f"{source}: key '{full_key}': a list of {len(value)} values; it takes at most "
                         f"{MAX_LIST_ITEMS}")
+    if isinstance(value, list) and any(isinstance(item, (list, dict)) for item in value):
+        raise UserError(f"{source}: key '{full_key}': a list inside a list (or a section in one); it takes a value "
+                        "or a list of values")
 
 
 def _check_component_keys(data: dict, known: dict[str, list[str]], source: str, section: str, command: str) -> None:
