@@ -191,9 +191,10 @@ def check_structure(checkpoint: dict, path: Path, for_resume: bool = False) -> N
         _check_type(checkpoint, key, dict, path)
     if "bad_steps" in checkpoint:
         _check_type(checkpoint, "bad_steps", int, path)
-        if not 0 <= checkpoint["bad_steps"] <= checkpoint["step"]:
+        # + 1: a divergence's checkpoint counts the step it stopped at, which a resume does again
+        if not 0 <= checkpoint["bad_steps"] <= checkpoint["step"] + 1:
             raise UserError(f"{path}: damaged checkpoint: 'bad_steps' is {checkpoint['bad_steps']}, expected 0 to "
-                            f"'step' ({checkpoint['step']})")
+                            f"'step' + 1 ({checkpoint['step'] + 1})")
     if not for_resume:
         return
     optimizer, rng = checkpoint["optimizer"], checkpoint["rng"]
