@@ -10,6 +10,7 @@ bound crossed; only then is the tree constructed, with duplicate mapping keys re
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -51,6 +52,13 @@ class _StrictLoader(_Loader):
                 raise UserError(f"duplicate key '{key}' (lines {first} and {line})")
             seen[key] = line
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.1 (PyYAML) reads a float only with a dot and a signed exponent: `1e-3` and `1.0e3` were strings, and a
+# key that takes a number or a schedule refused them. YAML 1.2 reads them as floats; so does this loader.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
 
 
 def _check_bounds(text: str) -> None:
