@@ -87,14 +87,27 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         torch.save(obj, handle)
 
 
+class LastNotWritten(WriteFailed):
+    """``last.ckpt`` could not be written, but the numbered checkpoint ``written`` (of ``step``) before it was: that
+    one is intact and the newest (a run directory's resume takes it over the older last.ckpt)."""
+
+    def __init__(self, message: str, written: Path, step: int):
+        super().__init__(message)
+        self.written, self.step = written, step
+
+
 def save_checkpoint(checkpoint: dict[str, Any], directory: Path, keep: int) -> Path:
     """Write ``step-XXXXXXX.ckpt`` and ``last.ckpt`` atomically in ``directory``; keep the newest
     ``keep`` numbered files (rotation happens only once both were written). Returns the numbered path.
-    WriteFailed if the OS refuses a write; the files written before are untouched then."""
+    WriteFailed if the OS refuses a write (LastNotWritten when only last.ckpt's was); the files written before
+    are untouched then."""
     numbered = directory / f"step-{checkpoint['step']:07d}.ckpt"
     atomic_torch_save({**checkpoint, CHECKSUM: payload_checksum(checkpoint)}, numbered)
-    with atomic_file(directory / LAST) as handle, open(numbered, "rb") as source:
-        shutil.copyfileobj(source, handle)
+    try:
+        with atomic_file(directory / LAST) as handle, open(numbered, "rb") as source:
+            shutil.copyfileobj(source, handle)
+    except WriteFailed as exc:
+        raise LastNotWritten(str(exc), numbered, checkpoint["step"]) from None
     numbered_files = sorted(p for p in directory.iterdir() if _NUMBERED.match(p.name))
     for old in numbered_files[: max(0, len(numbered_files) - keep)]:
         if old != numbered:
@@ -145,8 +158,13 @@ class CheckpointSaver:
             path = save_checkpoint(checkpoint, self.directory, self.keep)
         except WriteFailed as exc:
             self.failures += 1
-            intact = (f"the previous checkpoint (step {self.last_step}) is intact" if self.last_step is not None
-                      else "no checkpoint of this run was written")
+            if isinstance(exc, LastNotWritten):  # this step's numbered file was written: the newest intact one
+                self.last_step = exc.step
+                intact = f"{exc.written} (step {exc.step}) was written and is intact"
+            elif self.last_step is not None:
+                intact = f"the previous checkpoint (step {self.last_step}) is intact"
+            else:
+                intact = "no checkpoint of this run was written"
             if final or self.failures >= self.max_failures:
                 raise WriteFailed(f"{exc}; {intact}") from None
             log.warning("step %d: checkpoint not written (%s; %s); training goes on and tries again at the next "
