@@ -305,3 +305,23 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
 def config_to_dict(config: Config) -> dict:
     """A Config as plain builtins (for checkpoints and JSON)."""
     return OmegaConf.to_container(OmegaConf.structured(config))
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'steps': 1}} -> {'train.steps': 1}."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_settings(before: Config, after: Config, unless: tuple[str, ...] = ()) -> list[str]:
+    """"key old -> new" for each setting ``after`` changes (values cut for a message), in schema order, but for
+    keys starting with one of ``unless``; keys only one of them has (another method's ``guidance`` settings) are
+    not compared one by one (``method`` names that change)."""
+    old, new = _flat(config_to_dict(before)), _flat(config_to_dict(after))
+    return [f"{key} {shown(old[key], 40)} -> {shown(new[key], 40)}" for key in new
+            if key in old and old[key] != new[key] and not key.startswith(unless)]
