@@ -202,25 +202,34 @@ def test_an_exponent_float_without_a_dot_is_a_number(tmp_path, capsys, override)
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
-@pytest.mark.parametrize("frames, resolution", [(3, 16), (30, 256)], ids=["fails-at-the-end", "fails-mid-stream"])
-def test_a_video_on_a_full_disk_says_no_space_not_broken_pipe(trained_run, capsys, monkeypatch, frames, resolution):
+@pytest.mark.parametrize("frames, resolution, mid_stream", [(3, 16, False), (12, 32, True)],
+                         ids=["fails-at-the-end", "fails-mid-stream"])
+def test_a_video_on_a_full_disk_says_no_space_not_broken_pipe(trained_run, capsys, monkeypatch, frames, resolution,
+                                                              mid_stream):
     import sdsbridge.common.atomic as atomic
+    from sdsbridge.outputs.export import video
 
-    real = atomic.temp_path_for
+    real_temp, real_frame, rendered = atomic.temp_path_for, video.turntable_frame, []
 
     def full_for_mp4(path):  # ffmpeg's own writes fail with ENOSPC, as on a full disk
-        tmp = real(path)
+        tmp = real_temp(path)
         if path.suffix == ".mp4":
             os.symlink("/dev/full", tmp)
         return tmp
 
+    def counted(*args, **kwargs):
+        rendered.append(1)
+        return real_frame(*args, **kwargs)
+
     monkeypatch.setattr(atomic, "temp_path_for", full_for_mp4)
+    monkeypatch.setattr(video, "turntable_frame", counted)
     code, _, err = run_cli(["video", trained_run, "--frames", frames, "--resolution", resolution, "--device", "cpu",
                             "--no-progress"], capsys)
     assert code == EXIT_WRITE_FAILED
     line = one_error_line(err)
     assert line.startswith("error: no space left on device writing ") and line.endswith(".mp4"), err
     assert len(err.strip().splitlines()) == 1  # ffmpeg's own lines do not reach the terminal
+    assert (len(rendered) < frames) == mid_stream  # the pipe broke mid-stream, or ffmpeg failed at its end
     assert not (trained_run / "video").exists() or not any((trained_run / "video").iterdir())
 
 
