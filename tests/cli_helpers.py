@@ -66,6 +66,21 @@ class HandleWrapper:
         self.handle.close()
 
 
+def resave(path, edit, checksum=True):
+    """Rewrite a checkpoint after ``edit(dict)``: with a valid checksum (``checksum=True``: only the structure
+    is wrong), none (``None``) or the given string."""
+    import torch
+
+    from sdsbridge.training import checkpoint as ckpt
+
+    checkpoint = torch.load(path, weights_only=True)
+    edit(checkpoint)
+    checkpoint.pop(ckpt.CHECKSUM, None)
+    if checksum is not None:
+        checkpoint[ckpt.CHECKSUM] = ckpt.payload_checksum(checkpoint) if checksum is True else checksum
+    torch.save(checkpoint, path)
+
+
 def train_tiny_run(folder, *overrides):
     """Train a TINY run (no mesh, no video) under ``folder/runs`` through the CLI; its run directory."""
     runs = Path(folder) / "runs"

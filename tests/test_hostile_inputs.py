@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import TINY, child_env, one_error_line, prompt_file, run_cli, temp_files, train_tiny_run
-from sdsbridge.training import checkpoint as ckpt
+from cli_helpers import TINY, child_env, one_error_line, prompt_file, resave, run_cli, temp_files, train_tiny_run
 from sdsbridge.common.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_WRITE_FAILED
 
 
@@ -45,14 +44,6 @@ def flip_bytes_inside_a_tensor(path, count=400):
     for i in range(start + 100, start + 100 + count):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
-
-
-def resave(path, edit):
-    """Rewrite a checkpoint after ``edit(dict)``, with a valid checksum (so only the structure is wrong)."""
-    checkpoint = torch.load(path, weights_only=True)
-    edit(checkpoint)
-    checkpoint.pop(ckpt.CHECKSUM, None)
-    torch.save({**checkpoint, ckpt.CHECKSUM: ckpt.payload_checksum(checkpoint)}, path)
 
 
 # 1. damaged checkpoints ---------------------------------------------------------------------------------

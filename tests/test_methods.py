@@ -140,9 +140,23 @@ def test_grad_clip_and_nan_handling(prior, conditions, monkeypatch):
         latents, conditions, 0, generator=torch.Generator().manual_seed(0))
     result.loss.backward()
     assert latents.grad.abs().max() <= 0.01 / 2 + 1e-6  # (x - sg(x - g)) rounds at the scale of x
-    monkeypatch.setattr(prior, "predict_noise", lambda x, t, c, p=None: torch.full_like(x, float("nan")))
+    real = prior.predict_noise
+
+    def half_nan(x, t, c, p=None):  # NaN in the left half of every prediction
+        eps = real(x, t, c, p)
+        return torch.where(torch.arange(eps.shape[-1]) < eps.shape[-1] // 2, float("nan"), eps)
+
+    monkeypatch.setattr(prior, "predict_noise", half_nan)
     result = SDS(dict(), prior).distill(latents.detach().requires_grad_(True), conditions, 0)
-    assert torch.isfinite(result.loss) and result.grad_norm.item() == 0.0
+    assert torch.isfinite(result.loss) and bool(result.guidance_finite)  # the NaNs became 0, the rest is learnt
+    assert 0.0 < result.grad_norm.item()
+    # NaN everywhere (an overflowing scale): nothing to learn, so the loss is NaN and the trainer skips the step
+    monkeypatch.setattr(prior, "predict_noise", lambda x, t, c, p=None: torch.full_like(x, float("nan")))
+    fresh = latents.detach().requires_grad_(True)
+    result = SDS(dict(), prior).distill(fresh, conditions, 0)
+    assert torch.isnan(result.loss) and not bool(result.guidance_finite) and result.grad_norm.item() == 0.0
+    result.loss.backward()
+    assert torch.isfinite(fresh.grad).all()
 
 
 def test_stage_is_derived_from_the_step(prior):

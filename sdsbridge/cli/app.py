@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 
+from sdsbridge.common.checks import shorten
 from sdsbridge.common.errors import EXIT_INTERRUPTED, EXIT_WRITE_FAILED, Interrupted, UserError
 from sdsbridge.common.quiet import configure_logging
 
@@ -78,6 +79,10 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
 """OS errors that mean 'this machine refused a write' (exit code 3) where no writer translated them."""
 
 
+MAX_MESSAGE_CHARS = 2000
+"""Longest error line printed; the messages cut the values they quote (``checks.shown``) long before this."""
+
+
 def _raise_interrupted(signum, _frame) -> None:
     raise Interrupted(signum)
 
@@ -92,10 +97,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     except UserError as exc:
         if "--debug" in args:
             raise
-        message = " ".join(str(exc).split())  # always one line
-        typer.echo(f"error: {message}", err=True)
+        typer.echo(f"error: {shorten(str(exc), MAX_MESSAGE_CHARS)}", err=True)  # always one line, and a bounded one
         for hint in getattr(exc, "hints", ()):
-            typer.echo(f"  - {' '.join(hint.split())}", err=True)
+            typer.echo(f"  - {shorten(hint, MAX_MESSAGE_CHARS)}", err=True)
         sys.exit(exc.exit_code)
     except Interrupted as exc:
         typer.echo(f"interrupted ({signal.Signals(exc.signum).name}): stopped; no partially written file was kept",

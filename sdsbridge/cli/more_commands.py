@@ -96,10 +96,10 @@ def sweep(
             raise UserError(f"{name}: must be >= {low}, got {value}")
     plan = load_sweep(file, overrides or [], out)
     for run in plan.runs:
-        check_prompt(run.config)
+        _for_run(plan, run, check_prompt)
     if launcher == "local":  # the model is on this machine's disk only for runs started here
         for run in plan.runs:
-            check_run(run.config)
+            _for_run(plan, run, check_run)
             if jobs > 1 and run.config.prior.device not in (None, "cpu"):
                 raise UserError(f"--jobs {jobs}: run {run.name} puts its prior on {run.config.prior.device}; "
                                 "runs that span two GPUs need --jobs 1")
@@ -126,6 +126,14 @@ def sweep(
         raise RunFailed(f"sweep: {len(unfinished)} of {len(rows)} runs not done ({unfinished[0]['name']}: "
                         f"{unfinished[0]['status']}{': ' + unfinished[0]['error'] if unfinished[0].get('error') else ''}); "
                         f"logs in {plan.out / 'logs'}; re-run the sweep to resume them")
+
+
+def _for_run(plan, run, check) -> None:
+    """``check(run.config)``, its UserError naming the sweep file and the run (as load_sweep's do)."""
+    try:
+        check(run.config)
+    except UserError as exc:
+        raise type(exc)(f"{plan.path}: run {run.name}: {exc}", exc.hints) from None
 
 
 @app.command()

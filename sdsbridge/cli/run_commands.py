@@ -40,6 +40,12 @@ def config_check(
 
 
 
+SETTINGS_A_RESUME_MAY_CHANGE = ("train.steps", "device", "prior.device", "log.", "export.")
+"""Settings `train --resume` changes without a warning: the length of the run, where it runs, what it logs and
+exports. A change to any other (the prompt, the method, a scale) is named in a warning line: the run goes on from
+a state trained with the old value."""
+
+
 @app.command()
 def train(
     file: Optional[str] = typer.Argument(None, help="prompt.yaml (not needed with --resume)."),
@@ -56,8 +62,8 @@ def train(
 ) -> None:
     """Train a NeRF from a prompt by score distillation, then export the mesh and turntable video."""
     from sdsbridge.training import checkpoint as ckpt
-    from sdsbridge.common.atomic import make_dirs, remove_stale_temps
-    from sdsbridge.config.loader import config_from_dict, load_config
+    from sdsbridge.common.atomic import make_dirs
+    from sdsbridge.config.loader import changed_settings, config_from_dict, load_config
     from sdsbridge.training.rundir import create_run_dir, run_slug
     from sdsbridge.common.devices import resolve_device
     from sdsbridge.training.loop import prior_device, train as train_run
@@ -76,13 +82,17 @@ def train(
     if resume is not None:
         checkpoint_path, checkpoint = ckpt.load_newest(resume, for_resume=True)  # on the CPU: RNG states stay there
         config = config_from_dict(checkpoint["config"], overrides)
+        changed = changed_settings(config_from_dict(checkpoint["config"]), config, unless=SETTINGS_A_RESUME_MAY_CHANGE)
+        if changed:
+            logging.getLogger("sdsbridge").warning(
+                f"resuming with settings that differ from the run's: {'; '.join(changed)} (it goes on from a state "
+                "trained with the old ones; config.yaml takes the new)")
         run_dir, fresh = ckpt.run_dir_of(checkpoint_path), False
         if checkpoint["step"] >= config.train.steps:
             typer.echo(f"{run_dir} is finished (step {checkpoint['step']} of {config.train.steps}): nothing to do. "
                        f"Raise train.steps to train on (`sdsbridge train --resume {run_dir} train.steps=N`); "
                        f"`sdsbridge export` / `video` / `report` {run_dir} make outputs.")
             return
-        remove_stale_temps(run_dir)
         typer.echo(f"resuming from {checkpoint_path} (step {checkpoint['step']})")
     else:
         if path is None:

@@ -5,9 +5,13 @@ Both writers are atomic (``atomic.py``): a reader never sees half a file. Frames
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import subprocess
+import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 import imageio.v3 as iio
 import imageio_ffmpeg
@@ -15,9 +19,11 @@ import numpy as np
 import torch
 
 from sdsbridge.common.atomic import atomic_path, atomic_write_bytes
+from sdsbridge.common.checks import shorten
+from sdsbridge.common.errors import RunFailed
 
-VIDEO_QUALITY = 8
-"""imageio-ffmpeg quality, 0 (worst) to 10 (best)."""
+VIDEO_CRF = 10
+"""libx264's constant rate factor, 0 (lossless) to 51 (worst): 10 is what imageio-ffmpeg's quality 8 gave."""
 VIDEO_MIN_SIZE = 256
 """``video_frame`` enlarges smaller images (nearest neighbour, integer factor) to at least this many pixels."""
 
@@ -70,22 +76,67 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 def write_video(path: Path, frames: Iterable[np.ndarray], fps: int) -> Path:
     """Stream [H, W, 3] uint8 frames of even height and width (all the same size) to an H.264 mp4
-    (libx264, yuv420p, quality VIDEO_QUALITY) at ``fps``, atomically. ``frames`` may be a generator, so
-    long videos need not be held in memory. Returns ``path``."""
+    (libx264, yuv420p, ``VIDEO_CRF``) at ``fps``, atomically. ``frames`` may be a generator, so long videos
+    need not be held in memory. Returns ``path``.
+
+    ffmpeg writes the file itself, so a full disk (or a read-only folder) fails there: it exits non-zero, and the
+    pipe to it breaks ('Broken pipe') or, when it fails at the end, nothing breaks at all. Its exit status and
+    its own words (kept off the terminal) are read instead: a write the OS refused is a WriteFailed naming the
+    cause (atomic.py), any other failure a RunFailed quoting ffmpeg; the temporary file is removed either way."""
     with atomic_path(path) as tmp:
-        writer = None
+        ffmpeg, said = None, tempfile.TemporaryFile()  # said: what ffmpeg writes to stderr
         try:
             for frame in frames:
-                if writer is None:
-                    writer = imageio_ffmpeg.write_frames(
-                        str(tmp), (frame.shape[1], frame.shape[0]), fps=fps, codec="libx264",
-                        pix_fmt_out="yuv420p", quality=VIDEO_QUALITY, macro_block_size=2,
-                        ffmpeg_log_level="error")
-                    writer.send(None)  # start ffmpeg
-                writer.send(np.ascontiguousarray(frame))
+                if ffmpeg is None:
+                    ffmpeg = _start_ffmpeg(tmp, frame.shape[1], frame.shape[0], fps, said)
+                try:
+                    ffmpeg.stdin.write(np.ascontiguousarray(frame).data)
+                except BrokenPipeError:
+                    break  # ffmpeg stopped: its exit status says why (below)
+            if ffmpeg is None:
+                raise ValueError(f"{path}: a video needs at least one frame")
+            _finish_ffmpeg(ffmpeg, said)
         finally:
-            if writer is not None:
-                writer.close()
-        if writer is None:
-            raise ValueError(f"{path}: a video needs at least one frame")
+            if ffmpeg is not None:
+                if ffmpeg.poll() is None:  # interrupted or failed while frames were rendered
+                    ffmpeg.kill()
+                ffmpeg.wait()
+                try:
+                    ffmpeg.stdin.close()
+                except OSError:  # the frame still buffered for a dead ffmpeg
+                    pass
+            said.close()
     return Path(path)
+
+
+def _start_ffmpeg(tmp: Path, width: int, height: int, fps: int, said: BinaryIO) -> subprocess.Popen:
+    """ffmpeg reading raw rgb24 frames of ``width`` x ``height`` from its stdin and writing ``tmp``; its stderr goes
+    to ``said`` (a file), its own process group keeps a Ctrl-C meant for us from reaching it."""
+    command = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s",
+               f"{width}x{height}", "-pix_fmt", "rgb24", "-r", str(fps), "-i", "-", "-an", "-vcodec", "libx264",
+               "-pix_fmt", "yuv420p", "-crf", str(VIDEO_CRF), "-v", "error", str(tmp)]
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=said,
+                            start_new_session=True)
+
+
+FFMPEG_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+"""OS errors that ffmpeg reports in its own words (``os.strerror``) when the file it writes is refused."""
+
+
+def _finish_ffmpeg(ffmpeg: subprocess.Popen, said: BinaryIO) -> None:
+    """Close ffmpeg's input and wait for it; OSError (with the errno ffmpeg names) if the OS refused its writes,
+    RunFailed quoting ffmpeg's last line if it failed otherwise."""
+    try:
+        ffmpeg.stdin.close()
+    except BrokenPipeError:
+        pass
+    code = ffmpeg.wait()
+    if code == 0:
+        return
+    said.seek(0)
+    text = said.read(1 << 16).decode("utf-8", "replace")
+    for number in FFMPEG_WRITE_ERRORS:
+        if os.strerror(number) in text:
+            raise OSError(number, os.strerror(number))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    raise RunFailed(f"ffmpeg failed (exit code {code}): {shorten(lines[-1] if lines else 'no message', 200)}")

@@ -2,13 +2,15 @@
 
 PyYAML's ``safe_load`` runs no code, but it will build whatever the text describes: an alias bomb (a few
 lines of anchors, each referring to the previous one ten times) expands into billions of nodes as soon as
-something walks it, a huge list fills memory, and deep nesting ends in a RecursionError. ``load_yaml``
+something walks it (or, with a long anchored string and fewer aliases, into gigabytes of text as soon as
+something prints it), a huge list fills memory, and deep nesting ends in a RecursionError. ``load_yaml``
 first streams the parser's events (no tree is built, nesting is not recursive) and stops at the first
 bound crossed; only then is the tree constructed, with duplicate mapping keys rejected.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -21,6 +23,9 @@ MAX_DEPTH = 32
 """Deepest nesting of lists and mappings (a config uses 3)."""
 MAX_NODES = 100_000
 """Most values the document may hold with every alias expanded (a full config holds about 200)."""
+MAX_EXPANDED_BYTES = 1 << 20
+"""Most characters of text (keys and values) the document may hold with every alias expanded (1 MiB): a few
+anchored long strings, each aliased many times, stay within MAX_NODES but would print gigabytes in an error."""
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -49,38 +54,51 @@ class _StrictLoader(_Loader):
         return super().construct_mapping(node, deep)
 
 
-def _check_bounds(text: str) -> None:
-    """Stream the events of ``text``; UserError at the first bound crossed (MAX_DEPTH, MAX_NODES)."""
-    sizes: dict[str, int] = {}  # anchor -> nodes it expands to
-    stack: list[list] = []  # open collections: [nodes so far, anchor]
-    total = 0
+# YAML 1.1 (PyYAML) reads a float only with a dot and a signed exponent: `1e-3` and `1.0e3` were strings, and a
+# key that takes a number or a schedule refused them. YAML 1.2 reads them as floats; so does this loader.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
 
-    def add(count: int) -> None:
-        nonlocal total
-        total += count
-        if total > MAX_NODES:
+
+def _check_bounds(text: str) -> None:
+    """Stream the events of ``text``; UserError at the first bound crossed (MAX_DEPTH, MAX_NODES,
+    MAX_EXPANDED_BYTES)."""
+    sizes: dict[str, tuple[int, int]] = {}  # anchor -> (nodes, bytes) it expands to
+    stack: list[list] = []  # open collections: [nodes so far, bytes so far, anchor]
+    total = [0, 0]  # nodes, bytes
+
+    def add(nodes: int, size: int) -> None:
+        total[0] += nodes
+        total[1] += size
+        if total[0] > MAX_NODES:
             raise UserError(f"more than {MAX_NODES} values once aliases are expanded; not a config file")
+        if total[1] > MAX_EXPANDED_BYTES:
+            raise UserError(f"more than {MAX_EXPANDED_BYTES // 1024} KiB of text once aliases are expanded; not a "
+                            "config file")
         if stack:
-            stack[-1][0] += count
+            stack[-1][0] += nodes
+            stack[-1][1] += size
 
     for event in yaml.parse(text, Loader=_Loader):
         if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
             if len(stack) >= MAX_DEPTH:
                 raise UserError(f"nested deeper than {MAX_DEPTH} levels")
-            add(1)
-            stack.append([0, event.anchor])
+            add(1, 0)
+            stack.append([0, 0, event.anchor])
         elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
-            count, anchor = stack.pop()
+            nodes, size, anchor = stack.pop()
             if anchor is not None:
-                sizes[anchor] = count + 1
+                sizes[anchor] = (nodes + 1, size)
             if stack:
-                stack[-1][0] += count
+                stack[-1][0] += nodes
+                stack[-1][1] += size
         elif isinstance(event, yaml.ScalarEvent):
             if event.anchor is not None:
-                sizes[event.anchor] = 1
-            add(1)
+                sizes[event.anchor] = (1, len(event.value))
+            add(1, len(event.value))
         elif isinstance(event, yaml.AliasEvent):
-            add(sizes.get(event.anchor, 1))
+            add(*sizes.get(event.anchor, (1, 0)))
 
 
 def load_yaml(text: str) -> Any:

@@ -23,6 +23,7 @@ from sdsbridge.distill.methods import METHODS, method_class
 from sdsbridge.config.validation import setting_warnings, validate
 from sdsbridge.distill.methods.base import setting_names
 from sdsbridge.priors import PRIORS, prior_class
+from sdsbridge.common.checks import shorten, shown
 from sdsbridge.common.errors import UserError
 from sdsbridge.common.package_files import package_folder
 from sdsbridge.common.safe_yaml import MAX_BYTES, MalformedYaml, load_yaml
@@ -125,7 +126,7 @@ def _check_keys(data: dict, schema: Any, source: str, prefix: str = "", command:
         if key in components or dataclasses.is_dataclass(default):
             if not isinstance(value, dict):
                 raise UserError(f"{source}: key '{full_key}' is a section: expected a mapping of its keys, "
-                                f"got {value!r}")
+                                f"got {shown(value)}")
             if key in components:
                 _check_component_keys(value, components[key], source, full_key, command)
             else:
@@ -135,12 +136,16 @@ def _check_keys(data: dict, schema: Any, source: str, prefix: str = "", command:
 
 
 def _check_value(value: Any, full_key: str, source: str) -> None:
-    """A key that takes a value: not a section, and a list of at most ``MAX_LIST_ITEMS``."""
+    """A key that takes a value: not a section, and a flat list of at most ``MAX_LIST_ITEMS`` (no key takes a list
+    of lists; the checks after the merge compare and hash the items as values)."""
     if isinstance(value, dict):
         raise UserError(f"{source}: key '{full_key}' takes a value, not a section")
     if isinstance(value, list) and len(value) > MAX_LIST_ITEMS:
         raise UserError(f"{source}: key '{full_key}': a list of {len(value)} values; it takes at most "
                         f"{MAX_LIST_ITEMS}")
+    if isinstance(value, list) and any(isinstance(item, (list, dict)) for item in value):
+        raise UserError(f"{source}: key '{full_key}': a list inside a list (or a section in one); it takes a value "
+                        "or a list of values")
 
 
 def _check_component_keys(data: dict, known: dict[str, list[str]], source: str, section: str, command: str) -> None:
@@ -206,8 +211,7 @@ def _merge(base: Any, update: dict, source: str) -> Any:
         return OmegaConf.merge(base, update)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        text = str(exc).splitlines()[0]
-        raise UserError(f"{source}: key '{key}': {text}") from None
+        raise UserError(f"{source}: key '{key}': {shorten(str(exc).splitlines()[0], 200)}") from None
 
 
 def _parse_overrides(overrides: list[str]) -> dict:
@@ -269,7 +273,7 @@ def load_config(path: Optional[Path], overrides: list[str] = (), require_prompt:
     try:
         config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
-        raise UserError(f"{path}: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{path}: {shorten(str(exc).splitlines()[0], 200)}") from None
     validate(config, require_prompt=require_prompt)
     if command == "train":
         for warning in setting_warnings(config):
@@ -301,3 +305,23 @@ def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
 def config_to_dict(config: Config) -> dict:
     """A Config as plain builtins (for checkpoints and JSON)."""
     return OmegaConf.to_container(OmegaConf.structured(config))
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'steps': 1}} -> {'train.steps': 1}."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def changed_settings(before: Config, after: Config, unless: tuple[str, ...] = ()) -> list[str]:
+    """"key old -> new" for each setting ``after`` changes (values cut for a message), in schema order, but for
+    keys starting with one of ``unless``; keys only one of them has (another method's ``guidance`` settings) are
+    not compared one by one (``method`` names that change)."""
+    old, new = _flat(config_to_dict(before)), _flat(config_to_dict(after))
+    return [f"{key} {shown(old[key], 40)} -> {shown(new[key], 40)}" for key in new
+            if key in old and old[key] != new[key] and not key.startswith(unless)]

@@ -9,7 +9,7 @@ import math
 import re
 from typing import Any
 
-from sdsbridge.common.checks import check, check_choice, check_range2, check_schedule
+from sdsbridge.common.checks import check, check_choice, check_range2, check_schedule, shown
 from sdsbridge.common.devices import DEVICE_PATTERN
 from sdsbridge.config.schema import Config
 from sdsbridge.distill.methods import METHODS, method_class
@@ -114,14 +114,14 @@ def validate(c: Config, require_prompt: bool = True) -> None:
     check_choice(e.format, "export.format", ("glb", "obj", "ply"))
     check(e.resolution >= 8, "export.resolution", "must be >= 8")
     check(e.threshold == "auto" or (isinstance(e.threshold, (int, float)) and not isinstance(e.threshold, bool)),
-           "export.threshold", f"expected 'auto' or a number, got {e.threshold!r}")
+           "export.threshold", f"expected 'auto' or a number, got {shown(e.threshold)}")
     check(0.0 <= e.min_component_fraction <= 1.0, "export.min_component_fraction", "must lie in [0, 1]")
     check(e.decimate_faces >= 0, "export.decimate_faces", "must be >= 0")
     check(16 <= e.texture_size <= 8192, "export.texture_size", "must lie in [16, 8192]")
     check(e.texture_faces == 0 or e.texture_faces >= 4, "export.texture_faces", "must be 0 or >= 4")
     check(isinstance(e.video_modes, list) and len(e.video_modes) > 0 and len(set(e.video_modes)) == len(e.video_modes)
            and all(m in ("rgb", "normal", "shaded", "depth") for m in e.video_modes), "export.video_modes",
-           f"expected a list of distinct panels from rgb, normal, shaded, depth, got {e.video_modes!r}")
+           f"expected a list of distinct panels from rgb, normal, shaded, depth, got {shown(e.video_modes)}")
     for key in ("video_frames", "video_resolution", "video_fps"):
         check(getattr(e, key) is None or getattr(e, key) > 0, f"export.{key}", "must be positive")
     im = c.image

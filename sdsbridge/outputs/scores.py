@@ -10,6 +10,7 @@ import math
 import torch
 
 from sdsbridge.scene.cameras import Cameras, camera_rays
+from sdsbridge.common.checks import shown
 from sdsbridge.common.errors import UserError
 from sdsbridge.priors.reference import SUPERSAMPLE
 from sdsbridge.priors.reference_prompts import available_shapes, parse_prompt
@@ -27,7 +28,7 @@ def shape_for_prompt(prompt: str) -> str:
     """The one built-in shape a prompt names ('a red torus, detailed' -> 'torus'); UserError otherwise."""
     shapes = parse_prompt(prompt).shapes
     if len(shapes) != 1:
-        raise UserError(f"prompt {prompt!r} names {len(shapes)} built-in shapes; evaluation needs exactly one "
+        raise UserError(f"prompt {shown(prompt)} names {len(shapes)} built-in shapes; evaluation needs exactly one "
                         f"(available: {available_shapes()})")
     return shapes[0]
 

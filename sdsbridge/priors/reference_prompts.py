@@ -22,6 +22,7 @@ import re
 from dataclasses import dataclass
 
 from sdsbridge.scene.cameras import VIEW_LABELS
+from sdsbridge.common.checks import shown
 from sdsbridge.common.errors import UserError
 from sdsbridge.priors.shapes import SHAPES
 
@@ -74,7 +75,7 @@ def parse_prompt(prompt: str) -> Condition:
     if named:
         wrong = [SHAPES[c].colour for c in colours if c not in named]
         if wrong:
-            raise UserError(f"prompt {prompt!r}: no built-in shape is {wrong[0]} and a "
+            raise UserError(f"prompt {shown(prompt)}: no built-in shape is {wrong[0]} and a "
                             f"{' / '.join(named)} (available: {available_shapes()})")
         shapes = named
     elif colours:
@@ -84,7 +85,7 @@ def parse_prompt(prompt: str) -> Condition:
         known = FILLER_WORDS.union(*(_tokens(p) for p in phrases))
         unknown = [w for w in tokens if w not in known]
         if unknown:
-            raise UserError(f"prompt {prompt!r} names no built-in shape of the reference prior "
+            raise UserError(f"prompt {shown(prompt)} names no built-in shape of the reference prior "
                             f"(available: {available_shapes()})")
         shapes = list(SHAPES)
     views = set(re.findall(r"\b(front|side|back|overhead) view\b", prompt.lower()))

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 
 from sdsbridge.common.devices import module_device
+from sdsbridge.common.checks import shorten
 from sdsbridge.common.errors import UserError
 from sdsbridge.scene.base import RenderOutput
 from sdsbridge.scene.cameras import Cameras
@@ -109,22 +110,28 @@ class NeRFScene:
             for name, module in parts.items():
                 module.load_state_dict(checkpoint[name])
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:
-            raise UserError(f"checkpoint does not match this config's scene: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"checkpoint does not match this config's scene: {shorten(str(exc), 300)}") from None
 
 
 def _check_shapes(name: str, expected: dict, stored) -> None:
-    """UserError at the first entry of ``stored`` (a checkpoint's state dict for part ``name``) whose
-    type or shape differs from this scene's (``expected``)."""
+    """UserError at the first entry of ``expected`` (this scene's state dict for part ``name``) that ``stored``
+    (the checkpoint's) lacks or holds with another type or shape, else at the first entry ``stored`` has in
+    excess."""
     if not isinstance(stored, dict):
         raise UserError(f"checkpoint does not match this config's scene: '{name}' is a {type(stored).__name__}")
     for key, want in expected.items():
         have = stored.get(key)
         if have is None:
-            continue  # missing entries: load_state_dict names them
+            raise UserError(f"checkpoint does not match this config's scene: {name}.{key} is missing in the "
+                            "checkpoint")
         if not isinstance(have, torch.Tensor) or have.shape != want.shape:
             shape = list(have.shape) if isinstance(have, torch.Tensor) else type(have).__name__
             raise UserError(f"checkpoint does not match this config's scene: {name}.{key} is {shape} in the "
                             f"checkpoint, {list(want.shape)} for this config")
+    extra = [key for key in stored if key not in expected]
+    if extra:
+        raise UserError(f"checkpoint does not match this config's scene: {name}.{shorten(str(extra[0]), 80)} in the "
+                        "checkpoint is not part of this scene")
 
 
 def build_nerf_scene(scene_cfg: SceneConfig, render_cfg: RenderConfig, learning_rates: dict[str, float],

@@ -6,14 +6,15 @@ A checkpoint is a plain dict of tensors and builtins:
 (``Method.state_dict``, empty for SDS, the bridge and NFSD; absent in older files), "optimizer": state
 dicts, "rng": {...}, "config": dict, "bad_steps": int, "checksum": str}``. ``checksum`` (absent in files
 written before it existed) is the SHA-256 of everything else (``payload_checksum``): torch's zip reader
-does not verify what it reads, so a damaged tensor would otherwise load silently.
+does not verify what it reads, so a damaged tensor would otherwise load silently. What a loaded file may hold
+is checked in checkpoint_contents.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -29,16 +30,12 @@ from sdsbridge.common.quiet import quiet_backend
 from sdsbridge.config.loader import config_from_dict
 from sdsbridge.config.schema import Config
 from sdsbridge.scene.base import Scene
+from sdsbridge.training.checkpoint_contents import (CHECKSUM, FORMAT, check_payload, check_structure,
+                                                   payload_checksum, unpickling_refused)
 from sdsbridge.training.step import build_scene
 
-FORMAT = "sdsbridge-checkpoint-v1"
 LAST = "last.ckpt"
 _NUMBERED = re.compile(r"^step-(\d+)\.ckpt$")
-CHECKSUM = "checksum"
-
-SCENE_KEYS = ("field", "background", "renderer")
-RESUME_KEYS = ("optimizer", "rng")
-"""Entries ``--resume`` needs besides the scene's (export, video and eval read the scene and config only)."""
 
 log = logging.getLogger("sdsbridge")
 
@@ -83,37 +80,6 @@ def restore_cuda_rng_states(states: list[torch.Tensor]) -> None:
         torch.cuda.set_rng_state(rng, index)
 
 
-def _hash_tree(tree: Any, digest: "hashlib._Hash") -> None:
-    """Feed a checkpoint (sub)tree into ``digest`` in a fixed order: dict keys sorted, tensors as dtype,
-    shape and raw bytes, other leaves as repr. Lists and tuples hash alike (pickling may turn one into
-    the other)."""
-    if isinstance(tree, dict):
-        digest.update(b"{")
-        for key in sorted(tree, key=repr):
-            digest.update(repr(key).encode() + b":")
-            _hash_tree(tree[key], digest)
-        digest.update(b"}")
-    elif isinstance(tree, (list, tuple)):
-        digest.update(b"[")
-        for item in tree:
-            _hash_tree(item, digest)
-        digest.update(b"]")
-    elif isinstance(tree, torch.Tensor):
-        t = tree.detach().cpu().contiguous()
-        digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-        if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())
-    else:
-        digest.update(f"{type(tree).__name__}={tree!r};".encode())
-
-
-def payload_checksum(checkpoint: dict[str, Any]) -> str:
-    """SHA-256 (hex) of every entry but ``checksum``."""
-    digest = hashlib.sha256()
-    _hash_tree({k: v for k, v in checkpoint.items() if k != CHECKSUM}, digest)
-    return digest.hexdigest()
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to ``path`` atomically: a crash or Ctrl-C at any point leaves either the old file or the
     new one, never a torn file."""
@@ -121,14 +87,27 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         torch.save(obj, handle)
 
 
+class LastNotWritten(WriteFailed):
+    """``last.ckpt`` could not be written, but the numbered checkpoint ``written`` (of ``step``) before it was: that
+    one is intact and the newest (a run directory's resume takes it over the older last.ckpt)."""
+
+    def __init__(self, message: str, written: Path, step: int):
+        super().__init__(message)
+        self.written, self.step = written, step
+
+
 def save_checkpoint(checkpoint: dict[str, Any], directory: Path, keep: int) -> Path:
     """Write ``step-XXXXXXX.ckpt`` and ``last.ckpt`` atomically in ``directory``; keep the newest
     ``keep`` numbered files (rotation happens only once both were written). Returns the numbered path.
-    WriteFailed if the OS refuses a write; the files written before are untouched then."""
+    WriteFailed if the OS refuses a write (LastNotWritten when only last.ckpt's was); the files written before
+    are untouched then."""
     numbered = directory / f"step-{checkpoint['step']:07d}.ckpt"
     atomic_torch_save({**checkpoint, CHECKSUM: payload_checksum(checkpoint)}, numbered)
-    with atomic_file(directory / LAST) as handle, open(numbered, "rb") as source:
-        shutil.copyfileobj(source, handle)
+    try:
+        with atomic_file(directory / LAST) as handle, open(numbered, "rb") as source:
+            shutil.copyfileobj(source, handle)
+    except WriteFailed as exc:
+        raise LastNotWritten(str(exc), numbered, checkpoint["step"]) from None
     numbered_files = sorted(p for p in directory.iterdir() if _NUMBERED.match(p.name))
     for old in numbered_files[: max(0, len(numbered_files) - keep)]:
         if old != numbered:
@@ -137,37 +116,6 @@ def save_checkpoint(checkpoint: dict[str, Any], directory: Path, keep: int) -> P
         numbered.unlink()
         return directory / LAST
     return numbered
-
-
-def _check_type(checkpoint: dict, key: str, kind: type, path: Path) -> None:
-    if key not in checkpoint:
-        raise UserError(f"{path}: not a complete sdsbridge checkpoint: '{key}' is missing")
-    value = checkpoint[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise UserError(f"{path}: damaged checkpoint: '{key}' is a {type(value).__name__}, expected a "
-                        f"{kind.__name__}")
-
-
-def check_structure(checkpoint: dict, path: Path, for_resume: bool = False) -> None:
-    """UserError naming the first entry that is missing or of the wrong type (``for_resume``: the
-    optimizer and RNG entries too)."""
-    _check_type(checkpoint, "step", int, path)
-    if checkpoint["step"] < 0:
-        raise UserError(f"{path}: damaged checkpoint: 'step' is negative ({checkpoint['step']})")
-    for key in ("config", *SCENE_KEYS, *(RESUME_KEYS if for_resume else ())):
-        _check_type(checkpoint, key, dict, path)
-    if "bad_steps" in checkpoint:
-        _check_type(checkpoint, "bad_steps", int, path)
-    if not for_resume:
-        return
-    optimizer, rng = checkpoint["optimizer"], checkpoint["rng"]
-    if not (isinstance(optimizer.get("state"), dict) and isinstance(optimizer.get("param_groups"), list)):
-        raise UserError(f"{path}: damaged checkpoint: 'optimizer' lacks its state or param_groups")
-    numpy_state, python_state = rng.get("numpy"), rng.get("python")
-    if not (isinstance(rng.get("torch"), torch.Tensor) and isinstance(numpy_state, dict)
-            and isinstance(numpy_state.get("keys"), torch.Tensor) and isinstance(python_state, dict)
-            and isinstance(python_state.get("state"), (list, tuple))):
-        raise UserError(f"{path}: damaged checkpoint: 'rng' lacks the torch, numpy or python generator state")
 
 
 def estimate_checkpoint_bytes(parameters: Iterable[torch.Tensor]) -> int:
@@ -210,8 +158,13 @@ class CheckpointSaver:
             path = save_checkpoint(checkpoint, self.directory, self.keep)
         except WriteFailed as exc:
             self.failures += 1
-            intact = (f"the previous checkpoint (step {self.last_step}) is intact" if self.last_step is not None
-                      else "no checkpoint of this run was written")
+            if isinstance(exc, LastNotWritten):  # this step's numbered file was written: the newest intact one
+                self.last_step = exc.step
+                intact = f"{exc.written} (step {exc.step}) was written and is intact"
+            elif self.last_step is not None:
+                intact = f"the previous checkpoint (step {self.last_step}) is intact"
+            else:
+                intact = "no checkpoint of this run was written"
             if final or self.failures >= self.max_failures:
                 raise WriteFailed(f"{exc}; {intact}") from None
             log.warning("step %d: checkpoint not written (%s; %s); training goes on and tries again at the next "
@@ -230,14 +183,21 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", for_re
         raise UserError(f"{path}: checkpoint not found")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UserError(unpickling_refused(path, str(exc))) from None
     except Exception as exc:  # noqa: BLE001 - any failure to parse an untrusted file is the file's fault
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise UserError(f"{path}: not a readable sdsbridge checkpoint (corrupt or foreign file: {reason})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise UserError(f"{path}: not an sdsbridge checkpoint (expected format {FORMAT})")
+    try:
+        check_payload(checkpoint)
+    except UserError as exc:
+        raise UserError(f"{path}: damaged checkpoint: {exc}") from None
     stored = checkpoint.get(CHECKSUM)
     if stored is None:
-        log.debug("%s: written before checkpoints had checksums; not verified", path)
+        log.warning("%s: no checksum (written before checkpoints had one, or edited): its contents are not verified",
+                    path)
     elif stored != payload_checksum(checkpoint):
         raise UserError(f"{path}: damaged checkpoint: its contents do not match their checksum")
     check_structure(checkpoint, path, for_resume)

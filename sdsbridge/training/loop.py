@@ -22,7 +22,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from sdsbridge.training import checkpoint as ckpt
-from sdsbridge.common.atomic import atomic_write_bytes
+from sdsbridge.common.atomic import atomic_write_bytes, remove_stale_temps
+from sdsbridge.common.checks import shorten
 from sdsbridge.scene.cameras import orbit_cameras
 from sdsbridge.config.schema import Config
 from sdsbridge.config.loader import config_to_dict, to_yaml
@@ -85,7 +86,7 @@ def restore_checkpoint(checkpoint: dict, scene: Scene, method: Method, optimizer
         ckpt.restore_rng_state(checkpoint["rng"])
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
         raise UserError(f"checkpoint's method, optimizer or RNG state does not fit this run: "
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+                        f"{type(exc).__name__}: {shorten(str(exc), 300)}") from None
     return checkpoint["step"], checkpoint.get("bad_steps", 0)
 
 
@@ -95,6 +96,19 @@ def metrics_row(done: int, views: Views, result: StepResult, bad_steps: int, sec
             "t": result.distill.t.float().mean().item(), "grad_norm": result.distill.grad_norm.item(),
             "resolution": views.resolution, "bad_steps": bad_steps, "elapsed_s": round(seconds, 3),
             **{f"loss_{k}": v.item() for k, v in result.losses.items()}}
+
+
+def non_finite_cause(method: Method, result: StepResult) -> tuple[str, str]:
+    """(what was not finite, what to try) for a skipped step: a guidance gradient that was NaN or inf everywhere
+    names the settings that scale it (``Method.scale_settings``) with their values; anything else (the loss, a
+    parameter's gradient) the usual suspects. Reads one flag from the device: call it for skipped steps only."""
+    flag = result.distill.guidance_finite
+    if flag is not None and not bool(flag):
+        keys = method.scale_settings(result.distill.stage)
+        named = " or ".join(f"guidance.{key} (now {getattr(method.settings, key):g})" for key in keys)
+        advice = f"lower {named}" if keys else "lower the guidance scale"
+        return "the guidance gradient was NaN or inf everywhere", advice
+    return "a non-finite loss or gradient", "try lower learning rates or guidance scale"
 
 
 def try_write(what: str, write) -> bool:
@@ -175,7 +189,8 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
     # Before the prior loads (the slow part): a folder that cannot hold this run stops it here.
     parameters = [p for group in scene.param_groups() for p in group["params"]]
     ckpt.check_room(run_dir, ckpt.estimate_checkpoint_bytes(parameters))
-    atomic_write_bytes(run_dir / "config.yaml", to_yaml(config).encode("utf-8"))
+    if checkpoint is None:  # a resumed run's config.yaml changes only once its checkpoint is known to fit (below)
+        atomic_write_bytes(run_dir / "config.yaml", to_yaml(config).encode("utf-8"))
     warn_if_gpu_too_small(config, prior_device(config, device))
     prior = load_prior(config.prior, prior_device(config, device), config.cameras)
     method = make_method(config.method, config.guidance, prior)
@@ -185,6 +200,9 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
     start_step, bad_steps = 0, 0
     if checkpoint is not None:
         start_step, bad_steps = restore_checkpoint(checkpoint, scene, method, optimizer)
+        # Only now, when nothing can refuse the resume any more (exit 2 writes nothing), is the run touched.
+        remove_stale_temps(run_dir)
+        atomic_write_bytes(run_dir / "config.yaml", to_yaml(config).encode("utf-8"))
         log.info(f"resuming {run_dir} at step {start_step} (stage {method.stage(start_step)})")
     steps = config.train.steps
     if start_step >= steps:
@@ -203,7 +221,7 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
     compiled_before = scene.one_off_seconds
     if device.type == "cpu" and steps - start_step >= LONG_RUN_STEPS:
         scene.prepare_long_run()
-    bad_in_row, done, last_saved, interrupted = 0, start_step, None, False
+    bad_in_row, done, last_saved, interrupted, cause, advice = 0, start_step, None, False, "", ""
     bad_at_start, unwritten_rows = bad_steps, []
     scene.train()
     with stop_requests() as stop, logging_redirect_tqdm(), fitted_cpu_threads(device) as threads:  # log lines print above the bar, not glued to it
@@ -217,12 +235,14 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
             else:
                 bad_in_row += 1
                 bad_steps += 1
-                log.warning(f"step {step}: non-finite loss or gradient, step skipped ({bad_in_row} in a row)")
+                cause, advice = non_finite_cause(method, result)
+                # Steps count from 1 in messages, as in metrics.jsonl: loop index ``step`` is step ``step + 1``.
+                log.warning(f"step {step + 1}: {cause}, step skipped ({bad_in_row} in a row)")
                 if bad_in_row >= config.train.max_bad_steps:
                     path = save(step, final=True)
                     raise TrainingDiverged(
-                        f"training diverged: {bad_in_row} non-finite steps in a row at step {step}; the last good "
-                        f"state is in {path} (try lower learning rates or guidance scale)")
+                        f"training diverged: {bad_in_row} non-finite steps in a row at step {step + 1} ({cause}); "
+                        f"{advice}; the last good state is in {path}")
             done = step + 1
             if threads is not None and done % THREAD_CHECK_EVERY == 0:
                 threads.update(time.time() - started)
@@ -254,5 +274,5 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
         log.warning(f"{bad_steps} non-finite step(s) were skipped in this run")
     if not interrupted and done > start_step and bad_steps - bad_at_start == done - start_step:
         raise RunFailed(f"training failed: all {done - start_step} steps were non-finite and skipped, nothing was "
-                        f"learned (the state is in {last_saved}; try lower learning rates or guidance scale)")
+                        f"learned ({cause}); {advice}; the state is in {last_saved}")
     return TrainResult(run_dir, done, last_saved, interrupted, bad_steps, time.time() - started, scene.eval())

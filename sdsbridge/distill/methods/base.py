@@ -131,6 +131,9 @@ class DistillResult:
     """1, or 2 in the bridge's stage two."""
     extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     """Scalar losses of the method's own parameters, by name (none for SDS, the bridge and NFSD)."""
+    guidance_finite: Optional[torch.Tensor] = None
+    """Bool scalar on the prior's device: False when every element of g was NaN or inf (``loss`` is then NaN, so
+    the step is skipped and counted like any non-finite step). A tensor, read only when a step was skipped."""
 
 
 class Method:
@@ -231,13 +234,20 @@ class Method:
         [N, ...] ``conditions`` (no clipping, no NaN handling)."""
         raise NotImplementedError
 
+    def scale_settings(self, stage: int) -> tuple[str, ...]:
+        """The ``guidance:`` keys that scale g in ``stage``: what a run whose gradient overflows everywhere names
+        (a scale of 1e300 makes every element inf or NaN). None known by default."""
+        return ()
+
     def distill(self, latents: torch.Tensor, conditions: dict[str, torch.Tensor], step: int,
                 cameras: Optional[Cameras] = None, generator: Optional[torch.Generator] = None) -> DistillResult:
         """One score-distillation evaluation on latents [N, C, h, w] (with grad to what produced them).
 
         Samples t (uniform on ``max/min_step_percent`` x T) and then noise ``torch.randn`` from ``generator``
         (the global RNG when None), in that order; computes ``gradient``, replaces NaNs and infinities by
-        0, clips to [-grad_clip, grad_clip] when set, and returns the injected loss with grad norm, t, stage.
+        0, clips to [-grad_clip, grad_clip] when set, and returns the injected loss with grad norm, t, stage. A
+        gradient that is NaN or inf everywhere carries nothing to learn: its loss is NaN (``guidance_finite``), so
+        the step is skipped, not taken with zeros.
         """
         stage = self.stage(step)
         t_min, t_max = timestep_range(self.settings.min_step_percent, self.max_step_percent(step),
@@ -248,10 +258,14 @@ class Method:
         noise = noise.to(latents.device)
 
         grad = self.gradient(latents, t, noise, conditions, stage, cameras)
+        guidance_finite = torch.isfinite(grad).any()  # no host sync: read only when the step is skipped
         grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
         if self.settings.grad_clip is not None:
             grad = grad.clamp(-self.settings.grad_clip, self.settings.grad_clip)
-        return DistillResult(loss=injected_loss(latents, grad), grad_norm=grad.norm().detach(), t=t, stage=stage)
+        loss = injected_loss(latents, grad)
+        loss = torch.where(guidance_finite, loss, torch.full_like(loss, float("nan")))
+        return DistillResult(loss=loss, grad_norm=grad.norm().detach(), t=t, stage=stage,
+                             guidance_finite=guidance_finite)
 
     # --- trainable parameters and state ----------------------------------------------------------------
     def param_groups(self) -> list[dict]:

@@ -86,3 +86,6 @@ class Bridge(SDS):
         eps_tgt, eps_src = self.predict(latents, t, noise, conditions, ("target", "source"), cameras)
         w = weight(t, self.prior.alphas_cumprod, self.settings.stage2_weighting)
         return bridge_gradient(eps_tgt, eps_src, w, self.settings.stage2_scale)
+
+    def scale_settings(self, stage: int) -> tuple[str, ...]:
+        return ("stage2_scale",) if stage == 2 else super().scale_settings(stage)

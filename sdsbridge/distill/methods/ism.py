@@ -150,3 +150,6 @@ class ISM(Method):
         eps_cond, eps_uncond = self.cfg_predictions(eps, conditions)
         eps_guided = eps_uncond + self.settings.guidance_scale * (eps_cond - eps_uncond)
         return self.settings.grad_scale * (ism_weight(t, abar) * (eps_guided - eps_s))
+
+    def scale_settings(self, stage: int) -> tuple[str, ...]:
+        return ("guidance_scale", "grad_scale")

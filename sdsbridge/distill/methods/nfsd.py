@@ -49,3 +49,6 @@ class NFSD(Method):
         eps_cond, eps_uncond = self.cfg_predictions(eps, conditions)
         w = weight(t, self.prior.alphas_cumprod, self.settings.weighting)
         return nfsd_gradient(eps_cond, eps_uncond, eps_neg, t, w, self.settings.guidance_scale)
+
+    def scale_settings(self, stage: int) -> tuple[str, ...]:
+        return ("guidance_scale",)

@@ -47,3 +47,6 @@ class SDS(Method):
         eps_cond, eps_uncond = self.cfg_predictions(eps, conditions)
         w = weight(t, self.prior.alphas_cumprod, self.settings.weighting)
         return sds_gradient(eps_cond, eps_uncond, noise, w, self.settings.guidance_scale)
+
+    def scale_settings(self, stage: int) -> tuple[str, ...]:
+        return ("guidance_scale",)

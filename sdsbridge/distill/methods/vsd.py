@@ -140,6 +140,9 @@ class VSD(LearnedSource, Method):
         w = weight(t, self.prior.alphas_cumprod, self.settings.weighting)
         return vsd_gradient(eps_pretrained, self.source_noise(x_t, t, conditions, cameras), w)
 
+    def scale_settings(self, stage: int) -> tuple[str, ...]:
+        return ("vsd_guidance_scale",)
+
 
 @register_method
 class BridgeVSD(LearnedSource, Bridge):
