@@ -35,7 +35,7 @@ from sdsbridge.distill.methods import Method, make_method
 from sdsbridge.training.plots import stage2_step, write_plots
 from sdsbridge.priors import load_prior
 from sdsbridge.scene.base import Scene
-from sdsbridge.training.step import StepResult, Views, build_optimizer, build_scene, scene_step
+from sdsbridge.training.step import StepResult, Views, build_optimizer, build_scene, non_finite_cause, scene_step
 
 log = logging.getLogger("sdsbridge")
 
@@ -96,19 +96,6 @@ def metrics_row(done: int, views: Views, result: StepResult, bad_steps: int, sec
             "t": result.distill.t.float().mean().item(), "grad_norm": result.distill.grad_norm.item(),
             "resolution": views.resolution, "bad_steps": bad_steps, "elapsed_s": round(seconds, 3),
             **{f"loss_{k}": v.item() for k, v in result.losses.items()}}
-
-
-def non_finite_cause(method: Method, result: StepResult) -> tuple[str, str]:
-    """(what was not finite, what to try) for a skipped step: a guidance gradient that was NaN or inf everywhere
-    names the settings that scale it (``Method.scale_settings``) with their values; anything else (the loss, a
-    parameter's gradient) the usual suspects. Reads one flag from the device: call it for skipped steps only."""
-    flag = result.distill.guidance_finite
-    if flag is not None and not bool(flag):
-        keys = method.scale_settings(result.distill.stage)
-        named = " or ".join(f"guidance.{key} (now {getattr(method.settings, key):g})" for key in keys)
-        advice = f"lower {named}" if keys else "lower the guidance scale"
-        return "the guidance gradient was NaN or inf everywhere", advice
-    return "a non-finite loss or gradient", "try lower learning rates or guidance scale"
 
 
 def try_write(what: str, write) -> bool:

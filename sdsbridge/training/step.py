@@ -114,6 +114,23 @@ class StepResult:
     """False when the loss or a gradient was not finite: the step was skipped (gradients zeroed)."""
 
 
+def non_finite_cause(method: Method, result: StepResult,
+                     keys: Optional[dict[str, str]] = None) -> tuple[str, str]:
+    """(what was not finite, what to try) for a skipped step: a guidance gradient that was NaN or inf everywhere
+    names the settings that scale it (``Method.scale_settings``) with their values; anything else (the loss, a
+    parameter's gradient) the usual suspects. ``keys``: the config key of each setting that is not
+    ``guidance.<name>`` (the 2D mode's ``image.guidance_scale``). Reads one flag from the device: call it for
+    skipped steps only."""
+    flag = result.distill.guidance_finite
+    if flag is not None and not bool(flag):
+        names = method.scale_settings(result.distill.stage)
+        named = " or ".join(f"{(keys or {}).get(name, f'guidance.{name}')} (now {getattr(method.settings, name):g})"
+                            for name in names)
+        advice = f"lower {named}" if names else "lower the guidance scale"
+        return "the guidance gradient was NaN or inf everywhere", advice
+    return "a non-finite loss or gradient", "try lower learning rates or guidance scale"
+
+
 def train_step(method: Method, optimizer: torch.optim.Optimizer, latents: torch.Tensor,
                conditions: dict[str, torch.Tensor], step: int, cameras: Optional[Cameras] = None,
                losses: Optional[dict[str, torch.Tensor]] = None, generator: Optional[torch.Generator] = None,
