@@ -1,7 +1,8 @@
 """What the tool withstands, round three (issue 30, items 1-5 and 11): refused resumes that must write nothing,
 checkpoints whose payload is malformed, configs whose strings amplify or whose lists nest, a guidance scale that
-overflows every gradient, and the smaller slips (exponent floats, a full disk under ffmpeg, the intact checkpoint
-named, the divergence step, the sweep's shape error, a malicious pickle, a changed prompt on resume).
+overflows every gradient (in `train` and in `image`, one seed, a stage-two scale, a captions batch), and the
+smaller slips (exponent floats, a full disk under ffmpeg, the intact checkpoint named, the divergence step, the
+sweep's shape error, a malicious pickle, a changed prompt on resume).
 
 Read the test names as the list. Every test is one attack and the one-line outcome it must give; "nothing
 written" compares every file of the run (bytes and modification time) before and after.
@@ -188,6 +189,69 @@ def test_a_run_that_diverges_on_non_finite_guidance_names_the_setting(tmp_path, 
     assert "training diverged: 2 non-finite steps in a row at step 2" in line
     assert "lower guidance.guidance_scale (now 1e+300)" in line
 
+
+
+IMAGE = ["prior.kind=reference", "prior.resolution=16", "prior.views_per_label=8", "image.resolution=8",
+         "image.video_every=0", "log.log_every=1", "--device", "cpu", "--no-progress"]
+"""`image` arguments for a reference-prior run of a few milliseconds per step."""
+
+
+def test_an_image_whose_guidance_overflows_every_gradient_fails_naming_it(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("seed-0.png", "grid.png"):  # an earlier run's outputs in the same folder
+        (out / name).write_bytes(b"an earlier image")
+    code, stdout, err = run_cli(["image", prompt_file(tmp_path), "image.steps=3", "image.guidance_scale=1e300",
+                                 "--out", out, *IMAGE], capsys)
+    assert code == EXIT_FAILED and "images:" not in stdout and "grid:" not in stdout
+    line = one_error_line(err)
+    assert "seed 0: all 3 steps were non-finite and skipped" in line
+    assert "(the guidance gradient was NaN or inf everywhere); lower image.guidance_scale (now 1e+300)" in line
+    assert not (out / "seed-0.png").exists() and not (out / "grid.png").exists()  # nothing claims a finished image
+    assert (out / "metrics.jsonl").read_text().count('"seed": 0') == 3
+
+
+def test_an_image_that_diverges_in_stage_two_names_the_stage_two_scale(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["image", prompt_file(tmp_path), "method=bridge", "image.steps=6",
+                                 "image.stage2_start_step=2", "image.stage2_scale=1e300", "image.max_bad_steps=2",
+                                 "--seeds", "0,1", "--out", out, *IMAGE], capsys)
+    assert code == EXIT_FAILED and "images:" not in stdout
+    line = one_error_line(err)  # stage two starts at step 3 (counted from 1): steps 3 and 4 fail
+    assert "2 of 2 seeds failed" in line and "seed 0: 2 non-finite steps in a row at step 4 of 6" in line
+    assert "lower image.stage2_scale (now 1e+300)" in line
+    assert not list(out.glob("seed-*.png")) and not (out / "grid.png").exists()
+
+
+def test_an_image_batch_caption_whose_guidance_overflows_is_not_marked_done(tmp_path, capsys):
+    captions, out = tmp_path / "captions.txt", tmp_path / "out"
+    captions.write_text("a red torus\na blue box\n")
+    for _ in range(2):  # the rerun tries both captions again: neither was marked done
+        code, stdout, err = run_cli(["image", "--batch", captions, "image.steps=3", "image.guidance_scale=1e300",
+                                     "--out", out, *IMAGE], capsys)
+        assert code == EXIT_FAILED
+        assert "0 made, 0 skipped (already done), 2 failed" in stdout and "lower image.guidance_scale" in stdout
+        assert "batch: 2 of 2 prompts failed on non-finite steps" in one_error_line(err)
+        assert not list(out.rglob("*.png"))
+
+
+def test_an_image_with_a_few_non_finite_steps_finishes_saying_how_many(tmp_path, capsys, monkeypatch, caplog):
+    from sdsbridge.distill.methods import DistillResult, Method
+
+    real = Method.distill
+
+    def nan_at_the_second_step(self, latents, conditions, step, *args, **kwargs):
+        result = real(self, latents, conditions, step, *args, **kwargs)
+        scale = float("nan") if step == 1 else 1.0
+        return DistillResult(result.loss * scale, result.grad_norm, result.t, result.stage)
+
+    monkeypatch.setattr(Method, "distill", nan_at_the_second_step)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["image", prompt_file(tmp_path), "image.steps=4", "--out", out, *IMAGE], capsys)
+    assert code == 0, err
+    assert (out / "seed-0.png").is_file() and (out / "grid.png").is_file()
+    assert "seed 0 step 2: a non-finite loss or gradient, step skipped (1 in a row)" in caplog.text
+    assert "seed 0: 1 non-finite step(s) of 4 were skipped" in caplog.text
 
 # 11. smaller ----------------------------------------------------------------------------------------------
 
