@@ -31,7 +31,7 @@ def image(
     and the official 2D settings (image.* keys)."""
     from sdsbridge.config.loader import load_config
     from sdsbridge.training.image2d import parse_seeds, run_image
-    from sdsbridge.training.image_batch import run_image_batch
+    from sdsbridge.training.image_batch import batch_failure, run_image_batch
     from sdsbridge.training.rundir import create_run_dir, run_slug
     from sdsbridge.common.devices import resolve_device
 
@@ -50,7 +50,9 @@ def image(
         name = f"image-{run_slug(config.method, batch.stem if batch else config.prompt, config.log.name)}"
         out = create_run_dir(config.log.runs_dir, name)
     if batch is not None:
-        run_image_batch(config, batch, out, torch_device, seed_list, progress)
+        failure = batch_failure(run_image_batch(config, batch, out, torch_device, seed_list, progress))
+        if failure is not None:
+            raise failure
         return
     result = run_image(config, out, torch_device, seed_list, progress)
     typer.echo(f"images: {', '.join(str(p) for p in result.images.values())}")

@@ -154,6 +154,9 @@ class ImageConfig:
     """Upper end of t / T."""
     video_every: int = 10
     """Record a video frame every N steps (0 = no video)."""
+    max_bad_steps: int = 20
+    """Stop a seed after this many non-finite steps in a row (each is skipped), as ``train.max_bad_steps``: no
+    image is written for it and the command ends with exit code 1."""
     lora_lr: float = 3e-4
     """VSD in 2D: learning rate of the LoRA and its camera embedding (the official 2D code's)."""
     lora_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

@@ -132,6 +132,7 @@ def validate(c: Config, require_prompt: bool = True) -> None:
     check(0.0 <= im.min_step_percent < im.max_step_percent <= 1.0, "image.min_step_percent",
            "min timestep must be below max timestep (image.max_step_percent), both in [0, 1]")
     check(im.video_every >= 0, "image.video_every", "must be >= 0")
+    check(im.max_bad_steps > 0, "image.max_bad_steps", "must be positive")
     for key in ("lora_lr", "lora_eps", "lora_weight_decay"):
         check(getattr(im, key) >= 0, f"image.{key}", "must be >= 0")
     check(len(im.lora_betas) == 2 and all(0 <= b < 1 for b in im.lora_betas), "image.lora_betas",

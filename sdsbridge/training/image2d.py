@@ -11,8 +11,14 @@ VSD, the LoRA's own).
 
 Outputs in ``out_dir`` (each seed ``s``): ``seed-<s>.png`` (the final image, written atomically and last),
 ``seed-<s>.mp4`` (the initial image and one frame every ``image.video_every`` steps), ``metrics.jsonl``
-(one row every ``log.log_every`` steps and at the last step: seed, step, loss, grad_norm, t, stage),
+(one row every ``log.log_every`` steps and at the last step: seed, step, loss, grad_norm, t, stage, bad_steps),
 ``config.yaml`` (the resolved config) and ``grid.png`` (the seeds side by side; the one image for one seed).
+
+Non-finite steps follow the 3D rule: a step whose loss or gradient is not finite (guidance NaN or inf everywhere
+included) is skipped and counted; ``image.max_bad_steps`` of them in a row, or every step of a seed, fail that
+seed. A failed seed gets its metrics rows only (no PNG, no video; an earlier run's under those names are
+removed), the other seeds go on, no grid.png is written, and ``run_image`` ends with a RunFailed (exit code 1)
+naming the first failure and, for overflowing guidance, the ``image.*`` scale to lower.
 """
 
 from __future__ import annotations
@@ -29,11 +35,12 @@ import imageio.v3 as iio
 import numpy as np
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from sdsbridge.common.atomic import atomic_write_bytes, make_dirs
+from sdsbridge.common.atomic import atomic_write_bytes, make_dirs, write_failed
 from sdsbridge.config.schema import Config, ImageConfig
 from sdsbridge.config.loader import to_yaml
-from sdsbridge.common.errors import UserError
+from sdsbridge.common.errors import RunFailed, UserError
 from sdsbridge.common.jsonl import append_rows, keep_rows
 from sdsbridge.common.media import to_uint8, video_frame, write_png, write_video
 from sdsbridge.distill.methods import Method, MethodSettings, make_method
@@ -41,7 +48,7 @@ from sdsbridge.distill.methods.base import setting_names
 from sdsbridge.priors import load_prior
 from sdsbridge.priors.base import Prior
 from sdsbridge.distill.prompts import PromptEmbeddings
-from sdsbridge.training.step import train_step
+from sdsbridge.training.step import non_finite_cause, train_step
 
 logger = logging.getLogger("sdsbridge")
 
@@ -78,27 +85,26 @@ def parse_seeds(spec: str) -> list[int]:
 
 
 # --- settings and the prior's image space ------------------------------------------------------------
+IMAGE_SETTINGS = ("guidance_scale", "stage2_start_step", "stage2_scale", "stage2_weighting", "min_step_percent",
+                  "max_step_percent", "target_modifier", "lora_lr")
+"""Method settings the 2D mode takes from the ``image:`` field of the same name (``image_guidance_config``)."""
+IMAGE_KEYS = {name: f"image.{name}" for name in IMAGE_SETTINGS}
+"""The config key a 2D run sets each of ``IMAGE_SETTINGS`` with: what its errors name."""
+
+
 def image_guidance_config(config: Config) -> MethodSettings:
     """The 2D mode's method settings: ``config.guidance`` (the method's ``Settings``) with those of its fields
     that ``image:`` sets replaced (the official 2D code's scales, weighting, switch step, timestep range, target
     modifier and LoRA learning rate), CFG on the plain prompt and no view suffixes (so no view interpolation or
     Perp-Neg). Fields the method does not have are not touched (so any method runs in 2D)."""
-    im = config.image
     image_values = dict(
-        guidance_scale=im.guidance_scale,
+        {name: getattr(config.image, name) for name in IMAGE_SETTINGS},
         weighting="sds",
-        stage2_start_step=im.stage2_start_step,
-        stage2_scale=im.stage2_scale,
-        stage2_weighting=im.stage2_weighting,
         stage2_max_step_percent=None,
-        min_step_percent=im.min_step_percent,
-        max_step_percent=im.max_step_percent,
-        target_modifier=im.target_modifier,
         cfg_on_target=False,
         view_dependent=False,
         view_interpolation=False,
         perp_neg=False,
-        lora_lr=im.lora_lr,
     )
     own = set(setting_names(type(config.guidance)))
     return dataclasses.replace(config.guidance, **{k: v for k, v in image_values.items() if k in own})
@@ -153,14 +159,20 @@ def first_image(prior: Prior, latents: torch.Tensor) -> np.ndarray:
 class Trace:
     """What one optimisation produced."""
 
-    image: np.ndarray
-    """[H, W, 3] uint8 final image."""
+    image: Optional[np.ndarray]
+    """[H, W, 3] uint8 final image; None when the seed failed (``failure``)."""
     frames: list[np.ndarray]
     """[H, W, 3] uint8 video frames: the initial image, then one every ``video_every`` steps."""
     metrics: list[dict]
     """Rows of metrics.jsonl."""
     seconds: float
     """Wall time of the loop (including video frame decoding)."""
+    steps: int = 0
+    """Steps run (``image.steps``, or fewer when the seed failed)."""
+    bad_steps: int = 0
+    """Non-finite steps skipped."""
+    failure: Optional[str] = None
+    """Why the seed failed (``image.max_bad_steps`` non-finite steps in a row, or all of them), else None."""
 
 
 IMAGE_BETAS = (0.9, 0.99)
@@ -188,7 +200,9 @@ def optimise_image(method: Method, embeddings: PromptEmbeddings, config: Config,
 
     One CPU ``torch.Generator`` seeded with ``seed`` draws the initial latent, then every step's t and
     noise (inside ``Method.distill``), so a seed gives the same image whatever else runs (CPU and CUDA
-    alike, up to the prior's numerics).
+    alike, up to the prior's numerics). A non-finite step is skipped with a warning; ``image.max_bad_steps``
+    in a row stop the seed, and they or a seed whose every step was skipped set ``Trace.failure`` (steps
+    counted from 1 in messages).
     """
     im, prior = config.image, method.prior
     generator = torch.Generator().manual_seed(seed)
@@ -200,26 +214,72 @@ def optimise_image(method: Method, embeddings: PromptEmbeddings, config: Config,
 
     frames = [first_image(prior, latents)] if im.video_every else []
     rows = []
+    done, bad_steps, bad_in_row, failure, cause, advice = 0, 0, 0, None, "", ""
     start = time.perf_counter()
     bar = tqdm(range(im.steps), desc=desc or f"seed {seed}", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        result = train_step(method, optimizer, latents, conditions, step, generator=generator)
-        if step % config.log.log_every == 0 or step == im.steps - 1:
-            t, grad_norm = int(result.distill.t[0]), result.distill.grad_norm.item()
-            rows.append({"seed": seed, "step": step, "loss": result.loss.item(), "grad_norm": grad_norm,
-                         "t": t, "stage": result.distill.stage})
-            bar.set_postfix(stage=result.distill.stage, t=t, grad=f"{grad_norm:.3g}", refresh=False)
-        if im.video_every and (step + 1) % im.video_every == 0:
-            frames.append(first_image(prior, latents))
+    with logging_redirect_tqdm():  # warnings print above the bar, not glued to it
+        for step in bar:
+            result = train_step(method, optimizer, latents, conditions, step, generator=generator)
+            done = step + 1
+            if result.finite:
+                bad_in_row = 0
+            else:
+                bad_steps, bad_in_row = bad_steps + 1, bad_in_row + 1
+                cause, advice = non_finite_cause(method, result, IMAGE_KEYS)
+                logger.warning(f"seed {seed} step {done}: {cause}, step skipped ({bad_in_row} in a row)")
+                if bad_in_row >= im.max_bad_steps:
+                    failure = f"{bad_in_row} non-finite steps in a row at step {done} of {im.steps} ({cause}); {advice}"
+            if step % config.log.log_every == 0 or done == im.steps or failure:
+                t, grad_norm = int(result.distill.t[0]), result.distill.grad_norm.item()
+                rows.append({"seed": seed, "step": step, "loss": result.loss.item(), "grad_norm": grad_norm,
+                             "t": t, "stage": result.distill.stage, "bad_steps": bad_steps})
+                bar.set_postfix(stage=result.distill.stage, t=t, grad=f"{grad_norm:.3g}", refresh=False)
+            if failure:
+                break
+            if im.video_every and done % im.video_every == 0:
+                frames.append(first_image(prior, latents))
     bar.close()
     seconds = time.perf_counter() - start
-    return Trace(image=first_image(prior, latents), frames=frames, metrics=rows, seconds=seconds)
+    if failure is None and bad_steps and bad_steps == done:
+        failure = f"all {done} steps were non-finite and skipped, nothing was learned ({cause}); {advice}"
+    elif failure is None and bad_steps:
+        logger.warning(f"seed {seed}: {bad_steps} non-finite step(s) of {done} were skipped")
+    image = first_image(prior, latents) if failure is None else None
+    return Trace(image=image, frames=frames, metrics=rows, seconds=seconds, steps=done, bad_steps=bad_steps,
+                 failure=failure)
 
 
 # --- outputs -----------------------------------------------------------------------------------------
 def image_path(out_dir: Path, seed: int) -> Path:
     """The final image of ``seed``: ``out_dir/seed-<seed>.png``."""
     return Path(out_dir) / f"seed-{seed}.png"
+
+
+def video_path(out_dir: Path, seed: int) -> Path:
+    """The optimisation video of ``seed``: ``out_dir/seed-<seed>.mp4``."""
+    return Path(out_dir) / f"seed-{seed}.mp4"
+
+
+def remove_files(paths: list[Path]) -> None:
+    """Delete those of ``paths`` that exist (an earlier run's outputs); WriteFailed if the OS refuses."""
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise write_failed(exc, path, "removing") from None
+
+
+def failure_message(failed: dict[int, str], seeds: list[int], out_dir: Path) -> str:
+    """One line for the ``failed`` seeds (seed -> ``Trace.failure``) of the ``seeds`` optimised: how many, the
+    first one's reason, and that they have no image (so no grid)."""
+    first, reason = next(iter(failed.items()))
+    if len(seeds) == 1:
+        return (f"image failed: seed {first}: {reason}; no image was written (its metrics rows are in "
+                f"{Path(out_dir) / 'metrics.jsonl'})")
+    named = ", ".join(str(seed) for seed in list(failed)[:10]) + (", ..." if len(failed) > 10 else "")
+    others = f"; the other seeds' images are in {out_dir}" if len(failed) < len(seeds) else ""
+    return (f"image failed: {len(failed)} of {len(seeds)} seeds failed ({named}) and have no image, so no grid.png "
+            f"was written; seed {first}: {reason}{others}")
 
 
 def is_done(out_dir: Path, seeds: list[int]) -> bool:
@@ -246,6 +306,8 @@ class ImageResult:
     """Wall time of the optimisation loops."""
     steps: int = 0
     """Steps run in this call, all seeds together."""
+    bad_steps: dict[int, int] = field(default_factory=dict)
+    """seed -> non-finite steps skipped (seeds optimised in this call)."""
 
     @property
     def ms_per_step(self) -> Optional[float]:
@@ -260,7 +322,8 @@ def run_image(config: Config, out_dir: Path, device: torch.device | str, seeds: 
 
     ``prior``: an already loaded prior (batch mode loads it once), else ``load_image_prior(config, device)``.
     ``skip_done``: keep seeds whose final PNG exists instead of optimising them again.
-    Raises UserError for user-caused problems (e.g. a prompt the reference prior cannot parse).
+    Raises UserError for user-caused problems (e.g. a prompt the reference prior cannot parse), and RunFailed
+    (exit code 1) after the last seed when a seed failed on non-finite steps (see the module docstring).
     """
     if not seeds:
         raise UserError("seeds: no seed given")
@@ -280,15 +343,24 @@ def run_image(config: Config, out_dir: Path, device: torch.device | str, seeds: 
     keep_rows(metrics_path, lambda row: row.get("seed") not in todo)  # seeds about to run again start afresh
     result = ImageResult(out_dir=out_dir, images={s: image_path(out_dir, s) for s in seeds}, videos={},
                          grid=out_dir / "grid.png", metrics=metrics_path, config=config_path, optimised=todo)
+    failed: dict[int, str] = {}
     for seed in todo:
         trace = optimise_image(method, embeddings, config, seed, progress, desc=f"{desc}seed {seed}")
         append_rows(metrics_path, trace.metrics)
+        result.seconds += trace.seconds
+        result.steps += trace.steps
+        result.bad_steps[seed] = trace.bad_steps
+        if trace.failure is not None:  # no image that looks finished: an earlier run's would mark the seed done
+            failed[seed] = trace.failure
+            remove_files([image_path(out_dir, seed), video_path(out_dir, seed)])
+            continue
         if trace.frames:
-            result.videos[seed] = out_dir / f"seed-{seed}.mp4"
+            result.videos[seed] = video_path(out_dir, seed)
             write_video(result.videos[seed], (video_frame(frame) for frame in trace.frames), VIDEO_FPS)
         write_png(image_path(out_dir, seed), trace.image)  # last: its presence marks the seed done
-        result.seconds += trace.seconds
-        result.steps += config.image.steps
+    if failed:
+        remove_files([out_dir / "grid.png"])
+        raise RunFailed(failure_message(failed, todo, out_dir))
     result.grid = out_dir / "grid.png"  # always, also for one seed: one place to look
     write_png(result.grid, np.concatenate([iio.imread(image_path(out_dir, s)) for s in seeds], axis=1))
     return result

@@ -15,7 +15,7 @@ import yaml
 
 from sdsbridge.config.schema import Config
 from sdsbridge.config.loader import config_from_dict, config_to_dict
-from sdsbridge.common.errors import UserError, WriteFailed
+from sdsbridge.common.errors import EXIT_FAILED, RunFailed, UserError, WriteFailed
 from sdsbridge.training.image2d import ImageResult, is_done, load_image_prior, run_image
 from sdsbridge.training.rundir import slugify
 
@@ -45,8 +45,11 @@ class BatchItem:
     prompt: str
     out_dir: Path
     status: str
-    """'done' (made now), 'skipped' (finished earlier) or 'failed' (a user error; see ``error``)."""
+    """'done' (made now), 'skipped' (finished earlier) or 'failed' (see ``error``)."""
     error: Optional[str] = None
+    exit_code: int = 0
+    """A failed prompt's error's exit code: 1 when its work failed (a seed's non-finite steps: ``run_image``'s
+    RunFailed), 2 when the prior rejected the prompt."""
     result: Optional[ImageResult] = None
 
 
@@ -88,8 +91,9 @@ def run_image_batch(config: Config, prompts_file: Path, out_dir: Path, device: t
     loading the prior once. Resumable: prompts whose outputs are complete (``is_done``) are skipped, and
     in a half-done folder only the seeds without a final PNG are optimised again. A folder made with a
     different config is a UserError (so images of different settings never mix). Prompts the prior
-    rejects (UserError) are reported as failed and the batch goes on. Prints a summary line (and one line
-    per failure)."""
+    rejects (UserError) and prompts with a seed that failed on non-finite steps (RunFailed) are reported as
+    failed and the batch goes on; neither is done, so a rerun tries them again. Prints a summary line (and one
+    line per failure)."""
     prompts = read_prompts(prompts_file)
     out_dir = Path(out_dir)
     jobs = [(i, p, prompt_dir(out_dir, i, p, len(prompts)), dataclasses.replace(config, prompt=p))
@@ -113,7 +117,7 @@ def run_image_batch(config: Config, prompts_file: Path, out_dir: Path, device: t
         except WriteFailed:
             raise  # a full or read-only disk fails every prompt after it too
         except UserError as exc:
-            items.append(BatchItem(i, prompt, folder, "failed", error=str(exc)))
+            items.append(BatchItem(i, prompt, folder, "failed", error=str(exc), exit_code=exc.exit_code))
             continue
         items.append(BatchItem(i, prompt, folder, "done", result=result))
     counts = {s: sum(item.status == s for item in items) for s in ("done", "skipped", "failed")}
@@ -123,3 +127,14 @@ def run_image_batch(config: Config, prompts_file: Path, out_dir: Path, device: t
         if item.status == "failed":
             print(f"  failed [{item.index}] {item.prompt!r}: {item.error}")
     return items
+
+
+def batch_failure(items: list[BatchItem]) -> Optional[RunFailed]:
+    """The error a batch ends with when the work of some of its prompts failed (``exit_code`` 1), else None.
+    Prompts the prior rejected alone do not fail the batch (they are reported in its summary)."""
+    failed = [item for item in items if item.exit_code == EXIT_FAILED]
+    if not failed:
+        return None
+    named = ", ".join(f"[{item.index}] {item.prompt!r}" for item in failed[:5]) + (", ..." if len(failed) > 5 else "")
+    return RunFailed(f"batch: {len(failed)} of {len(items)} prompts failed on non-finite steps and have no images "
+                     f"({named}: listed above, with the setting to lower); rerunning the command retries them")
