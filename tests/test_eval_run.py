@@ -13,7 +13,7 @@ from sdsbridge.scene.nerf_scene import NeRFScene
 
 from sdsbridge.config.loader import load_config
 from sdsbridge.config.schema import Config
-from sdsbridge.outputs.export.shading import normal_step
+from sdsbridge.training.step import normal_step
 from sdsbridge.outputs.evaluation import evaluate_scene
 from sdsbridge.scene.nerf.background import Background
 from sdsbridge.scene.nerf.renderer import Renderer

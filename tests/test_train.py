@@ -64,9 +64,10 @@ def parameters_of(run_dir):
             **{f"background.{k}": v for k, v in checkpoint["background"].items()}}, checkpoint
 
 
-def test_resume_is_bit_identical_and_switches_stage(tmp_path):
+@pytest.mark.parametrize("regulariser", [(), ("loss.normal_smoothness=1.0",)], ids=["recipe", "normal-smoothness"])
+def test_resume_is_bit_identical_and_switches_stage(tmp_path, regulariser):
     # stage two starts at step 3: the resumed half must switch even though it starts past the boundary
-    extra = ("guidance.stage2_start_step=3", "train.batch_size=2")
+    extra = ("guidance.stage2_start_step=3", "train.batch_size=2", *regulariser)
     straight = tmp_path / "straight"
     straight.mkdir()
     train(small_config(tmp_path, "train.steps=6", *extra), straight, torch.device("cpu"), show_progress=False)
@@ -86,6 +87,7 @@ def test_resume_is_bit_identical_and_switches_stage(tmp_path):
     stages = {m["step"]: m["stage"] for m in read_metrics(halves)}
     assert stages == {1: 1, 2: 1, 3: 1, 4: 2, 5: 2, 6: 2}
     assert [m["loss"] for m in read_metrics(halves)] == [m["loss"] for m in read_metrics(straight)]
+    assert all(("loss_normal_smoothness" in m) == bool(regulariser) for m in read_metrics(halves))
 
 
 def test_non_finite_steps_are_skipped_then_abort(tmp_path, monkeypatch):

@@ -31,6 +31,11 @@ class LossConfig:
     """Weight of mean(sqrt(opacity^2 + 0.01))."""
     opacity: Any = field(default_factory=lambda: [10000, 0.0, 1000.0, 10001])
     """Weight of the opacity binary cross-entropy: 0 until step 10000, then 1000."""
+    normal_smoothness: Any = 0.0
+    """Weight of the surface-normal smoothness: the mean distance between the density's normals at a rendered
+    surface point and at a point one normal step away (``normal_smoothness_loss``); 0 = off (the official recipe)."""
+    normal_points: int = 2048
+    """Surface points per step for ``normal_smoothness`` (drawn from the pixels with opacity > 0.5)."""
 
 
 @dataclass

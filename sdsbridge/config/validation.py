@@ -97,6 +97,8 @@ def validate(c: Config, require_prompt: bool = True) -> None:
     check(r.chunk_rays > 0, "render.chunk_rays", "must be positive")
     check_schedule(c.loss.sparsity, "loss.sparsity", 0.0, float("inf"))
     check_schedule(c.loss.opacity, "loss.opacity", 0.0, float("inf"))
+    check_schedule(c.loss.normal_smoothness, "loss.normal_smoothness", 0.0, float("inf"))
+    check(1 <= c.loss.normal_points <= 1 << 20, "loss.normal_points", "must be in [1, 1048576]")
     t = c.train
     check(t.steps >= 0, "train.steps", "must be >= 0")
     check(t.batch_size > 0, "train.batch_size", "must be positive")

@@ -4,11 +4,14 @@ for Stable Diffusion runs (which have no ground truth).
 Reference-prior scores (the metrics are in scores.py):
 - psnr_db: PSNR of the NeRF's renders over white (rgb_fg + (1 - opacity) * 1) against the shape's own
   anti-aliased renders over white, on ``n_views`` eval-orbit cameras (eval elevation / distance / fovy,
-  azimuths from 0 in equal steps) -- not the prior's reference cameras;
+  azimuths from 0 in equal steps) -- not the prior's reference cameras; the NeRF's renders are anti-aliased the
+  same way (``SUPERSAMPLE`` rays per pixel and axis, box-filtered);
 - chamfer: symmetric Chamfer distance (scene units) of the mesh extracted with the run's export threshold
   (auto by default) to the shape's SDF surface; inf when no mesh can be extracted (see mesh_error);
 - saturation_error: |mean HSV saturation of renders - of the truth| over the shape's pixel coverage;
-- mask_iou: soft IoU of rendered opacity and the shape's coverage.
+- mask_iou: soft IoU of rendered opacity and the shape's coverage;
+- normal_error_deg: mean angle between the rendered surface's normals (``shading.surface_normals``, averaged
+  over each pixel's sub-pixels) and the shape's true normals, over the pixels where both have a surface.
 """
 
 from __future__ import annotations
@@ -20,14 +23,17 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 from sdsbridge.outputs import scores
-from sdsbridge.outputs.export.shading import normal_step, surface_normals
+from sdsbridge.outputs.export.shading import surface_normals
 from sdsbridge.scene.cameras import camera_rays, orbit_cameras
 from sdsbridge.common.devices import fitted_cpu_threads
 from sdsbridge.common.errors import UserError
 from sdsbridge.outputs.export.mesh import extract_mesh
+from sdsbridge.priors.reference import SUPERSAMPLE
 from sdsbridge.training.checkpoint import load_trained_scene
+from sdsbridge.training.step import normal_step
 
 logger = logging.getLogger("sdsbridge")
 
@@ -51,21 +57,25 @@ def _mesh_stats(scene, config, mesh_resolution: int) -> tuple[Optional[object], 
 @torch.no_grad()
 def _render_white(scene, config, n_views: int, resolution: int, device: torch.device):
     """[N, 3, R, R] renders over white, [N, 1, R, R] opacity (on the CPU), the eval cameras and the normals of
-    the rendered surface ([N, R, R, 3] world space, 0 where opacity < ``MIN_OPACITY``; ``surface_normals``)."""
+    the rendered surface ([N, R, R, 3] world space, 0 where no sub-pixel has opacity >= ``MIN_OPACITY``;
+    ``surface_normals``). Rendered at ``SUPERSAMPLE`` x ``resolution`` and box-filtered down, as the truth is
+    (``scores.reference_views``): one ray per pixel would score even the true shape's edges as errors."""
     cameras = orbit_cameras(config.cameras, n_views)
+    size = resolution * SUPERSAMPLE
     was_training = scene.training
     scene.eval()
     try:
-        out = scene.render(cameras.to(device), resolution, resolution,
+        out = scene.render(cameras.to(device), size, size,
                            background_color=torch.ones(3, device=device), chunk_rays=config.render.chunk_rays)
     finally:
         scene.train(was_training)
-    rgb = out.rgb.permute(0, 3, 1, 2).clamp(0, 1).float().cpu()
-    origins, dirs = camera_rays(cameras.to(device), resolution, resolution)
+    origins, dirs = camera_rays(cameras.to(device), size, size)
     step = normal_step(config, scene.radius)
     normals = torch.stack([surface_normals(scene, origins[v], dirs[v], out.depth[v], out.opacity[v], step)
                            for v in range(len(cameras))]).float().cpu()
-    return rgb, out.opacity.permute(0, 3, 1, 2).float().cpu(), cameras, normals
+    pool = lambda images: F.avg_pool2d(images.float().cpu(), SUPERSAMPLE)  # [N, C, size, size] -> [N, C, R, R]
+    normals = F.normalize(pool(normals.permute(0, 3, 1, 2)), dim=1).permute(0, 2, 3, 1)  # mean direction
+    return pool(out.rgb.permute(0, 3, 1, 2).clamp(0, 1)), pool(out.opacity.permute(0, 3, 1, 2)), cameras, normals
 
 
 def evaluate_run(run_dir: Path, device: Union[torch.device, str] = "cpu", n_views: int = DEFAULT_VIEWS,

@@ -11,6 +11,7 @@ then t and noise inside ``Method.distill``), so a seed fixes a run.
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -18,7 +19,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from sdsbridge.scene.cameras import Cameras, sample_cameras
+from sdsbridge.scene.cameras import Cameras, camera_rays, sample_cameras
+from sdsbridge.scene.nerf.field import finite_difference_normals
 from sdsbridge.config.schema import Config, LossConfig, TrainConfig
 from sdsbridge.distill.methods import DistillResult, Method
 from sdsbridge.scene.base import RenderOutput, Scene
@@ -69,6 +71,52 @@ def regularizer_losses(opacity: torch.Tensor, step: int, cfg: LossConfig) -> dic
         clamped = opacity.clamp(1e-3, 1.0 - 1e-3)
         losses["opacity"] = w_opacity * F.binary_cross_entropy(clamped, clamped)
     return losses
+
+
+FD_STEP_CELLS = 64
+"""The smallest normal step: the scene cube's width / this (``normal_step``)."""
+
+
+def normal_step(config: Config, radius: float) -> float:
+    """The "finite" normals' central-difference step (world units) for a scene of ``radius`` trained with
+    ``config``: max(2 * radius / FD_STEP_CELLS, the pixel footprint of the finest images the prior saw at the
+    farthest camera distance and widest field of view, 2 * d * tan(fovy / 2) / resolution). Those images are
+    the final training renders, resized to the prior's own resolution where it sets one and is smaller (the
+    reference prior's ``prior.resolution``; Stable Diffusion's 512 px exceeds the renders)."""
+    resolution = schedule_value(config.render.resolution, config.train.steps)
+    prior_resolution = getattr(config.prior, "resolution", None)
+    if prior_resolution:
+        resolution = min(resolution, prior_resolution)
+    distance, fovy = max(config.cameras.distance_range), max(config.cameras.fovy_range)
+    footprint = 2.0 * distance * math.tan(math.radians(fovy) / 2.0) / resolution
+    return max(2.0 * radius / FD_STEP_CELLS, footprint)
+
+
+def normal_smoothness_loss(scene: Scene, cameras: Cameras, out: RenderOutput, n_points: int,
+                           step_size: float) -> torch.Tensor:
+    """Mean |n(x) - n(x + d)| over up to ``n_points`` surface points x: the expected termination points of
+    the rays with opacity > 0.5 (detached), n = -grad(density)/|grad(density)| by central differences with
+    ``step_size`` (world units), d ~ N(0, step_size^2 I) projected on the tangent plane at x (so x + d stays
+    near the surface, not in empty space where the density has no gradient). Scalar on the scene's device;
+    0 without a surface.
+
+    Textureless faces leave depth unconstrained by the prior (any bump renders the same colour), so their
+    density is free to wander; this prefers surfaces whose orientation changes slowly at the scale the prior
+    resolves. The gradient reaches the field through the six density probes per point."""
+    height, width = out.opacity.shape[1:3]
+    origins, dirs = camera_rays(cameras, height, width)
+    opacity, depth = out.opacity.detach()[..., 0], out.depth.detach()[..., 0]
+    hit = opacity > 0.5
+    points = (origins[hit] + dirs[hit] * (depth[hit] / opacity[hit])[:, None])
+    if points.shape[0] == 0:
+        return opacity.new_zeros(())
+    if points.shape[0] > n_points:
+        points = points[torch.randperm(points.shape[0], device=points.device)[:n_points]]
+    normals = finite_difference_normals(scene.density, points, step_size)
+    across = torch.randn_like(points)
+    along = normals.detach()
+    near = points + step_size * (across - (across * along).sum(-1, keepdim=True) * along)  # in the tangent plane
+    return (normals - finite_difference_normals(scene.density, near, step_size)).norm(dim=-1).mean()
 
 
 def with_random_backgrounds(out: RenderOutput, probability: float) -> torch.Tensor:
@@ -192,9 +240,13 @@ def render_views(scene: Scene, method: Method, prompts: PromptEmbeddings, config
         resolution = int(round(schedule_value(config.render.resolution, step)))
         out = scene.render(cameras, resolution, resolution)
         images = with_random_backgrounds(out, config.scene.random_background_prob).permute(0, 3, 1, 2)
+        losses = regularizer_losses(out.opacity, step, config.loss)
+        w_normals = schedule_value(config.loss.normal_smoothness, step)
+        if w_normals > 0:
+            losses["normal_smoothness"] = w_normals * normal_smoothness_loss(
+                scene, cameras, out, config.loss.normal_points, normal_step(config, scene.radius))
     latents = method.prior.encode_images(images)  # [N, 3, H, W] -> [N, C, h, w]
-    return Views(latents, conditions, cameras, regularizer_losses(out.opacity, step, config.loss), resolution,
-                 out.samples_per_ray)
+    return Views(latents, conditions, cameras, losses, resolution, out.samples_per_ray)
 
 
 def scene_step(scene: Scene, method: Method, prompts: PromptEmbeddings, optimizer: torch.optim.Optimizer,

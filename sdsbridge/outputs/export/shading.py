@@ -3,7 +3,7 @@ way papers show it), from one volume render's expected depth.
 
 Each pixel's surface point is the ray's expected termination point ``o + d * depth / opacity``; its normal is
 -grad(density) there. Two ways, ``NORMAL_METHODS``:
-- "finite" (the turntable's): central differences with a step of ``normal_step``: the larger of 1/FD_STEP_CELLS of
+- "finite" (the turntable's): central differences with a step of ``training.step.normal_step``: the larger of 1/64 of
   the scene cube and one training pixel's footprint at the scene centre. On trained runs the exact gradient is
   dominated by the hash grid's finest levels and by the density plateau just inside the surface (where the
   expected termination point lies), so the step sets the scale the normals show. No render the prior saw
@@ -16,13 +16,10 @@ Panels are [H, W, 3] floats in [0, 1], blended over white by the pixel's opacity
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sdsbridge.common.schedules import schedule_value
 from sdsbridge.scene.base import Scene
 from sdsbridge.scene.nerf.field import finite_difference_normals
 
@@ -32,24 +29,7 @@ AMBIENT, DIFFUSE, ALBEDO = 0.15, 0.85, 0.85
 """Shaded panel: colour = ALBEDO * (AMBIENT + DIFFUSE * max(0, n . light))."""
 MIN_OPACITY = 1e-3
 """Pixels below this opacity have no surface point (their normal is 0)."""
-FD_STEP_CELLS = 64
-"""Central-difference step: the scene cube's width / this (module docstring)."""
 NORMAL_METHODS = ("finite", "analytic")
-
-
-def normal_step(config, radius: float) -> float:
-    """The "finite" normals' central-difference step (world units) for a scene of ``radius`` trained with
-    ``config``: max(2 * radius / FD_STEP_CELLS, the pixel footprint of the finest images the prior saw at the
-    farthest camera distance and widest field of view, 2 * d * tan(fovy / 2) / resolution). Those images are
-    the final training renders, resized to the prior's own resolution where it sets one and is smaller (the
-    reference prior's ``prior.resolution``; Stable Diffusion's 512 px exceeds the renders)."""
-    resolution = schedule_value(config.render.resolution, config.train.steps)
-    prior_resolution = getattr(config.prior, "resolution", None)
-    if prior_resolution:
-        resolution = min(resolution, prior_resolution)
-    distance, fovy = max(config.cameras.distance_range), max(config.cameras.fovy_range)
-    footprint = 2.0 * distance * math.tan(math.radians(fovy) / 2.0) / resolution
-    return max(2.0 * radius / FD_STEP_CELLS, footprint)
 
 
 def density_normals(field: Scene, points: Tensor, step: float, method: str = "finite",

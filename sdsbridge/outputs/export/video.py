@@ -24,12 +24,12 @@ from sdsbridge.training.checkpoint import find_checkpoint, run_dir_of
 from sdsbridge.scene.cameras import CameraConfig
 from sdsbridge.common.devices import fitted_cpu_threads
 from sdsbridge.common.errors import UserError
-from sdsbridge.outputs.export.shading import (FD_STEP_CELLS, normal_panel, normal_step, shaded_panel,
-                                               surface_normals, to_camera)
+from sdsbridge.outputs.export.shading import normal_panel, shaded_panel, surface_normals, to_camera
 from sdsbridge.common.media import pad_to_even, to_uint8, write_video
 from sdsbridge.scene.base import RenderOutput
 from sdsbridge.outputs.naming import output_name
 from sdsbridge.training.checkpoint import load_trained_scene
+from sdsbridge.training.step import FD_STEP_CELLS, normal_step
 
 logger = logging.getLogger("sdsbridge")
 
@@ -85,7 +85,7 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
         progress: show a tqdm bar.
         modes: the panels, left to right (``MODES``).
         normal_step: the normal and shaded panels' finite-difference step in world units (default: 1/64 of
-            the scene cube; ``shading.normal_step`` gives a trained run's).
+            the scene cube; ``training.step.normal_step`` gives a trained run's).
     Returns ``path``.
     """
     if not modes or any(m not in MODES for m in modes):
