@@ -138,12 +138,11 @@ def validate(c: Config, require_prompt: bool = True) -> None:
 
 def _check_sizes(c: Config) -> None:
     """Every size of ``SIZE_LIMITS`` (common/limits.py) the config holds within its bounds (the reference prior
-    checks the bytes of its image set itself)."""
+    checks its resolution and the bytes of its image set itself)."""
     for key in SIZE_LIMITS:
         section, name = key.split(".")
-        value = getattr(getattr(c, section), name, None)  # prior.resolution: the reference prior's only
-        if key != "render.resolution":  # a schedule: checked above
-            check_size(value, key)
+        if key != "render.resolution" and section != "prior":  # a schedule, checked above; the prior checks its own
+            check_size(getattr(getattr(c, section), name), key)
 
 
 def setting_warnings(config: Config) -> list[str]:

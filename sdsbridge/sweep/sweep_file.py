@@ -51,7 +51,7 @@ from sdsbridge.config.schema import Config
 from sdsbridge.config.loader import _check_keys, _parse_overrides, _read_yaml, load_config, to_yaml
 from sdsbridge.common.errors import UserError
 from sdsbridge.common.jsonl import read_rows
-from sdsbridge.common.limits import SIZE_LIMITS
+from sdsbridge.common.limits import check_size
 from sdsbridge.common.targets import check_folder
 from sdsbridge.training.rundir import slugify
 
@@ -195,9 +195,12 @@ def _eval_settings(path: Path, value: Any) -> tuple[Optional[int], int]:
         raise _fail(path, "eval: expected true, false or {views: N, mesh_resolution: R}")
     views, resolution = value.get("views", 16), value.get("mesh_resolution", 128)
     for name, number, key in (("views", views, "cameras.eval_views"), ("mesh_resolution", resolution, "export.resolution")):
-        low, high = SIZE_LIMITS[key]  # eval's --views and --mesh-resolution
-        if not (isinstance(number, int) and not isinstance(number, bool) and low <= number <= high):
-            raise _fail(path, f"eval: {name} must be an integer in [{low}, {high}], got {number!r}")
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise _fail(path, f"eval: {name}: expected an integer, got {number!r}")
+        try:
+            check_size(number, key, f"eval: {name}")  # the bounds of eval's --views and --mesh-resolution
+        except UserError as exc:
+            raise _fail(path, str(exc)) from None
     return views, resolution
 
 
