@@ -51,10 +51,11 @@ def main(argv=None) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = args.run_dir or train_demo(Path(tmp))
         if args.texture:
-            subprocess.run([sys.executable, "-m", "sdsbridge", "export", str(run_dir), "--texture"], check=True)
+            subprocess.run([sys.executable, "-m", "sdsbridge", "export", str(run_dir), "--texture", "--force"],
+                           check=True)  # --force: a second screenshot of the same run bakes them again
         if args.mode:
             subprocess.run([sys.executable, "-m", "sdsbridge", "video", str(run_dir), "--mode", args.mode,
-                            "--no-progress"], check=True)
+                            "--no-progress", "--force"], check=True)
         page = write_report([run_dir], Path(tmp) / "report.html")
         shot = screenshot(browser, page, Path(tmp) / "shot.png", args.width, args.height)
         image = Image.open(shot).convert("RGB")

@@ -2,6 +2,7 @@
 handles that misbehave on purpose."""
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,16 @@ def train_tiny_run(folder, *overrides):
               *overrides, *TINY])
     assert info.value.code == 0
     return runs / "bridge-a-red-torus"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished 4-step TINY run with checkpoints at steps 2 and 4 (and last.ckpt), no mesh or video, trained
+    once per test module."""
+    return train_tiny_run(tmp_path_factory.mktemp("finished"), "train.steps=4", "log.checkpoint_every=2")
+
+
+@pytest.fixture
+def trained_run(finished_run, tmp_path):
+    """A copy of ``finished_run`` of this test's own, to damage or write into."""
+    return Path(shutil.copytree(finished_run, tmp_path / "runs" / "bridge-a-red-torus"))

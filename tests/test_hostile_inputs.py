@@ -6,31 +6,18 @@ regression fails fast instead of hanging CI.
 """
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from cli_helpers import TINY, child_env, one_error_line, prompt_file, resave, run_cli, temp_files, train_tiny_run
+from cli_helpers import (TINY, child_env, finished_run, one_error_line, prompt_file, resave, run_cli,  # noqa: F401
+                         temp_files, trained_run)
 from sdsbridge.common.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_WRITE_FAILED
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A finished 4-step run with checkpoints at steps 2 and 4 (and last.ckpt), trained once."""
-    return train_tiny_run(tmp_path_factory.mktemp("finished"), "train.steps=4", "log.checkpoint_every=2")
-
-
-@pytest.fixture
-def trained_run(finished_run, tmp_path):
-    """A copy of ``finished_run`` of this test's own, to damage."""
-    return Path(shutil.copytree(finished_run, tmp_path / "runs" / "bridge-a-red-torus"))
 
 
 def flip_bytes_inside_a_tensor(path, count=400):

@@ -74,7 +74,7 @@ def test_names_keep_values_readable_and_safe():
     ({"prompts": None, "prompts_file": "missing.txt"}, "prompts_file:"),
     ({"prompts": ["a red torus", "a red torus!"]}, "two runs would share the directory"),
     ({"base": "missing.yaml"}, "base:"),
-    ({"eval": {"views": 0}}, "eval: views must be a positive integer"),
+    ({"eval": {"views": 0}}, "eval: views: must lie in [1, 1000] (the bound of cameras.eval_views), got 0"),
     ({"set": {"train": 3}}, "key 'train' is a section"),
     ({"prompts": ["a purple giraffe"], "grid": {}}, None),  # the reference prior knows no giraffe: at train time
 ])

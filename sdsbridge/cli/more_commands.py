@@ -11,6 +11,8 @@ import typer
 from sdsbridge.cli.app import IMAGE_OVERRIDES_HELP, app, split_file_and_overrides
 from sdsbridge.common.errors import RunFailed, UserError
 from sdsbridge.cli.preflight import check_prompt, check_run
+from sdsbridge.common.limits import check_image_set
+from sdsbridge.common.targets import check_folder
 
 
 @app.command()
@@ -43,6 +45,9 @@ def image(
     if batch is not None and not batch.is_file():
         raise UserError(f"--batch: {batch}: file not found")
     config = load_config(path, overrides, require_prompt=batch is None, command="image")
+    check_folder(out if out is not None else Path(config.log.runs_dir), "--out" if out is not None else "log.runs_dir")
+    if config.prior.kind == "reference" and config.image.resolution:  # its image set is rendered at that size
+        check_image_set(config.image.resolution, config.prior.views_per_label, "image.resolution")
     seed_list = parse_seeds(seeds)
     torch_device = resolve_device(config.device)
     check_run(config)

@@ -9,6 +9,8 @@ import typer
 
 from sdsbridge.cli.app import app
 from sdsbridge.common.errors import UserError
+from sdsbridge.common.limits import check_size
+from sdsbridge.common.targets import check_new_files
 
 
 @app.command()
@@ -24,19 +26,19 @@ def export(
     out: Optional[Path] = typer.Option(None, "--out", help="Output file (.glb, .obj or .ply; textured: .glb, "
                                        "with .obj/.mtl/.png beside it). Default: RUN/mesh/mesh-step<N>[-settings].<fmt>."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file of the same name "
+                               "(atomically); without it, an existing file stops the command before any work."),
 ) -> None:
     """Extract a coloured mesh from a trained run (marching cubes on the density) to RUN/mesh/, named by the
-    checkpoint step and the settings that differ from the run's (never replacing another export); with
-    --texture a UV-unwrapped mesh with a texture baked from the field."""
+    checkpoint step and the settings that differ from the run's (never replacing another export, nor an existing
+    file without --force); with --texture a UV-unwrapped mesh with a texture baked from the field."""
     from sdsbridge.outputs.export.mesh import export_run_mesh
     from sdsbridge.common.devices import resolve_device
 
     if format is not None and format not in ("glb", "obj", "ply"):
         raise UserError(f"--format: '{format}' is not one of glb, obj, ply")
-    if resolution is not None and resolution < 8:
-        raise UserError(f"--resolution: must be >= 8, got {resolution}")
-    if texture_size is not None and not 16 <= texture_size <= 8192:
-        raise UserError(f"--texture-size: must lie in [16, 8192], got {texture_size}")
+    check_size(resolution, "export.resolution", "--resolution")
+    check_size(texture_size, "export.texture_size", "--texture-size")
     if texture and format not in (None, "glb", "obj"):
         raise UserError(f"--format {format}: a textured mesh is written as glb and obj")
     if out is not None:
@@ -44,13 +46,14 @@ def export(
         if suffix not in (("glb",) if texture else ("glb", "obj", "ply")) or (format and not texture and format != suffix):
             raise UserError(f"--out: {out}: expected a {'.glb' if texture else '.glb, .obj or .ply'} file"
                             + (f" matching --format {format}" if format and not texture else ""))
+        check_new_files([out], "--out", force)
     level: Optional[str | float] = threshold
     if threshold not in (None, "auto"):
         try:
             level = float(threshold)
         except ValueError:
             raise UserError(f"--threshold: expected 'auto' or a number, got '{threshold}'") from None
-    path = export_run_mesh(run, format, resolution, level, resolve_device(device), texture, texture_size, out)
+    path = export_run_mesh(run, format, resolution, level, resolve_device(device), texture, texture_size, out, force)
     typer.echo(f"mesh: {path}")
 
 
@@ -68,21 +71,25 @@ def video(
                                        "[-settings].mp4)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file of the same name "
+                               "(atomically); without it, an existing file stops the command before any work."),
 ) -> None:
     """Render a turntable video (default rgb | normal; shaded = textureless diffuse geometry) of a trained run
     to RUN/video/, named by the checkpoint step and the settings that differ from the run's (never replacing
-    another video)."""
+    another video, nor an existing file without --force)."""
     from sdsbridge.outputs.export.video import parse_modes, render_run_video
     from sdsbridge.common.devices import resolve_device
 
-    for name, value in (("--frames", frames), ("--resolution", resolution), ("--fps", fps)):
-        if value is not None and value <= 0:
-            raise UserError(f"{name}: must be positive, got {value}")
+    for name, value, key in (("--frames", frames, "export.video_frames"), ("--fps", fps, "export.video_fps"),
+                             ("--resolution", resolution, "export.video_resolution")):
+        check_size(value, key, name)
     modes = parse_modes(mode) if mode is not None else None
     if out is not None and out.suffix.lower() != ".mp4":
         raise UserError(f"--out: {out}: expected an .mp4 file")
+    if out is not None:
+        check_new_files([out], "--out", force)
     path = render_run_video(run, frames, resolution, fps, resolve_device(device), progress=progress, modes=modes,
-                            out=out)
+                            out=out, force=force)
     typer.echo(f"video: {path}")
 
 
@@ -90,15 +97,19 @@ def video(
 def report(
     runs: List[Path] = typer.Argument(..., help="One or more run directories (several: side by side)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output file (default: RUN/report.html; for several "
-                                       "runs, compare-<names>.html beside the first)."),
+                                       "runs, compare-<names>.html beside the first; those are refreshed)."),
+    force: bool = typer.Option(False, "--force", help="Let --out replace an existing file (atomically)."),
 ) -> None:
     """Write a self-contained HTML page to look at a run: the prompt and config, an interactive 3D view of the
-    mesh, the turntable videos, the validation grids as a timeline and the training curves."""
+    mesh, the turntable videos, the validation grids as a timeline and the training curves. Only regular files
+    inside the run, of their expected type and size, are embedded (report.py)."""
     from sdsbridge.outputs.report import write_report
 
     for run in runs:
         if not run.is_dir():
             raise UserError(f"report: {run}: no such run directory")
+    if out is not None:
+        check_new_files([out], "--out", force)
     typer.echo(f"report: {write_report(list(runs), out)}")
 
 
@@ -117,10 +128,8 @@ def evaluate(
     from sdsbridge.outputs.evaluation import evaluate_run
     from sdsbridge.common.devices import resolve_device
 
-    if views <= 0:
-        raise UserError(f"--views: must be positive, got {views}")
-    if mesh_resolution < 8:
-        raise UserError(f"--mesh-resolution: must be >= 8, got {mesh_resolution}")
+    check_size(views, "cameras.eval_views", "--views")
+    check_size(mesh_resolution, "export.resolution", "--mesh-resolution")
     scores = evaluate_run(run, resolve_device(device), n_views=views, mesh_resolution=mesh_resolution)
     if json_output:
         typer.echo(json.dumps(scores, indent=2))

@@ -12,6 +12,7 @@ import typer
 from sdsbridge.cli.app import OVERRIDES_HELP, app, config_app, split_file_and_overrides
 from sdsbridge.common.errors import EXIT_FAILED, EXIT_WRITE_FAILED, Interrupted, UserError, WriteFailed
 from sdsbridge.cli.preflight import check_run
+from sdsbridge.common.targets import check_folder
 
 
 @config_app.command("show")
@@ -99,6 +100,8 @@ def train(
             raise UserError("train: give a prompt YAML file, or --resume RUN_DIR")
         config = load_config(path, overrides)
         checkpoint = None
+        check_folder(run_dir_option if run_dir_option is not None else Path(config.log.runs_dir),
+                     "--run-dir" if run_dir_option is not None else "log.runs_dir")
     torch_device = resolve_device(config.device)
     prior_device(config, torch_device)  # a prior.device this machine lacks fails before a run directory exists
     check_run(config)  # a model or prompt that cannot work fails before a run directory or a scene exists

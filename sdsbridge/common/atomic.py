@@ -1,21 +1,24 @@
 """File writes: atomic replacement (a temporary file beside the target, fsync, then a rename over it),
-appends for logs, directory creation, and the clean-up of temporary files a killed process left behind.
+sets of files written all or none, appends for logs, directory creation, and the clean-up of temporary files a
+killed process left behind.
 
 Readers (and a run that crashes or is interrupted mid-write) see the old file or the whole new one,
-never a torn one; the temporary file is removed if the write fails. Checkpoints, config copies, PNGs,
-videos, meshes, metrics and the reference prior's cache are all written through here, so an operating-
-system error while writing (no space, read-only, permission denied, I/O error) becomes one WriteFailed
-naming the path and the cause, here and nowhere else.
+never a torn one; the temporary file, and the folders created for it that stay empty, are removed if the write
+fails. Checkpoints, config copies, PNGs, videos, meshes, metrics and the reference prior's cache are all written
+through here, so an operating-system error while writing (no space, read-only, permission denied, I/O error)
+becomes one WriteFailed naming the path and the cause, here and nowhere else.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterator, Optional
+from typing import BinaryIO, Iterable, Iterator, Optional
 
 from sdsbridge.common.errors import WriteFailed
 
@@ -61,25 +64,115 @@ def make_dirs(path: Path) -> Path:
     return path
 
 
+def _missing_folders(folders: Iterable[Path]) -> list[Path]:
+    """The folders among ``folders`` and their parents that do not exist yet, deepest first."""
+    missing: set[Path] = set()
+    for folder in folders:
+        folder = Path(folder).absolute()
+        while not folder.exists() and folder != folder.parent:
+            missing.add(folder)
+            folder = folder.parent
+    return sorted(missing, key=lambda f: len(f.parts), reverse=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (deepest first) that are empty: what a failed write created for nothing."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another writer's file), gone, or a read-only parent
+            continue
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # the folder turned read-only: nothing more can be done about it here
+        pass
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` for writers that want a file name (ffmpeg); when the block exits
     without an exception the file written there is synced and renamed over ``path``. Any OSError in the
-    block or the commit becomes a WriteFailed; the temporary file is removed on every failure (and on
-    Ctrl-C)."""
+    block or the commit becomes a WriteFailed; the temporary file, and the folders created for it that are
+    left empty, are removed on every failure (and on Ctrl-C)."""
     path = Path(path)
+    created = _missing_folders([path.parent])
     make_dirs(path.parent)
     tmp = temp_path_for(path)
+    committed = False
     try:
         yield tmp
         _commit(tmp, path)
+        committed = True
     except OSError as exc:
         raise write_failed(exc, path) from None
     finally:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:  # the folder turned read-only: nothing more can be done about it here
-            pass
+        _unlink_quietly(tmp)
+        if not committed:
+            _remove_empty(created)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive within take effect when it ends (their handlers are swapped for ones that
+    note them, and the first one noted is sent again), so a set of renames is never cut half-way. Outside the
+    main thread, or under handlers Python did not install, nothing changes."""
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    if threading.current_thread() is not threading.main_thread() or None in previous.values():
+        yield
+        return
+    pending: list[int] = []
+    for sig in signals:
+        signal.signal(sig, lambda signum, _frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            os.kill(os.getpid(), pending[0])
+
+
+def atomic_write_files(files: dict[Path, bytes]) -> list[Path]:
+    """Write files that belong together (a textured mesh's .glb, .obj, .mtl and .png) all or none: each to a
+    temporary file beside it, then all synced and renamed over their final names, with SIGINT / SIGTERM held
+    back during the renames (``_signals_held``: a signal then takes effect once all are in place). A failure or
+    an interrupt while writing leaves no file of the set under its final name; an OS error during the renames
+    removes the ones already renamed (a file they replaced is then lost; the WriteFailed names the path).
+    Folders created for them that are left empty are removed. Returns the paths, in order."""
+    files = {Path(path): data for path, data in files.items()}
+    created = _missing_folders({path.parent for path in files})
+    temps: dict[Path, Path] = {}
+    renamed: list[Path] = []
+    committed = False
+    try:
+        for path, data in files.items():
+            make_dirs(path.parent)
+            temps[path] = temp_path_for(path)
+            try:
+                with _open_for_writing(temps[path], "xb") as handle:
+                    handle.write(data)
+            except OSError as exc:
+                raise write_failed(exc, path) from None
+        with _signals_held():
+            for path, tmp in temps.items():
+                try:
+                    _commit(tmp, path)
+                except OSError as exc:
+                    raise write_failed(exc, path) from None
+                renamed.append(path)
+            committed = True
+    finally:
+        for tmp in temps.values():
+            _unlink_quietly(tmp)
+        if not committed:
+            for path in renamed:
+                _unlink_quietly(path)
+            _remove_empty(created)
+    return list(files)
 
 
 class _RecordingHandle:

@@ -11,6 +11,7 @@ from typing import Any
 
 from sdsbridge.common.checks import check, check_choice, check_range2, check_schedule, shown
 from sdsbridge.common.devices import DEVICE_PATTERN
+from sdsbridge.common.limits import SIZE_LIMITS, check_size
 from sdsbridge.config.schema import Config
 from sdsbridge.distill.methods import METHODS, method_class
 from sdsbridge.distill.methods.base import PRIOR_CAPABILITIES
@@ -85,7 +86,7 @@ def validate(c: Config, require_prompt: bool = True) -> None:
     check(1.0 <= cam.eval_fovy <= 179.0, "cameras.eval_fovy", "must lie in [1, 179]")
     check(cam.eval_views > 0, "cameras.eval_views", "must be positive")
     r = c.render
-    check_schedule(r.resolution, "render.resolution", 1, 4096)
+    check_schedule(r.resolution, "render.resolution", *SIZE_LIMITS["render.resolution"])
     check_choice(r.sampler, "render.sampler", ("auto", "stratified", "occupancy", "occupancy-torch"))
     check(r.num_samples > 0, "render.num_samples", "must be positive")
     check(r.num_samples_occupancy > 0, "render.num_samples_occupancy", "must be positive")
@@ -119,7 +120,6 @@ def validate(c: Config, require_prompt: bool = True) -> None:
            "export.threshold", f"expected 'auto' or a number, got {shown(e.threshold)}")
     check(0.0 <= e.min_component_fraction <= 1.0, "export.min_component_fraction", "must lie in [0, 1]")
     check(e.decimate_faces >= 0, "export.decimate_faces", "must be >= 0")
-    check(16 <= e.texture_size <= 8192, "export.texture_size", "must lie in [16, 8192]")
     check(e.texture_faces == 0 or e.texture_faces >= 4, "export.texture_faces", "must be 0 or >= 4")
     check(isinstance(e.video_modes, list) and len(e.video_modes) > 0 and len(set(e.video_modes)) == len(e.video_modes)
            and all(m in ("rgb", "normal", "shaded", "depth") for m in e.video_modes), "export.video_modes",
@@ -139,6 +139,16 @@ def validate(c: Config, require_prompt: bool = True) -> None:
         check(getattr(im, key) >= 0, f"image.{key}", "must be >= 0")
     check(len(im.lora_betas) == 2 and all(0 <= b < 1 for b in im.lora_betas), "image.lora_betas",
           "expected [b1, b2] in [0, 1)")
+    _check_sizes(c)
+
+
+def _check_sizes(c: Config) -> None:
+    """Every size of ``SIZE_LIMITS`` (common/limits.py) the config holds within its bounds (the reference prior
+    checks its resolution and the bytes of its image set itself)."""
+    for key in SIZE_LIMITS:
+        section, name = key.split(".")
+        if key != "render.resolution" and section != "prior":  # a schedule, checked above; the prior checks its own
+            check_size(getattr(getattr(c, section), name), key)
 
 
 def setting_warnings(config: Config) -> list[str]:

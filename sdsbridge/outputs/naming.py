@@ -3,8 +3,8 @@
 Meshes and turntables are named by the checkpoint step they come from and by the settings that differ from
 the run's defaults: ``mesh/mesh-step0001500.glb`` (what `train` wrote at its end), ``mesh/mesh-step0001500-res128
 .glb`` (`export --resolution 128` later), ``video/turntable-step0001500-12f-64px.mp4`` (`video --frames 12
---resolution 64`). The same command with the same settings on the same checkpoint writes the same file again
-(same content); `--out PATH` writes exactly PATH.
+--resolution 64`). The same command with the same settings on the same checkpoint would write the same name: it
+stops instead, unless given --force (common/targets.py); `--out PATH` writes exactly PATH, on the same terms.
 """
 
 from __future__ import annotations

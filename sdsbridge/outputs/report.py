@@ -5,6 +5,8 @@ Per run (a column): the prompt, method and step; an interactive 3D view of the n
 the validation grids of ``validation/`` as a timeline (a slider over the steps); the plots of ``plots/``
 (written here from ``metrics.jsonl`` when missing); the resolved config. Everything is embedded (the viewer as
 an inline module script, the mesh, videos and images as base64 ``data:`` URIs), so the page fetches nothing.
+Only the run's own regular files of the expected type and size are read (report_files.py); any other is named in
+a one-line note instead.
 
 Known limit, headless only: under Chromium's ``--virtual-time-budget`` with ``--dump-dom``, a *textured* mesh
 stops at 88% of its load (the texture's image decode does not finish in virtual time), so its ``load`` event is
@@ -31,6 +33,7 @@ from sdsbridge.common.errors import UserError
 from sdsbridge.common.package_files import package_folder
 from sdsbridge.outputs.export.video import DEFAULT_MODES, MODES
 from sdsbridge.outputs.naming import newest_output
+from sdsbridge.outputs.report_files import Embedder, inside, read_run_file, refusal
 from sdsbridge.config.loader import config_from_dict
 from sdsbridge.config.schema import Config
 from sdsbridge.training.plots import PLOTS, TITLES, read_metrics, stage2_step, write_plots
@@ -60,6 +63,8 @@ class RunPage:
     truth: Optional[bytes] = None
     """PNG of the true shape at the validation views (rgb, one row per view): reference-prior runs only."""
     truth_shape: str = ""
+    notes: list[str] = field(default_factory=list)
+    """Files of the run left unread (report_files.py), one line each."""
 
 
 def video_panels(video: Path, default: list[str]) -> list[str]:
@@ -82,10 +87,13 @@ def collect_run(run_dir: Path) -> RunPage:
     Plots are written first when the run has metrics but no plots/."""
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
+    if not (config_path.is_file() or config_path.is_symlink()):
         raise UserError(f"report: {run_dir} is not a run directory (no config.yaml)")
+    data, why = read_run_file(config_path, run_dir, "config")
+    if data is None:
+        raise UserError(f"report: {config_path}: {why}")
     try:
-        config_text = config_path.read_text(encoding="utf-8")
+        config_text = data.decode("utf-8")
         config = load_yaml(config_text) or {}  # bounded: a hostile file fails in one line
     except UnicodeDecodeError:
         raise UserError(f"report: {config_path}: not a UTF-8 text file") from None
@@ -93,10 +101,15 @@ def collect_run(run_dir: Path) -> RunPage:
         raise UserError(f"report: {config_path}: {exc}") from None
     if not isinstance(config, dict):
         raise UserError(f"report: {config_path}: expected a mapping of settings")
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    metrics, notes = run_dir / "metrics.jsonl", []
+    why = refusal(metrics, run_dir, "metrics") if metrics.exists() or metrics.is_symlink() else ""
+    if why:
+        notes.append(f"{metrics}: not read: {why}")
+        logger.warning("report: %s", notes[-1])
+    rows = read_metrics(metrics) if not why else []
     plots = [run_dir / "plots" / f"{name}.png" for name in PLOTS]
     resolved = _resolved(config)
-    if rows and not all(p.is_file() for p in plots):
+    if rows and not all(p.is_file() for p in plots) and inside(run_dir / "plots", run_dir):
         write_plots(run_dir, stage2_step(resolved) if resolved is not None else None)
     mesh = newest_output(run_dir / "mesh", "mesh", "glb")
     return RunPage(
@@ -105,7 +118,8 @@ def collect_run(run_dir: Path) -> RunPage:
         mesh=mesh,
         videos=sorted((run_dir / "video").glob("*.mp4")) if (run_dir / "video").is_dir() else [],
         validation=sorted((run_dir / "validation").glob("step-*.png")) if (run_dir / "validation").is_dir() else [],
-        plots=[p for p in plots if p.is_file()], video_modes=_video_modes(config), **_ground_truth(resolved))
+        plots=[p for p in plots if p.is_file() or p.is_symlink()], video_modes=_video_modes(config), notes=notes,
+        **_ground_truth(resolved))
 
 
 def _resolved(config: dict) -> Optional[Config]:
@@ -147,11 +161,6 @@ VALIDATION_COLUMNS = "rgb | opacity | depth"
 """The columns of a validation grid (``training/loop.py``'s ``save_validation``)."""
 
 
-def data_uri(path: Path, mime: str) -> str:
-    """``data:<mime>;base64,...`` of a file."""
-    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
 def _truth_figure(page: RunPage) -> str:
     """The ground-truth column beside the validation grid (HTML; empty without a truth)."""
     if page.truth is None:
@@ -161,40 +170,48 @@ def _truth_figure(page: RunPage) -> str:
             f'<figcaption>ground truth: the true {html.escape(page.truth_shape)}, same views</figcaption></figure>')
 
 
-def _run_column(page: RunPage, index: int) -> str:
-    """One run's column of the page (HTML)."""
+def _run_column(page: RunPage, index: int, embed: Embedder) -> str:
+    """One run's column of the page (HTML); files ``embed`` leaves out are listed at its end."""
     esc = html.escape
+    noted = len(embed.notes)
+
+    def embedded(paths: list[Path], kind: str) -> list[tuple[Path, str]]:
+        """(path, data URI) of those of ``paths`` that may be embedded."""
+        return [(path, uri) for path in paths if (uri := embed.uri(path, page.run_dir, kind)) is not None]
+
     parts = [f'<section class="run"><h2>{esc(page.prompt) or "(no prompt)"}</h2>',
              f'<p class="meta">{esc(page.method)} · {esc(page.run_dir.name)}'
              + (f" · step {page.step}" if page.step is not None else "") + "</p>", "<h3>Mesh</h3>"]
-    if page.mesh is not None:
+    for mesh, mesh_uri in embedded([page.mesh] if page.mesh is not None else [], "mesh"):
         parts.append(f'<figure><model-viewer id="model-{index}" class="model" '
-                     f'src="{data_uri(page.mesh, "model/gltf-binary")}" camera-controls auto-rotate interaction-prompt="none" '
+                     f'src="{mesh_uri}" camera-controls auto-rotate interaction-prompt="none" '
                      f'shadow-intensity="0.6" exposure="1.0" alt="3D mesh of {esc(page.prompt)}"></model-viewer>'
-                     f'<figcaption>{esc(page.mesh.name)}: drag to turn, scroll to zoom</figcaption></figure>')
-    else:
+                     f'<figcaption>{esc(mesh.name)}: drag to turn, scroll to zoom</figcaption></figure>')
+    if page.mesh is None:
         parts.append(f'<p class="missing">no mesh/*.glb (make one: <code>sdsbridge export {esc(str(page.run_dir))}'
                      "</code>)</p>")
     parts.append("<h3>Turntable</h3>")
-    for video in page.videos:
-        parts.append(f'<figure><video class="turntable" src="{data_uri(video, "video/mp4")}" controls autoplay loop '
+    for video, video_uri in embedded(page.videos, "video"):
+        parts.append(f'<figure><video class="turntable" src="{video_uri}" controls autoplay loop '
                      f'muted playsinline title="{esc(video.name)}"></video><figcaption>{esc(video.name)}: '
                      f'{esc(" | ".join(video_panels(video, page.video_modes)))}, left to right</figcaption></figure>')
     if not page.videos:
         parts.append(f'<p class="missing">no video/*.mp4 (make one: <code>sdsbridge video '
                      f'{esc(str(page.run_dir))}</code>)</p>')
-    if page.validation:
+    validation = embedded(page.validation, "image")
+    if validation:
         frames = "".join(f'<img class="val" data-step="{esc(p.stem.removeprefix("step-").lstrip("0") or "0")}" '
-                         f'src="{data_uri(p, "image/png")}"{"" if i == len(page.validation) - 1 else " hidden"}>'
-                         for i, p in enumerate(page.validation))
-        last = len(page.validation) - 1
+                         f'src="{u}"{"" if i == len(validation) - 1 else " hidden"}>' for i, (p, u) in enumerate(validation))
+        last = len(validation) - 1
         parts.append(f'<h3>Validation <span class="val-step"></span></h3><input type="range" class="timeline" '
                      f'min="0" max="{last}" value="{last}" step="1" aria-label="training step">'
                      f'<div class="side"><figure><div class="frames">{frames}</div><figcaption>{VALIDATION_COLUMNS}, '
                      'one row per evaluation view</figcaption></figure>' + _truth_figure(page) + '</div>')
-    if page.plots:
+    plots = embedded(page.plots, "image")
+    if plots:
         parts.append("<h3>Training curves</h3>" + "".join(
-            f'<img class="plot" alt="{esc(TITLES[p.stem])}" src="{data_uri(p, "image/png")}">' for p in page.plots))
+            f'<img class="plot" alt="{esc(TITLES[p.stem])}" src="{u}">' for p, u in plots))
+    parts.extend(f'<p class="missing note">{esc(note)}</p>' for note in page.notes + embed.notes[noted:])
     parts.append(f"<details><summary>Resolved config</summary><pre>{esc(page.config_text)}</pre></details></section>")
     return "\n".join(parts)
 
@@ -263,7 +280,8 @@ for (const run of document.querySelectorAll('.run')) {
 def report_html(pages: list[RunPage]) -> str:
     """The whole page for one or more runs (side by side)."""
     title = " vs ".join(f"{p.method}: {p.prompt}" for p in pages)
-    columns = "\n".join(_run_column(page, i) for i, page in enumerate(pages))
+    embed = Embedder()  # one budget for the whole page
+    columns = "\n".join(_run_column(page, i, embed) for i, page in enumerate(pages))
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style>'
             f"<script>{RECORDER}</script></head>\n"

@@ -33,6 +33,7 @@ from sdsbridge.scene.cameras import CameraConfig
 from sdsbridge.common.errors import WriteFailed
 from sdsbridge.priors import shapes as shapes_module
 from sdsbridge.common.checks import check
+from sdsbridge.common.limits import check_image_set, check_size
 from sdsbridge.common.package_files import user_cache_folder
 from sdsbridge.priors.base import PriorSettings, register_prior, to_prior_images
 from sdsbridge.priors.denoiser import noise_from_denoised, optimal_denoiser, sd_alphas_cumprod
@@ -161,6 +162,8 @@ class ReferenceSettings(PriorSettings):
         check(self.resolution > 0, "prior.resolution", "must be positive")
         check(self.views_per_label > 0, "prior.views_per_label", "must be positive")
         check(self.nearest_views >= 0, "prior.nearest_views", "must be >= 0")
+        check_size(self.resolution, "prior.resolution")
+        check_image_set(self.resolution, self.views_per_label)
         super().validate()
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import difflib
+import hashlib
 import io
 import itertools
 import json
@@ -50,6 +51,8 @@ from sdsbridge.config.schema import Config
 from sdsbridge.config.loader import _check_keys, _parse_overrides, _read_yaml, load_config, to_yaml
 from sdsbridge.common.errors import UserError
 from sdsbridge.common.jsonl import read_rows
+from sdsbridge.common.limits import check_size
+from sdsbridge.common.targets import check_folder
 from sdsbridge.training.rundir import slugify
 
 MAX_RUNS = 10_000
@@ -60,6 +63,9 @@ MAX_PROMPTS = 5_000
 """Most prompts one sweep may hold."""
 MAX_PROMPTS_BYTES = 4 << 20
 """Largest prompts file read."""
+MAX_NAME_BYTES = 200
+"""Longest run name. The longest file named after a run is the temporary file of its completion marker,
+``state/.<name>.done.<pid>-<8 hex>.tmp.json``: 32 bytes more than the name, within the 255 of a file name."""
 EVAL_KEYS = ("psnr_db", "chamfer", "saturation_error", "mask_iou", "normal_error_deg")
 """``eval`` scores copied into a run's row (as ``eval_<key>``)."""
 FINAL_KEYS = ("loss", "loss_guidance", "grad_norm", "bad_steps")
@@ -127,8 +133,13 @@ def _name_part(value: Any) -> str:
 
 
 def run_name(prompt: str, grid: dict) -> str:
-    """``<prompt slug>__key=value__...`` (grid keys in file order)."""
-    return "__".join([slugify(prompt, 48), *(f"{key}={_name_part(value)}" for key, value in grid.items())])
+    """``<prompt slug>__key=value__...`` (grid keys in file order); a name longer than ``MAX_NAME_BYTES`` is cut
+    there and ends in ``__`` and 10 hex digits of its full text's SHA-256, so it stays unique and every file named
+    after it fits the file system's 255 bytes."""
+    name = "__".join([slugify(prompt, 48), *(f"{key}={_name_part(value)}" for key, value in grid.items())])
+    if len(name) <= MAX_NAME_BYTES:  # ASCII (slug, config keys, _name_part): a byte per character
+        return name
+    return f"{name[:MAX_NAME_BYTES - 12]}__{hashlib.sha256(name.encode()).hexdigest()[:10]}"
 
 
 def _read_prompts(path: Path, spec: SweepFile) -> list[str]:
@@ -183,8 +194,13 @@ def _eval_settings(path: Path, value: Any) -> tuple[Optional[int], int]:
     if not isinstance(value, dict) or set(value) - {"views", "mesh_resolution"}:
         raise _fail(path, "eval: expected true, false or {views: N, mesh_resolution: R}")
     views, resolution = value.get("views", 16), value.get("mesh_resolution", 128)
-    if not (isinstance(views, int) and views > 0 and isinstance(resolution, int) and resolution >= 8):
-        raise _fail(path, "eval: views must be a positive integer and mesh_resolution an integer >= 8")
+    for name, number, key in (("views", views, "cameras.eval_views"), ("mesh_resolution", resolution, "export.resolution")):
+        if not isinstance(number, int) or isinstance(number, bool):
+            raise _fail(path, f"eval: {name}: expected an integer, got {number!r}")
+        try:
+            check_size(number, key, f"eval: {name}")  # the bounds of eval's --views and --mesh-resolution
+        except UserError as exc:
+            raise _fail(path, str(exc)) from None
     return views, resolution
 
 
@@ -236,6 +252,7 @@ def load_sweep(path: Path, overrides: list[str] = (), out: Optional[Path] = None
             runs.append(SweepRun(name, prompt, combo, config))
     out_dir = Path(out) if out is not None else Path(spec.out) if spec.out is not None else Path("sweeps") / path.stem
     out_dir = out_dir.absolute()  # Ray and Slurm workers need not start in this directory
+    check_folder(out_dir, "--out" if out is not None else f"{path}: out")
     return Sweep(path, out_dir, runs, list(grid), eval_views, eval_mesh)
 
 

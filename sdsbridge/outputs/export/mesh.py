@@ -35,6 +35,7 @@ from sdsbridge.training.checkpoint import find_checkpoint, run_dir_of
 from sdsbridge.outputs.export.axes import to_file_axes
 from sdsbridge.common.devices import fitted_cpu_threads
 from sdsbridge.common.errors import UserError
+from sdsbridge.common.targets import check_new_files
 from sdsbridge.outputs.naming import output_name
 from sdsbridge.scene.base import Scene
 from sdsbridge.training.checkpoint import load_trained_scene
@@ -46,6 +47,8 @@ AUTO_LEVEL = 5.0
 LOG_FLOOR = 1e-3
 """Densities below this count as this in the log histogram of the automatic level."""
 FORMATS = ("glb", "obj", "ply")
+TEXTURED_FILES = ("glb", "obj", "mtl", "png")
+"""The files of a textured mesh (texture.py's ``save_textured``), one stem."""
 
 
 @dataclass
@@ -274,11 +277,13 @@ def mesh_path(config, run_dir: Path, step: int, fmt: str, resolution: Optional[i
 
 def export_mesh(scene, config, run_dir: Path, step: int, format: Optional[str] = None,
                 resolution: Optional[int] = None, threshold: Union[str, float, None] = None,
-                texture: Optional[bool] = None, texture_size: Optional[int] = None, out: Optional[Path] = None) -> Path:
+                texture: Optional[bool] = None, texture_size: Optional[int] = None, out: Optional[Path] = None,
+                replace: bool = True) -> Path:
     """Extract the mesh of a trained scene (a ``Scene``) at training step
     ``step`` and save it as ``out``, else as ``mesh_path`` (``<run_dir>/mesh/mesh-step<step>[-tags].<format>``);
-    with ``texture`` as that .glb plus .obj / .mtl / .png of the same stem (texture.py). Unset arguments come
-    from ``config.export`` (format glb, resolution 256, threshold auto, texture off, 1024 texels). Returns the
+    with ``texture`` as that .glb plus .obj / .mtl / .png of the same stem (texture.py), all four or none. Unset
+    arguments come from ``config.export`` (format glb, resolution 256, threshold auto, texture off, 1024 texels).
+    ``replace`` false: UserError, before any work, when one of those files exists (common/targets.py). Returns the
     path (the .glb of a textured mesh)."""
     export = config.export
     fmt = (format or (Path(out).suffix.lstrip(".") if out is not None and not texture else "") or export.format).lower()
@@ -289,6 +294,8 @@ def export_mesh(scene, config, run_dir: Path, step: int, format: Optional[str] =
         fmt = "glb"
     path = Path(out) if out is not None else mesh_path(config, run_dir, step, fmt, resolution, threshold, textured,
                                                        texture_size)
+    targets = [path.with_name(f"{path.stem}.{ext}") for ext in TEXTURED_FILES] if textured else [path]
+    check_new_files(targets, "--out" if out is not None else "export", force=replace)
     result = extract_mesh(scene, scene.radius, resolution or export.resolution,
                           export.threshold if threshold is None else threshold,
                           min_component_fraction=export.min_component_fraction,
@@ -307,14 +314,14 @@ def export_mesh(scene, config, run_dir: Path, step: int, format: Optional[str] =
 def export_run_mesh(run_dir: Path, format: Optional[str] = None, resolution: Optional[int] = None,
                     threshold: Union[str, float, None] = None, device: Union[torch.device, str] = "cpu",
                     texture: Optional[bool] = None, texture_size: Optional[int] = None,
-                    out: Optional[Path] = None) -> Path:
+                    out: Optional[Path] = None, force: bool = False) -> Path:
     """``export_mesh`` of a run's newest checkpoint (``run_dir``: a run directory or a checkpoint file); writes
     ``out``, else ``<run_dir>/mesh/mesh-step<step>[-tags].<format>`` (``mesh_path``), never replacing the
-    outputs of other steps or settings."""
+    outputs of other steps or settings, nor an existing file of the same name unless ``force``."""
     checkpoint = find_checkpoint(Path(run_dir))
     remove_stale_temps(run_dir_of(checkpoint))  # left by a killed write
     scene, config, step = load_trained_scene(Path(run_dir), torch.device(device))
     scene.prepare_for_points((resolution or config.export.resolution) ** 3)
     with fitted_cpu_threads(torch.device(device)):
         return export_mesh(scene, config, run_dir_of(checkpoint), step, format, resolution, threshold, texture,
-                           texture_size, out)
+                           texture_size, out, replace=force)

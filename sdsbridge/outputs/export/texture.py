@@ -27,7 +27,7 @@ import trimesh
 import xatlas
 from PIL import Image
 
-from sdsbridge.common.atomic import atomic_write_bytes
+from sdsbridge.common.atomic import atomic_write_files
 from sdsbridge.scene.base import Scene
 from sdsbridge.outputs.export.axes import to_file_axes
 from sdsbridge.common.errors import UserError
@@ -189,8 +189,9 @@ def obj_text(mesh: TexturedMesh, mtl_name: str, material: str = "baked") -> str:
 
 def save_textured(mesh: TexturedMesh, folder: Path, stem: str = "mesh") -> list[Path]:
     """Write ``<stem>.glb`` (base-colour texture in a PBR material, vertex normals) and ``<stem>.obj`` +
-    ``<stem>.mtl`` + ``<stem>.png`` into ``folder``, each atomically, positions in file axes (Y up, front
-    towards +Z: ``axes.to_file_axes``). Returns the paths, glb first."""
+    ``<stem>.mtl`` + ``<stem>.png`` into ``folder``, all four or none (``atomic_write_files``: an interrupt or a
+    failed write leaves none of them), positions in file axes (Y up, front towards +Z: ``axes.to_file_axes``).
+    Returns the paths, glb first."""
 
     folder = Path(folder)
     mesh = dataclasses.replace(mesh, vertices=to_file_axes(mesh.vertices))
@@ -200,8 +201,6 @@ def save_textured(mesh: TexturedMesh, folder: Path, stem: str = "mesh") -> list[
     mtl = (f"newmtl baked\nKa 1.000 1.000 1.000\nKd 1.000 1.000 1.000\nKs 0.000 0.000 0.000\nd 1.0\nillum 1\n"
            f"map_Kd {stem}.png\n")
     glb_path, png_path, mtl_path, obj_path = (folder / f"{stem}.{ext}" for ext in ("glb", "png", "mtl", "obj"))
-    atomic_write_bytes(glb_path, glb)
-    atomic_write_bytes(png_path, png.getvalue())
-    atomic_write_bytes(mtl_path, mtl.encode())
-    atomic_write_bytes(obj_path, obj_text(mesh, mtl_path.name).encode())  # last: it names the others
+    atomic_write_files({glb_path: glb, png_path: png.getvalue(), mtl_path: mtl.encode(),
+                        obj_path: obj_text(mesh, mtl_path.name).encode()})  # the obj renamed last: it names the others
     return [glb_path, obj_path, mtl_path, png_path]

@@ -24,6 +24,7 @@ from sdsbridge.training.checkpoint import find_checkpoint, run_dir_of
 from sdsbridge.scene.cameras import CameraConfig
 from sdsbridge.common.devices import fitted_cpu_threads
 from sdsbridge.common.errors import UserError
+from sdsbridge.common.targets import check_new_files
 from sdsbridge.outputs.export.shading import normal_panel, shaded_panel, surface_normals, to_camera
 from sdsbridge.common.media import pad_to_even, to_uint8, write_video
 from sdsbridge.scene.base import RenderOutput
@@ -137,11 +138,12 @@ def video_path(run_dir: Path, step: int, frames: int, resolution: int, fps: int,
 
 def export_video(scene, config, run_dir: Path, step: int, frames: Optional[int] = None,
                  resolution: Optional[int] = None, fps: Optional[int] = None, progress: bool = True,
-                 modes: Optional[Sequence[str]] = None, out: Optional[Path] = None) -> Path:
+                 modes: Optional[Sequence[str]] = None, out: Optional[Path] = None, replace: bool = True) -> Path:
     """The turntable of a trained scene at training step ``step`` as ``out``, else as ``video_path``
     (``<run_dir>/video/turntable-step<step>[-tags].mp4``). Unset arguments come from ``config.export``
     (``video_modes`` for the panels), and where that leaves frames or resolution unset, from
-    ``turntable_size`` (what fits the scene's device). Returns the path."""
+    ``turntable_size`` (what fits the scene's device). ``replace`` false: UserError, before any frame is
+    rendered, when the file exists (common/targets.py). Returns the path."""
     export = config.export
     device = scene.device
     defaults = (*turntable_size(export.video_frames, export.video_resolution, device, log=False), export.video_fps,
@@ -149,6 +151,7 @@ def export_video(scene, config, run_dir: Path, step: int, frames: Optional[int] 
     frames, resolution = turntable_size(frames or export.video_frames, resolution or export.video_resolution, device)
     fps, modes = fps or export.video_fps, tuple(modes or export.video_modes)
     path = Path(out) if out is not None else video_path(run_dir, step, frames, resolution, fps, modes, defaults)
+    check_new_files([path], "--out" if out is not None else "video", force=replace)
     return render_turntable(scene, config.cameras, path, frames=frames, resolution=resolution, fps=fps,
                             chunk_rays=config.render.chunk_rays, progress=progress, modes=modes,
                             normal_step=normal_step(config, scene.radius))
@@ -156,10 +159,11 @@ def export_video(scene, config, run_dir: Path, step: int, frames: Optional[int] 
 
 def render_run_video(run_dir: Path, frames: Optional[int] = None, resolution: Optional[int] = None,
                      fps: Optional[int] = None, device: Union[torch.device, str] = "cpu",
-                     progress: bool = True, modes: Optional[Sequence[str]] = None, out: Optional[Path] = None) -> Path:
+                     progress: bool = True, modes: Optional[Sequence[str]] = None, out: Optional[Path] = None,
+                     force: bool = False) -> Path:
     """``export_video`` of a run's newest checkpoint (``run_dir``: a run directory or a checkpoint file); writes
     ``out``, else ``<run_dir>/video/turntable-step<step>[-tags].mp4`` (``video_path``), never replacing the
-    videos of other steps or settings."""
+    videos of other steps or settings, nor an existing file of the same name unless ``force``."""
     checkpoint = find_checkpoint(Path(run_dir))
     remove_stale_temps(run_dir_of(checkpoint))  # left by a killed write
     scene, config, step = load_trained_scene(Path(run_dir), torch.device(device))
@@ -167,7 +171,8 @@ def render_run_video(run_dir: Path, frames: Optional[int] = None, resolution: Op
                                     scene.device, log=False)
     scene.prepare_for_points(n_frames * size * size)  # rays: fewer than the field points they sample
     with fitted_cpu_threads(torch.device(device)):
-        return export_video(scene, config, run_dir_of(checkpoint), step, frames, resolution, fps, progress, modes, out)
+        return export_video(scene, config, run_dir_of(checkpoint), step, frames, resolution, fps, progress, modes, out,
+                            replace=force)
 
 
 TURNTABLE_SIZES = {"cuda": (120, 512), "cpu": (60, 256)}
