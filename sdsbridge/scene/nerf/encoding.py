@@ -16,6 +16,8 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -171,6 +173,16 @@ class HashGridEncoding(nn.Module):
         else:
             out = _HashGridFunction.apply(x, self.params, self)
         return out.reshape(*lead, self.n_output_dims)
+
+    @contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Calls inside do not count towards compiling the kernels (``compile_after_points``): a live viewer's
+        renders leave the point at which a run compiles where it would be without them."""
+        saved = (self._points_seen, self._calls_seen)
+        try:
+            yield
+        finally:
+            self._points_seen, self._calls_seen = saved
 
     # -- torch backend -----------------------------------------------------------------------------------
     def _tables(self, lo: int, hi: int) -> tuple:
