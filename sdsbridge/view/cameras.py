@@ -41,6 +41,19 @@ def from_viser(wxyz: np.ndarray, position: np.ndarray, fov: float, aspect: float
     return ViewCamera(c2w, float(fov), float(aspect) if aspect > 0 else 1.0)
 
 
+def frustum_segments(c2w: np.ndarray, fovy: np.ndarray, depth: float) -> np.ndarray:
+    """Wireframe pyramids of square cameras: [N, 4, 4] OpenGL camera-to-world and [N] vertical fov (radians) ->
+    [N * 8, 2, 3] world-space line segments (apex to the 4 corners of the image plane at ``depth``, then its rim)."""
+    half = depth * np.tan(0.5 * np.asarray(fovy, dtype=np.float64))  # [N]
+    signs = np.array([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])  # corners in order around the rim
+    corners = np.concatenate([signs[None] * half[:, None, None], np.full((len(half), 4, 1), -depth)], -1)
+    world = np.einsum("nij,nkj->nki", c2w[:, :3, :3], corners) + c2w[:, None, :3, 3]  # [N, 4, 3]
+    apex = np.broadcast_to(c2w[:, None, :3, 3], world.shape)
+    spokes = np.stack([apex, world], axis=2)  # [N, 4, 2, 3]
+    rim = np.stack([world, np.roll(world, -1, axis=1)], axis=2)
+    return np.concatenate([spokes, rim], axis=1).reshape(-1, 2, 3)
+
+
 def to_viser(c2w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """[4, 4] OpenGL camera-to-world -> (wxyz [4], position [3]) for viser (a frustum's pose)."""
     rotation = np.asarray(c2w[:3, :3], dtype=np.float64) @ OPENCV_TO_OPENGL

@@ -3,8 +3,9 @@ starts small while the camera moves and doubles while it rests (nerfview's "low 
 without its pauses of training).
 
 The budget is a token bucket: each training step earns ``share`` x its wall time, each frame spends its own (render,
-encode and send); a frame starts only while the balance is positive, so over any stretch of training the viewer
-takes at most ``share`` of the time plus one frame. Paused training, and ``sdsbridge view``, have no budget.
+encode and send); a frame starts only while the balance is positive (a moved camera's: above ``-max_debt``), so over
+any stretch of training the viewer takes at most ``share`` of the time plus ``max_credit + max_debt`` and one frame.
+Paused training, and ``sdsbridge view``, have no budget.
 """
 
 from __future__ import annotations
@@ -18,15 +19,19 @@ from typing import Optional
 class PacingSettings:
     """How the viewer paces its frames. Times in seconds, sizes in pixels (a frame's longer side)."""
 
-    share: float = 0.1
-    """Most of the training time the viewer's frames may take (0.1: training slows by at most ~10%)."""
-    max_credit: float = 0.5
+    share: float = 0.08
+    """Most of the training time the viewer may take between steps (frames, panel). 0.08 leaves room under the
+    promised 10% for what happens outside the loop's thread (viser sending, the CPU caches a frame evicts)."""
+    max_credit: float = 0.25
     """The balance never grows beyond this (a viewer idle for long does not then render for long)."""
+    max_debt: float = 0.25
+    """A moved camera's frame may start while the balance is above minus this (a large resting frame just sent
+    does not leave a moving camera without frames for long); the debt is repaid before any resting frame."""
     move_seconds: float = 0.04
     """Target time of a frame while the camera moves: sets its size from the measured pixels per second."""
     rest_seconds: float = 0.25
     """The camera rests once no camera message came for this long; then the frame size doubles per frame."""
-    max_frame_seconds: float = 0.5
+    max_frame_seconds: float = 0.25
     """While training, a resting frame grows only while its predicted time stays under this."""
     refresh_seconds: float = 1.0
     """While training changes the scene, a resting camera's frame is redrawn at most this often."""
@@ -35,10 +40,10 @@ class PacingSettings:
 
 
 class Budget:
-    """The token bucket of the module docstring."""
+    """The token bucket of the module docstring (a moved camera may borrow up to ``max_debt``)."""
 
-    def __init__(self, share: float, max_credit: float):
-        self.share, self.max_credit = share, max_credit
+    def __init__(self, share: float, max_credit: float, max_debt: float = 0.0):
+        self.share, self.max_credit, self.max_debt = share, max_credit, max_debt
         self.credit = 0.0
 
     def earn(self, train_seconds: float) -> None:
@@ -47,8 +52,9 @@ class Budget:
     def spend(self, seconds: float) -> None:
         self.credit -= seconds
 
-    def allows(self) -> bool:
-        return self.credit > 0.0
+    def allows(self, moved: bool = False) -> bool:
+        """Whether a frame may start: while the balance is positive, or above -max_debt for a moved camera."""
+        return self.credit > (-self.max_debt if moved else 0.0)
 
 
 class PixelRate:

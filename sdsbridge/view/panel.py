@@ -1,6 +1,6 @@
 """The viewer's GUI panel (viser's ``server.gui``, shared by every open page): the run's status (stage, step, t,
 losses), what to show (rgb | depth | opacity | normal), pause / resume and save-checkpoint-now buttons, the last
-validation grid, and the training cameras of the last steps as frusta in the 3D scene.
+validation grid, and the training cameras of the last steps as wireframe frusta in the 3D scene.
 
 Button and dropdown callbacks run on viser's threads: they only set flags (``Requests``) that the training thread
 reads between steps; everything that touches torch or sends images runs on the training thread.
@@ -18,7 +18,7 @@ import numpy as np
 import viser
 
 from sdsbridge.scene.cameras import Cameras
-from sdsbridge.view.cameras import to_viser
+from sdsbridge.view.cameras import frustum_segments
 from sdsbridge.view.frames import MODES
 
 LABEL_COLOURS = {"front": (220, 60, 50), "side": (60, 160, 60), "back": (50, 90, 220), "overhead": (120, 120, 120)}
@@ -38,9 +38,10 @@ class Requests:
 
 
 def status_text(state: str, step: int, steps: Optional[int], stage: Optional[int], metrics: Optional[dict],
-                note: str = "") -> str:
+                note: str = "", cost: Optional[float] = None) -> str:
     """The status markdown: '**training** · step 120 of 1500 · stage 1', then t and the loss terms of the last
-    logged step, then ``note`` (e.g. the checkpoint just saved)."""
+    logged step, then ``note`` (e.g. the checkpoint just saved) and ``cost``, the viewer's share of the training
+    time so far."""
     head = f"**{state}** · step {step}" + (f" of {steps}" if steps else "") + (f" · stage {stage}" if stage else "")
     lines = [head]
     if metrics:
@@ -49,6 +50,8 @@ def status_text(state: str, step: int, steps: Optional[int], stage: Optional[int
                      + f" · logged at step {metrics['step']}")
     if note:
         lines.append(note)
+    if cost is not None:
+        lines.append(f"this viewer: {100 * cost:.1f}% of the training time")
     return "  \n".join(lines)
 
 
@@ -72,7 +75,7 @@ class Panel:
         self.resume.on_click(lambda _: self._set_paused(False))
         self.save.on_click(lambda _: self._request(save_now=True))
         self.validation: Optional[viser.GuiImageHandle] = None
-        self.frusta: list = []
+        self.frusta: Optional[viser.LineSegmentsHandle] = None
 
     def _request(self, **changes) -> None:
         for name, value in changes.items():
@@ -101,20 +104,22 @@ class Panel:
             self.validation.label = f"validation: {path.name}"
 
     def show_cameras(self, cameras: list[Cameras], radius: float) -> None:
-        """Frusta of ``cameras`` (oldest first, on any device), coloured by view label, or none when unticked."""
-        wanted = [] if not self.requests.show_cameras else [
-            (batch.c2w[i].detach().cpu().double().numpy(), float(batch.fovy[i]), batch.labels[i])
-            for batch in cameras for i in range(len(batch))]
-        for index, (c2w, fovy, label) in enumerate(wanted):
-            wxyz, position = to_viser(c2w)
-            colour = LABEL_COLOURS.get(label, (20, 20, 20))
-            if index < len(self.frusta):  # moved in place: no node is rebuilt
-                handle = self.frusta[index]
-                handle.fov, handle.wxyz, handle.position, handle.color = fovy, wxyz, position, colour
-            else:
-                self.frusta.append(self.server.scene.add_camera_frustum(
-                    f"/training_cameras/{index}", fov=fovy, aspect=1.0, scale=0.1 * radius, thickness=1.5,
-                    thickness_units="screen", color=colour, wxyz=wxyz, position=position))
-        for handle in self.frusta[len(wanted):]:
-            handle.remove()
-        del self.frusta[len(wanted):]
+        """Wireframe frusta of ``cameras`` (on any device), coloured by view label, as one line-segment node (one
+        message per update), or none when unticked."""
+        batches = cameras if self.requests.show_cameras else []
+        labels = [label for batch in batches for label in batch.labels]
+        if not labels:
+            if self.frusta is not None:
+                self.frusta.visible = False
+            return
+        c2w = np.concatenate([batch.c2w.detach().cpu().double().numpy() for batch in batches])
+        fovy = np.concatenate([batch.fovy.detach().cpu().double().numpy() for batch in batches])
+        points = frustum_segments(c2w, fovy, 0.15 * radius).astype(np.float32)
+        colours = np.repeat(np.array([LABEL_COLOURS.get(label, (20, 20, 20)) for label in labels], np.uint8), 16,
+                            axis=0).reshape(-1, 2, 3)
+        if self.frusta is None:
+            self.frusta = self.server.scene.add_line_segments("/training_cameras", points, colours, thickness=1.5,
+                                                              thickness_units="screen")
+            return
+        with self.server.atomic():
+            self.frusta.points, self.frusta.colors, self.frusta.visible = points, colours, True

@@ -50,7 +50,7 @@ class ViewSettings:
     pacing: PacingSettings = field(default_factory=PacingSettings)
     cameras_shown: int = 8
     """Training cameras of the last steps drawn as frusta."""
-    panel_seconds: float = 0.25
+    panel_seconds: float = 0.5
     """The status and the frusta are refreshed at most this often while training."""
 
 
@@ -100,7 +100,7 @@ class LiveViewer:
         initial.position, initial.look_at, initial.up, initial.fov = position, (0.0, 0.0, 0.0), (0.0, 0.0, 1.0), fov
         self.panel = Panel(self.server, training, title)
         self.requests = self.panel.requests
-        self.budget = Budget(settings.pacing.share, settings.pacing.max_credit)
+        self.budget = Budget(settings.pacing.share, settings.pacing.max_credit, settings.pacing.max_debt)
         self.rate = PixelRate()
         self.pages: dict[int, Page] = {}
         self.lock = threading.Lock()
@@ -111,6 +111,9 @@ class LiveViewer:
         self.recent_cameras: collections.deque = collections.deque(maxlen=settings.cameras_shown)
         self.panel_time = 0.0
         self.frames_sent, self.frame_seconds, self.save_seconds = 0, 0.0, 0.0
+        self.train_seconds, self.hook_seconds = 0.0, 0.0
+        """Training time reported, and the viewer's own time between steps (frames, panel; not pauses, nor the
+        checkpoints asked for): their ratio is the viewer's cost, shown in the status."""
         self.server.on_client_connect(self._connect)
         self.server.on_client_disconnect(self._disconnect)
 
@@ -147,14 +150,14 @@ class LiveViewer:
 
     def between_steps(self, report: StepReport, controls: LoopControls) -> None:
         """Earn budget, update the panel, honour save / pause, and send the frames the budget allows."""
-        started, accounted = time.perf_counter(), self.frame_seconds + self.save_seconds
+        started, frames_before, saves_before = time.perf_counter(), self.frame_seconds, self.save_seconds
         self.budget.earn(report.train_seconds)
         self.step, self.stage = report.step, report.stage
         self.metrics = report.metrics or self.metrics
         self.recent_cameras.append(report.cameras)
         if report.validation is not None:
             self.show_validation(report.validation)
-        if started - self.panel_time >= self.settings.panel_seconds or report.metrics or report.validation:
+        if started - self.panel_time >= self.settings.panel_seconds or report.validation:
             self.panel_time = started
             self._show_status()
             self._guard("training cameras", lambda: self.panel.show_cameras(list(self.recent_cameras),
@@ -164,10 +167,12 @@ class LiveViewer:
             self._pause(controls)
             self.budget.credit = 0.0
             return
-        while self.budget.allows() and self._send_next_frame(training=True):
+        while self._send_next_frame(training=True):
             pass
-        # frames spent their own time, and a checkpoint asked for is not the viewer's: the rest (panel, frusta) here
-        self.budget.spend(time.perf_counter() - started - (self.frame_seconds + self.save_seconds - accounted))
+        # a checkpoint asked for is not the viewer's time; frames spent theirs already, the rest (panel) is spent here
+        own = time.perf_counter() - started - (self.save_seconds - saves_before)
+        self.budget.spend(own - (self.frame_seconds - frames_before))
+        self.train_seconds, self.hook_seconds = self.train_seconds + report.train_seconds, self.hook_seconds + own
 
     def finish(self, step: int, interrupted: bool) -> None:
         self.state = "stopped" if interrupted else "finished"
@@ -225,7 +230,8 @@ class LiveViewer:
 
     # ---- frames --------------------------------------------------------------------------------------------
     def _send_next_frame(self, training: bool) -> bool:
-        """Render and send one frame to the page that needs one most (a moved camera first); False if none does."""
+        """Render and send one frame to the page that needs one most (a moved camera first); False if none does, or
+        (``training``) if the budget allows none now."""
         if self.scene is None:
             return False
         mode, now = self.requests.mode, time.monotonic()
@@ -242,7 +248,9 @@ class LiveViewer:
                                    page.frame.camera_version))
             if not wanted:
                 return False
-            _, _, page, side, camera, version = min(wanted, key=lambda item: item[:2])
+            resting, _, page, side, camera, version = min(wanted, key=lambda item: item[:2])
+            if training and not self.budget.allows(moved=not resting):
+                return False
         started = time.perf_counter()
         height, width = frame_size(side, camera.aspect)
         image = render_frame(self.scene, self.config, camera, mode, height, width)
@@ -262,7 +270,8 @@ class LiveViewer:
     # ---- the panel -----------------------------------------------------------------------------------------
     def _show_status(self) -> None:
         self._guard("status", lambda: self.panel.show_status(
-            status_text(self.state, self.step, self.steps, self.stage, self.metrics, self.note)))
+            status_text(self.state, self.step, self.steps, self.stage, self.metrics, self.note,
+                        self.hook_seconds / self.train_seconds if self.train_seconds else None)))
 
     def _guard(self, what: str, action: Callable[[], object]) -> bool:
         """Run a call into viser; a failure (a page gone mid-send, a closed server) is a log line, never an error
