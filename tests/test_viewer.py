@@ -115,12 +115,13 @@ def test_a_preview_render_changes_nothing_training_uses():
     scene.after_step(0)  # the occupancy grid filled, as after the first step
     encoding = scene.field.encoding
     state = {k: v.clone() for k, v in scene.renderer.state_dict().items()}
+    encoding.compile_after_points = encoding._points_seen + 1  # one more point counted would start a compile
     rng, counters = torch.get_rng_state(), (encoding._points_seen, encoding._calls_seen)
     with torch.no_grad(), scene.preview():
         assert not scene.training
         scene.render(orbit_cameras(config.cameras, 2), 48, 48)
     assert scene.training and torch.equal(torch.get_rng_state(), rng)
-    assert (encoding._points_seen, encoding._calls_seen) == counters
+    assert (encoding._points_seen, encoding._calls_seen) == counters and not encoding._kernels_seen
     assert all(torch.equal(v, scene.renderer.state_dict()[k]) for k, v in state.items())
 
 

@@ -55,9 +55,9 @@ def train(
                                                   "(created; it must not exist or be empty) instead of a new one "
                                                   "under log.runs_dir (what `sweep` uses)."),
     view: Optional[int] = typer.Option(None, "--view", metavar="[PORT]", help="Watch the run in the browser: a "
-                                       "live 3D viewer on localhost:PORT (default 8080; needs `pip install "
-                                       "\"sdsbridge[view]\"`). It takes at most ~10% of the training time and "
-                                       "never changes the results."),
+                                       "live 3D viewer on localhost:PORT (default 8080; needs viser, the 'view' "
+                                       "extra). It takes under 10% of the training time and never changes the "
+                                       "results."),
     view_host: Optional[str] = typer.Option(None, "--view-host", help="Address the viewer listens on (default "
                                             "127.0.0.1: this machine only; 0.0.0.0: every network it is on)."),
 ) -> None:
