@@ -204,7 +204,7 @@ def test_a_run_with_a_viewer_rendering_after_every_step_is_bit_identical(tmp_pat
 def test_pause_waits_between_steps_while_frames_go_on_and_save_now_checkpoints(tmp_path):
     config = load_config(None, ["prompt=a red torus", *TINY_CONFIG, "train.steps=4", "log.checkpoint_every=100"])
     viewer, client = viewer_with_a_page(config, every_step=False)
-    viewer.panel._set_paused(True)  # as the "pause training" button
+    viewer.panel.set_paused(True)  # as the "pause training" button
     seen = {}
 
     def press_buttons():
@@ -219,7 +219,7 @@ def test_pause_waits_between_steps_while_frames_go_on_and_save_now_checkpoints(t
         viewer.panel._request(save_now=True)  # "save checkpoint now"
         while not (tmp_path / "run" / "checkpoints" / "step-0000001.ckpt").is_file() and time.monotonic() < deadline:
             time.sleep(0.02)
-        viewer.panel._set_paused(False)  # "resume training"
+        viewer.panel.set_paused(False)  # "resume training"
 
     helper = threading.Thread(target=press_buttons)
     helper.start()
@@ -232,6 +232,17 @@ def test_pause_waits_between_steps_while_frames_go_on_and_save_now_checkpoints(t
     assert result.step == 4 and viewer.state == "finished"
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
         "last.ckpt", "step-0000001.ckpt", "step-0000004.ckpt"]
+
+
+def test_training_paused_resumes_when_its_last_page_closes(caplog):
+    viewer, client = viewer_with_a_page(load_config(None, ["prompt=a red torus", *TINY_CONFIG]), every_step=False)
+    try:
+        viewer.panel.set_paused(True)
+        with caplog.at_level(logging.INFO, logger="sdsbridge"):
+            viewer._disconnect(client)  # as viser calls it when the tab closes
+    finally:
+        viewer.close()
+    assert not viewer.requests.paused and "training resumes" in caplog.text
 
 
 def test_a_page_that_cannot_take_a_frame_is_a_log_line_and_training_goes_on(tmp_path, caplog):

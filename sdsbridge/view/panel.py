@@ -71,8 +71,8 @@ class Panel:
         self.pause = gui.add_button("pause training", visible=training)
         self.resume = gui.add_button("resume training", visible=False)
         self.save = gui.add_button("save checkpoint now", visible=training)
-        self.pause.on_click(lambda _: self._set_paused(True))
-        self.resume.on_click(lambda _: self._set_paused(False))
+        self.pause.on_click(lambda _: self.set_paused(True))
+        self.resume.on_click(lambda _: self.set_paused(False))
         self.save.on_click(lambda _: self._request(save_now=True))
         self.validation: Optional[viser.GuiImageHandle] = None
         self.frusta: Optional[viser.LineSegmentsHandle] = None
@@ -82,7 +82,8 @@ class Panel:
             setattr(self.requests, name, value)
         self.requests.changed.set()
 
-    def _set_paused(self, paused: bool) -> None:
+    def set_paused(self, paused: bool) -> None:
+        """What the pause / resume buttons do."""
         self.pause.visible, self.resume.visible = not paused, paused
         self._request(paused=paused)
 

@@ -140,6 +140,9 @@ class LiveViewer:
             self.pages.pop(client.client_id, None)
             count = len(self.pages)
         log.info(f"viewer: a page closed ({count} open)")
+        if count == 0 and self.requests.paused:  # no page left to resume it: a closed tab never stops a run
+            log.info("viewer: the last page closed while training was paused; training resumes")
+            self.panel.set_paused(False)
 
     # ---- the training thread -------------------------------------------------------------------------------
     def attach(self, scene: Scene, config: Config, run_dir: Path, step: int) -> None:
