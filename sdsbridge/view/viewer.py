@@ -110,6 +110,8 @@ class LiveViewer:
         self.state = "starting"
         self.recent_cameras: collections.deque = collections.deque(maxlen=settings.cameras_shown)
         self.panel_time = 0.0
+        self.failing: set[str] = set()
+        """What could not be sent the last time (logged once)."""
         self.frames_sent, self.frame_seconds, self.save_seconds = 0, 0.0, 0.0
         self.train_seconds, self.hook_seconds = 0.0, 0.0
         """Training time reported, and the viewer's own time between steps (frames, panel; not pauses, nor the
@@ -277,11 +279,14 @@ class LiveViewer:
                         self.hook_seconds / self.train_seconds if self.train_seconds else None)))
 
     def _guard(self, what: str, action: Callable[[], object]) -> bool:
-        """Run a call into viser; a failure (a page gone mid-send, a closed server) is a log line, never an error
-        of the run. True if it went through."""
+        """Run a call into viser; a failure (a page gone mid-send, a closed server) is a log line (once, until that
+        call works again), never an error of the run. True if it went through."""
         try:
             action()
         except Exception as exc:  # noqa: BLE001 - the viewer must never stop a run
-            log.warning(f"viewer: {what} not sent ({type(exc).__name__}: {exc})")
+            if what not in self.failing:
+                log.warning(f"viewer: {what} not sent ({type(exc).__name__}: {exc})")
+            self.failing.add(what)
             return False
+        self.failing.discard(what)
         return True
