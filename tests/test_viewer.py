@@ -6,7 +6,6 @@ The browser itself: test_viewer_browser.py."""
 import json
 import logging
 import math
-import os
 import signal
 import socket
 import subprocess
@@ -26,7 +25,7 @@ pytest.importorskip("viser", reason="the viewer needs viser (pip install 'sdsbri
 
 from sdsbridge.cli.app import optional_port  # noqa: E402
 from sdsbridge.config.loader import load_config  # noqa: E402
-from sdsbridge.scene.cameras import CameraConfig, look_at_origin, orbit_cameras  # noqa: E402
+from sdsbridge.scene.cameras import look_at_origin, orbit_cameras  # noqa: E402
 from sdsbridge.training.loop import train  # noqa: E402
 from sdsbridge.view.cameras import ViewCamera, from_viser, frustum_segments, to_viser  # noqa: E402
 from sdsbridge.view.frames import MODES  # noqa: E402

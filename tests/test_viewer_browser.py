@@ -3,7 +3,6 @@ Chromium (Debian's package; CI installs it). A rendered frame arrives and is not
 pause holds it, the frame changes when the camera is orbited, panned and zoomed and when depth is chosen, resume goes on,
 and Ctrl-C stops the run with its checkpoint. Skipped where no chromium binary is found."""
 
-import os
 import re
 import signal
 import socket
