@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sdsbridge"
-LAYERS = ["common", "scene", "priors", "distill", "config", "training", "outputs", "sweep", "cli"]
+LAYERS = ["common", "scene", "priors", "distill", "config", "training", "outputs", "view", "sweep", "cli"]
 """Low to high. Components (scene, priors, methods) own their settings; config/ composes them into a Config."""
 
 

@@ -83,6 +83,18 @@ MAX_MESSAGE_CHARS = 2000
 """Longest error line printed; the messages cut the values they quote (``checks.shown``) long before this."""
 
 
+def optional_port(args: list[str], option: str, default: int) -> list[str]:
+    """``--view`` takes an optional port (``train FILE --view``, ``--view 9000``): click options cannot leave out
+    their value, so a bare ``--view`` (last, or before anything that is not a number) becomes ``--view=<default>``."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--":
+            break
+        if arg == option and (i + 1 == len(out) or not out[i + 1].isdigit()):
+            out[i] = f"{option}={default}"
+    return out
+
+
 def _raise_interrupted(signum, _frame) -> None:
     raise Interrupted(signum)
 
@@ -90,7 +102,9 @@ def _raise_interrupted(signum, _frame) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: runs the typer app; a UserError becomes one line and its exit code, SIGINT /
     SIGTERM one line and exit code 130 (errors.py lists the codes)."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    from sdsbridge.view import DEFAULT_PORT
+
+    args = optional_port(list(sys.argv[1:] if argv is None else argv), "--view", DEFAULT_PORT)
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         app(args=args, prog_name="sdsbridge", standalone_mode=True)

@@ -8,7 +8,7 @@ only call what ``Scene`` lists here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import ContextManager, Optional, Protocol
 
 import torch
 from torch import Tensor
@@ -57,6 +57,11 @@ class Scene(Protocol):
         """N = len(cameras) images of ``height`` x ``width`` pixels, differentiable with respect to
         ``param_groups``' parameters. ``background_color``: [N, 3] or [3] solid colour instead of the scene's
         own background; ``chunk_rays``: rays per pass (None: the scene's default)."""
+
+    def preview(self) -> ContextManager[None]:
+        """A context for renders that must leave training exactly as it was (a live viewer's): eval mode inside,
+        the global RNGs (the scene device's too) restored after, no one-off bookkeeping advanced (the NeRF's
+        compile counter); the previous mode is restored after. Wrap it in ``torch.no_grad()``."""
 
     def param_groups(self) -> list[dict]:
         """Optimizer groups ``{"params": [...], "lr": float, "name": str}`` (betas, eps and weight decay are the

@@ -3,8 +3,9 @@ occupancy grid; its state goes into checkpoints and comes back from them."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field as dataclass_field
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -55,6 +56,18 @@ class NeRFScene:
 
     def eval(self) -> "NeRFScene":
         return self.train(False)
+
+    @contextmanager
+    def preview(self) -> Iterator[None]:
+        """Eval mode, forked RNGs and an uncounted hash grid inside; the previous mode after (``Scene.preview``)."""
+        device, mode = self.device, self.training
+        self.eval()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                    self.field.encoding.uncounted():
+                yield
+        finally:
+            self.train(mode)
 
     def render(self, cameras: Cameras, height: int, width: int, background_color: Optional[torch.Tensor] = None,
                chunk_rays: Optional[int] = None) -> RenderOutput:

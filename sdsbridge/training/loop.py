@@ -36,6 +36,7 @@ from sdsbridge.training.plots import stage2_step, write_plots
 from sdsbridge.priors import load_prior
 from sdsbridge.scene.base import Scene
 from sdsbridge.training.step import StepResult, Views, build_optimizer, build_scene, non_finite_cause, scene_step
+from sdsbridge.training.watch import LoopControls, StepReport, StepWatcher
 
 log = logging.getLogger("sdsbridge")
 
@@ -167,9 +168,10 @@ def warn_if_gpu_too_small(config: Config, device: torch.device) -> Optional[str]
 
 
 def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optional[dict] = None,
-          show_progress: bool = True) -> TrainResult:
+          show_progress: bool = True, watcher: Optional[StepWatcher] = None) -> TrainResult:
     """Train (or continue training, from a ``checkpoint`` dict as ``load_checkpoint`` returns it) the scene
-    for ``config.train.steps`` steps in ``run_dir``."""
+    for ``config.train.steps`` steps in ``run_dir``. ``watcher`` (the live viewer) is called between steps
+    (watch.py); it never changes the results."""
     started = time.time()
     seed_everything(config.train.seed)
     scene = build_scene(config, device)
@@ -211,6 +213,9 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
     bad_in_row, done, last_saved, interrupted, cause, advice = 0, start_step, None, False, "", ""
     bad_at_start, unwritten_rows = bad_steps, []
     scene.train()
+    if watcher is not None:
+        watcher.attach(scene, config, run_dir, start_step)
+    watched_since = time.perf_counter()
     with stop_requests() as stop, logging_redirect_tqdm(), fitted_cpu_threads(device) as threads:  # log lines print above the bar, not glued to it
         for step in range(start_step, steps):
             views, result = scene_step(scene, method, prompts, optimizer, config, step)
@@ -236,6 +241,7 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
 
             # Scalars reach the host only on logging steps (each .item() waits for the device).
             bar.update(1)
+            row, validation = None, None
             if done % config.log.log_every == 0 or done == steps:
                 row = metrics_row(done, views, result, bad_steps, time.time() - started)
                 unwritten_rows.append(row)  # rows a failed append kept go out with the next one
@@ -243,9 +249,16 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
                     unwritten_rows = []
                 bar.set_postfix(loss=f"{row['loss']:.4g}", stage=row["stage"], t=int(row["t"]))
             if config.log.val_every and (done % config.log.val_every == 0 or done == steps):  # and the last step's
-                try_write("validation image", lambda: save_validation(
-                    scene, config, run_dir / "validation" / f"step-{done:07d}.png"))
+                validation = run_dir / "validation" / f"step-{done:07d}.png"
+                if not try_write("validation image", lambda: save_validation(scene, config, validation)):
+                    validation = None
                 try_write("plots", lambda: write_plots(run_dir, stage2_step(config)))
+            if watcher is not None:  # the live viewer: renders within its time budget, or waits while paused
+                report = StepReport(done, steps, method.stage(step), views.cameras,
+                                    time.perf_counter() - watched_since, row, validation)
+                watcher.between_steps(report, LoopControls(lambda: stop["signal"] is not None,
+                                                           lambda: save(done)))
+                watched_since = time.perf_counter()
             if stop["signal"] is not None:
                 last_saved = save(done, final=True)
                 interrupted = True
@@ -255,6 +268,8 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
             if done % config.log.checkpoint_every == 0 or done == steps:
                 last_saved = save(done, final=done == steps) or last_saved
     bar.close()
+    if watcher is not None:
+        watcher.finish(done, interrupted)
     if done > start_step:
         try_write("plots", lambda: write_plots(run_dir, stage2_step(config)))
     if bad_steps:

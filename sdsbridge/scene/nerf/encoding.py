@@ -16,6 +16,8 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -143,6 +145,7 @@ class HashGridEncoding(nn.Module):
         self.compile_after_points = COMPILE_AFTER_POINTS
         self._points_seen = 0
         self._calls_seen = 0
+        self._counting = True
         self._kernels_seen: set = set()
         self.backend, reason = resolve_backend(backend, device)
         if backend == "auto":
@@ -172,6 +175,16 @@ class HashGridEncoding(nn.Module):
             out = _HashGridFunction.apply(x, self.params, self)
         return out.reshape(*lead, self.n_output_dims)
 
+    @contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Calls inside do not count towards compiling the kernels (``compile_after_points``), so they never start a
+        compile either: a live viewer's renders leave the step at which a run compiles where it was."""
+        self._counting = False
+        try:
+            yield
+        finally:
+            self._counting = True
+
     # -- torch backend -----------------------------------------------------------------------------------
     def _tables(self, lo: int, hi: int) -> tuple:
         """Kernel arguments after (x, data) for levels lo..hi-1."""
@@ -189,7 +202,7 @@ class HashGridEncoding(nn.Module):
         if not (self.compile_kernels and x.device.type == "cpu" and x.dtype == torch.float32
                 and hasattr(torch, "compile")):
             return False
-        if x.shape[0] >= COMPILE_MIN_POINTS:
+        if x.shape[0] >= COMPILE_MIN_POINTS and self._counting:
             self._points_seen += x.shape[0]
             self._calls_seen += 1
         return self._points_seen > self.compile_after_points or self._calls_seen > COMPILE_AFTER_CALLS
