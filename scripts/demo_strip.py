@@ -1,11 +1,12 @@
-"""The README picture: a strip of turntable frames of the CPU demo (rgb row above, depth row below).
+"""The README picture: a strip of turntable frames of the CPU demo (rgb row above, the second panel below:
+the demo's normals).
 
     python scripts/demo_strip.py [RUN_DIR] [--frames 6] [--out docs/demo.png]
 
 Without RUN_DIR it first trains the demo as README says (`sdsbridge train configs/demo.yaml`, into a
 temporary runs folder). It then reads the run's turntable video (what a user gets, not a re-render),
 takes ``--frames`` frames evenly spaced around the orbit and writes one PNG: each frame's rgb panel in the
-top row and its depth panel below it.
+top row and its second panel (``export.video_modes[1]``) below it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def train_demo(runs_dir: Path) -> Path:
     """Run the README demo command into ``runs_dir``; returns the run directory."""
     subprocess.run([sys.executable, "-m", "sdsbridge", "train", str(ROOT / "configs" / "demo.yaml"),
-                    f"log.runs_dir={runs_dir}", "export.video_modes=[rgb,depth]", "--no-progress"], check=True)
+                    f"log.runs_dir={runs_dir}", "--no-progress"], check=True)
     (run_dir,) = [p for p in runs_dir.iterdir() if p.is_dir()]
     return run_dir
 
@@ -42,13 +43,13 @@ def read_frames(video: Path) -> list[np.ndarray]:
 
 
 def strip(frames: list[np.ndarray], count: int) -> np.ndarray:
-    """``count`` frames evenly spaced over the orbit -> [2H, count*W, 3]: rgb panels above, depth below.
-    Each turntable frame is [H, 2W', 3] (rgb | depth, W' = H, possibly one padding column)."""
+    """``count`` frames evenly spaced over the orbit -> [2H, count*W, 3]: rgb panels above, the second panel
+    below. Each turntable frame is [H, 2W', 3] (rgb | normal, W' = H, possibly one padding column)."""
     picks = [frames[round(i * len(frames) / count) % len(frames)] for i in range(count)]
     size = picks[0].shape[0]
     rgb = np.concatenate([f[:, :size] for f in picks], axis=1)
-    depth = np.concatenate([f[:, size:2 * size] for f in picks], axis=1)
-    return np.concatenate([rgb, depth], axis=0)
+    second = np.concatenate([f[:, size:2 * size] for f in picks], axis=1)
+    return np.concatenate([rgb, second], axis=0)
 
 
 def main(argv=None) -> Path:

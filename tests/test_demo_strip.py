@@ -1,4 +1,4 @@
-"""scripts/demo_strip.py: the README picture puts evenly spaced turntable frames side by side, rgb above depth."""
+"""scripts/demo_strip.py: the README picture puts evenly spaced turntable frames side by side, rgb above the second panel (the demo's normals)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import numpy as np
 from scripts_loader import load_script
 
 
-def test_strip_takes_evenly_spaced_frames_rgb_above_depth():
+def test_strip_takes_evenly_spaced_frames_rgb_above_the_second_panel():
     size = 4
     frames = []
-    for i in range(12):  # turntable frames: [H, 2H (+1 padding column), 3], rgb | depth
+    for i in range(12):  # turntable frames: [H, 2H (+1 padding column), 3], rgb | normal
         frame = np.zeros((size, 2 * size + 1, 3), np.uint8)
         frame[:, :size] = i
         frame[:, size:] = 100 + i
