@@ -6,6 +6,7 @@ import tempfile
 import pytest
 import torch
 
+from sdsbridge.testing.browser import find_chromium
 from sdsbridge.testing.random_sd import build_random_pipeline
 
 
@@ -31,3 +32,12 @@ def pytest_configure(config):
     """The per-user cache (reference image sets) in a fresh temporary folder for this test run (subprocesses
     inherit it), not in the user's home."""
     os.environ["SDSBRIDGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdsbridge-test-cache-")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """The chromium binary for the browser tests; skips them, saying why, where there is none."""
+    path = find_chromium()
+    if path is None:
+        pytest.skip("no chromium binary on PATH (apt-get install chromium)")
+    return path

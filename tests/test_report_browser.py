@@ -8,20 +8,12 @@ import pytest
 from PIL import Image
 
 from cli_helpers import TINY, prompt_file, run_cli
-from sdsbridge.testing.browser import dump_dom, find_chromium, screenshot
+from sdsbridge.testing.browser import dump_dom, screenshot
 
 pytestmark = pytest.mark.browser
 
 BACKGROUND = np.array([238, 240, 243])
 """The 3D view's background colour (#eef0f3 in report.py's style)."""
-
-
-@pytest.fixture(scope="module")
-def browser():
-    path = find_chromium()
-    if path is None:
-        pytest.skip("no chromium binary on PATH (apt-get install chromium)")
-    return path
 
 
 def test_report_page_draws_the_mesh_plays_videos_and_logs_no_errors(browser, tmp_path, capsys):

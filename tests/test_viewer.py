@@ -253,7 +253,8 @@ def test_a_page_that_cannot_take_a_frame_is_a_log_line_and_training_goes_on(tmp_
     finally:
         viewer.close()
     assert result.step == 3
-    lines = [r.getMessage() for r in caplog.records if "viewer" in r.getMessage()]
+    # warnings only: the viewer's address line is info (captured too where an earlier test set INFO)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "viewer" in r.getMessage()]
     assert lines == ["viewer: frame not sent (ConnectionError: page gone)"]  # once: the page is then skipped
 
 

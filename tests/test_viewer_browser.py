@@ -18,7 +18,7 @@ from cli_helpers import TINY, child_env, prompt_file
 
 pytest.importorskip("viser", reason="the viewer needs viser (pip install 'sdsbridge[view]'; in the test extras)")
 
-from sdsbridge.testing.browser import LivePage, find_chromium  # noqa: E402
+from sdsbridge.testing.browser import LivePage  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -28,14 +28,6 @@ VIEW = (slice(160, 640), slice(80, 640))
 left, nor the orientation gizmo at the bottom left)."""
 EMPTY = np.array([255, 255, 255])
 """viser's empty canvas (no frame yet)."""
-
-
-@pytest.fixture(scope="module")
-def browser():
-    path = find_chromium()
-    if path is None:
-        pytest.skip("no chromium binary on PATH (apt-get install chromium)")
-    return path
 
 
 def free_port() -> int:
