@@ -102,7 +102,8 @@ def normal_smoothness_loss(scene: Scene, cameras: Cameras, out: RenderOutput, n_
 
     Textureless faces leave depth unconstrained by the prior (any bump renders the same colour), so their
     density is free to wander; this prefers surfaces whose orientation changes slowly at the scale the prior
-    resolves. The gradient reaches the field through the six density probes per point."""
+    resolves. The gradient reaches the field through the twelve density probes per point (six around x, six
+    around x + d). Selecting the surface pixels syncs with the device once (off in the official recipe)."""
     height, width = out.opacity.shape[1:3]
     origins, dirs = camera_rays(cameras, height, width)
     opacity, depth = out.opacity.detach()[..., 0], out.depth.detach()[..., 0]
