@@ -30,6 +30,19 @@ EMPTY = np.array([255, 255, 255])
 """viser's empty canvas (no frame yet)."""
 
 
+def press_until(page, button: str, status: str) -> bool:
+    """True once ``status`` is in the page's text, else click ``button`` (again) and return False. The panel's
+    status lines change length every step, so the buttons below them can move between finding one and clicking
+    it: a click can miss, and is repeated. A button already gone (its label flipped) is not clicked."""
+    if status in page.text():
+        return True
+    try:
+        page.click(button)
+    except RuntimeError:
+        pass
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,8 +109,8 @@ def test_a_run_is_watched_paused_moved_and_resumed_in_the_browser(browser, tmp_p
             first = step_shown(page)
             until(lambda: step_shown(page) > first, 60, "the step counter to advance")
 
-            page.click("pause training")
-            until(lambda: "paused" in page.text(), 30, "'paused' in the status")
+            until(lambda: press_until(page, "pause training", "paused · step"), 30, "'paused' in the status",
+                  interval=3)
             held = step_shown(page)
             before = settled_view(page)
 
@@ -116,7 +129,8 @@ def test_a_run_is_watched_paused_moved_and_resumed_in_the_browser(browser, tmp_p
             assert (np.abs(moved - EMPTY).sum(-1) > 30).mean() > 0.95
             assert step_shown(page) == held  # paused: no step while the frames settled
 
-            page.click("resume training")
+            until(lambda: press_until(page, "resume training", "training · step"), 30, "'training' in the status",
+                  interval=3)
             until(lambda: step_shown(page) > held + 5, 60, "training to go on after resume")
     finally:
         run.send_signal(signal.SIGINT)
