@@ -1,4 +1,4 @@
-"""Device names (auto | cpu | cuda | cuda:N), the device of a module, seeding."""
+"""Device names (auto | cpu | cuda | cuda:N), the device of a module, seeding, the CPU thread count."""
 
 import random
 
@@ -60,16 +60,160 @@ def test_seed_everything_repeats_every_generator():
     assert random.random() == first[2]
 
 
-def test_cpu_threads_follow_the_free_cores(monkeypatch):
+class FakeMachine:
+    """A wall clock, this process's CPU time and the machine's busy time (all in seconds), which advance only
+    when ``run`` or ``sleep`` is called; ``others`` is how many cores other processes keep busy meanwhile."""
+
+    def __init__(self, others: float = 0.0):
+        self.others, self.wall, self.ours, self.busy = others, 1000.0, 0.0, 0.0
+        self.sleeps = 0
+
+    def run(self, seconds: float, ours: float = 0.0) -> None:
+        """``seconds`` pass while this process keeps ``ours`` cores busy."""
+        self.wall += seconds
+        self.ours += ours * seconds
+        self.busy += (self.others + ours) * seconds
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        self.run(seconds)
+
+    def monotonic(self) -> float:
+        return self.wall
+
+    def process_time(self) -> float:
+        return self.ours
+
+
+@pytest.fixture
+def two_cores(monkeypatch):
+    """A 2-core machine, no thread count set by the user; torch's count is restored afterwards."""
     import os
-
-    import torch
-
-    from sdsbridge.common import devices
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("SDSBRIDGE_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def machine(monkeypatch, two_cores):
+    """A ``FakeMachine`` in place of /proc/stat and the clocks; the load average says 9 busy cores, so a
+    thread count that reads it instead comes out as 1."""
+    import os
+
+    from sdsbridge.common import devices
+
+    fake = FakeMachine()
+    monkeypatch.setattr(devices, "machine_busy_seconds", lambda cpus=None: fake.busy)
+    monkeypatch.setattr(devices, "time", fake)
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    return fake
+
+
+def test_an_idle_machine_gets_every_core(machine):
+    from sdsbridge.common import devices
+
+    torch.set_num_threads(1)
+    with devices.fitted_cpu_threads(torch.device("cpu")):
+        assert torch.get_num_threads() == 2
+    assert machine.sleeps == 1  # one short measurement on entry
+
+
+def test_a_process_busy_on_one_of_two_cores_leaves_one_thread(machine):
+    from sdsbridge.common import devices
+
+    machine.others = 1.0
+    with devices.fitted_cpu_threads(torch.device("cpu")):
+        assert torch.get_num_threads() == 1
+    machine.others = 0.6  # a share of a core, as when it competes with our threads: still one core taken
+    with devices.fitted_cpu_threads(torch.device("cpu")):
+        assert torch.get_num_threads() == 1
+
+
+def test_our_own_threads_are_not_others_load(machine):
+    from sdsbridge.common import devices
+
+    with devices.fitted_cpu_threads(torch.device("cpu")) as threads:
+        machine.run(30.0, ours=2.0)  # both cores busy, all of it our threads (OpenMP spin-waits included)
+        assert threads.update(busy_seconds=30.0) == 2
+
+
+def test_later_updates_measure_the_window_since_the_last(machine):
+    from sdsbridge.common import devices
+
+    with devices.fitted_cpu_threads(torch.device("cpu")) as threads:
+        assert threads.threads == 2
+        machine.others = 1.0
+        machine.run(10.0, ours=1.0)
+        machine.others = 0.0  # gone by the time of the update: the window's average still counts it
+        assert threads.update(busy_seconds=10.0) == 1
+        machine.run(5.0, ours=1.0)  # measured from the last update (from entry, 10 of 15 s: a load of 0.67)
+        assert threads.update(busy_seconds=15.0) == 2
+        assert machine.sleeps == 1  # later updates do not wait to measure
+        assert threads.update() == 2  # a window too short to measure: a fresh short one
+        assert machine.sleeps == 2
+
+
+def test_never_fewer_than_one_thread(machine):
+    from sdsbridge.common import devices
+
+    machine.others = 5.0
+    with devices.fitted_cpu_threads(torch.device("cpu")) as threads:
+        assert torch.get_num_threads() == 1
+        machine.run(10.0, ours=1.0)
+        assert threads.update() == 1
+
+
+def test_the_real_reader_counts_busy_time():
+    import os
+    import time
+
+    from sdsbridge.common import devices
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat here")
+    before, started = devices.machine_busy_seconds(), time.process_time()
+    while time.process_time() - started < 0.2:
+        pass
+    after = devices.machine_busy_seconds()
+    assert isinstance(before, float) and isinstance(after, float)
+    assert after - before >= 0.1  # at least about the 0.2 s our loop kept a core busy
+    cpus = os.sched_getaffinity(0)
+    assert isinstance(devices.machine_busy_seconds(cpus), float)
+    assert devices.machine_busy_seconds(cpus) <= devices.machine_busy_seconds() + 0.1  # our cores, of all
+
+
+def test_busy_time_leaves_out_idle_and_io_waits(tmp_path):
+    import os
+
+    from sdsbridge.common import devices
+
+    stat = tmp_path / "stat"
+    # user nice system idle iowait irq softirq steal guest guest_nice; guest time is already in user and nice
+    stat.write_text("cpu  300 20 100 5000 900 10 20 5 70 7\n"
+                    "cpu0 200 20 60 2000 800 10 10 5 70 7\n"
+                    "cpu1 100 0 40 3000 100 0 10 0 0 0\n"
+                    "intr 12345 0 0\n")
+    tick = os.sysconf("SC_CLK_TCK")
+    assert devices.machine_busy_seconds(path=str(stat)) == pytest.approx(455 / tick)
+    assert devices.machine_busy_seconds({1}, path=str(stat)) == pytest.approx(150 / tick)
+    assert devices.machine_busy_seconds({0, 1}, path=str(stat)) == pytest.approx(455 / tick)
+    assert devices.machine_busy_seconds({4, 5}, path=str(stat)) == pytest.approx(455 / tick)  # not numbered: all
+    stat.write_text("cpu  not numbers\n")
+    assert devices.machine_busy_seconds(path=str(stat)) is None
+    assert devices.machine_busy_seconds(path=str(tmp_path / "missing")) is None
+
+
+def test_cpu_threads_follow_the_load_average_without_proc_stat(monkeypatch, two_cores):
+    import os
+
+    from sdsbridge.common import devices
+
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(devices, "machine_busy_seconds", lambda cpus=None: None)
     before = torch.get_num_threads()
     load = [0.2]
     monkeypatch.setattr(os, "getloadavg", lambda: (load[0], 0.0, 0.0))
@@ -84,15 +228,19 @@ def test_cpu_threads_follow_the_free_cores(monkeypatch):
         assert threads is None
 
 
-def test_cpu_threads_respect_the_users_setting(monkeypatch):
+def test_cpu_threads_respect_the_users_setting(monkeypatch, machine):
     import os
-
-    import torch
 
     from sdsbridge.common import devices
 
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    machine.others = 5.0
     monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 0.0, 0.0))
     before = torch.get_num_threads()
     with devices.fitted_cpu_threads(torch.device("cpu")) as threads:
+        assert torch.get_num_threads() == before
+        machine.run(10.0)
         assert threads.update(busy_seconds=100) == before  # the user's count stays, whatever the load
+    monkeypatch.setattr(devices, "machine_busy_seconds", lambda cpus=None: None)
+    with devices.fitted_cpu_threads(torch.device("cpu")) as threads:
+        assert threads.update(busy_seconds=100) == before

@@ -11,8 +11,9 @@ import math
 import os
 import random
 import re
+import time
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Collection, Iterator, Optional
 
 import numpy as np
 import torch
@@ -64,6 +65,29 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+SAMPLE_SECONDS = 0.1
+"""With no earlier sample to measure from (on entry), or one too recent, ``CpuThreads`` measures the load over
+this many seconds."""
+
+
+def machine_busy_seconds(cpus: Optional[Collection[int]] = None, path: str = "/proc/stat") -> Optional[float]:
+    """Seconds the CPUs numbered in ``cpus`` (all of the machine's when None, or when /proc/stat does not number
+    them all) have been busy since boot, summed over those CPUs, from /proc/stat. Waiting for I/O is not busy.
+    None where /proc/stat cannot be read (not Linux, some sandboxes)."""
+    try:
+        with open(path, encoding="ascii") as file:
+            # user nice system idle iowait irq softirq steal, in clock ticks (guest time is already in user, nice)
+            ticks = {fields[0]: [int(v) for v in fields[1:9]] for fields in map(str.split, file)
+                     if fields and fields[0].startswith("cpu")}
+        names = [f"cpu{n}" for n in cpus] if cpus else []
+        if not names or any(name not in ticks for name in names):
+            names = ["cpu"]
+        busy = sum(sum(ticks[name]) - ticks[name][3] - ticks[name][4] for name in names)
+        return busy / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
 class CpuThreads:
     """torch's CPU thread count, fitted to the cores other processes leave free.
 
@@ -71,19 +95,46 @@ class CpuThreads:
     waits for the thread that shares that core, and a step becomes many times slower (measured: the CPU demo
     fell from ~24 to ~2 steps/s with one competing process on two cores). So, unless the user set
     OMP_NUM_THREADS or SDSBRIDGE_THREADS (respected as they are), the count follows the free cores: the
-    cores this process may use minus the load other processes put on them (the 1-minute load average less
-    our own threads), at least 1. ``update`` re-reads the load (the training loop calls it now and then).
+    cores this process may use minus the load other processes put on them, at least 1.
+
+    The load is that of the moment: the busy time of the cores we may run on (/proc/stat) less this process's
+    own CPU time (every thread's, OpenMP's spin-waits included), per second of wall time, over the window since
+    the last ``update`` (the training loop calls it every so many steps), or over ``SAMPLE_SECONDS`` on entry.
+    Where /proc/stat cannot be read, the 1-minute load average less an estimate of our own threads stands in (it
+    lags: a command started right after other work reads a load near 1 on an idle machine).
     """
 
     def __init__(self):
         self.fixed = bool(os.environ.get("OMP_NUM_THREADS") or os.environ.get("SDSBRIDGE_THREADS"))
         if os.environ.get("SDSBRIDGE_THREADS"):
             torch.set_num_threads(max(1, int(os.environ["SDSBRIDGE_THREADS"])))
-        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        self.cores = len(self.cpus) if self.cpus else (os.cpu_count() or 1)
         self.threads = self.initial = torch.get_num_threads()
         self.busy_seconds = 0.0
+        self.sample: Optional[tuple[float, float, float]] = None
+        """At the last measurement: (wall clock, our cores' busy time, this process's CPU time), in seconds."""
+
+    def take_sample(self) -> Optional[tuple[float, float, float]]:
+        """(wall clock, our cores' busy time, this process's CPU time) now, in seconds; None without /proc/stat."""
+        busy = machine_busy_seconds(self.cpus)
+        return None if busy is None else (time.monotonic(), busy, time.process_time())
 
     def others_load(self) -> float:
+        """The load of other processes on our cores, in cores kept busy: measured since the last sample (over
+        ``SAMPLE_SECONDS`` when there is none, or it is more recent), else from the load average."""
+        now = self.take_sample()
+        if now is not None and (self.sample is None or now[0] - self.sample[0] < SAMPLE_SECONDS):
+            self.sample = now
+            time.sleep(SAMPLE_SECONDS)
+            now = self.take_sample()
+        before, self.sample = self.sample, now
+        if now is None:
+            return self.load_average_load()
+        wall, busy, ours = (b - a for a, b in zip(before, now))
+        return max(0.0, (busy - ours) / wall)
+
+    def load_average_load(self) -> float:
         """The load of other processes on this machine's cores (1-minute average, our threads taken out)."""
         try:
             load = os.getloadavg()[0]
@@ -94,7 +145,8 @@ class CpuThreads:
 
     def update(self, busy_seconds: float = 0.0) -> int:
         """Set and return the thread count for the current load. ``busy_seconds``: how long this process has
-        been computing (its own threads count in the load average only after a minute or so)."""
+        been computing (used only where the load average stands in: our own threads count in it only after a
+        minute or so)."""
         if self.fixed:
             return torch.get_num_threads()
         self.busy_seconds = busy_seconds

@@ -42,7 +42,8 @@ log = logging.getLogger("sdsbridge")
 
 
 THREAD_CHECK_EVERY = 100
-"""CPU runs re-fit their thread count to the machine's load every this many steps (devices.CpuThreads)."""
+"""CPU runs re-fit their thread count every this many steps, to the load other processes put on the cores over
+those steps (devices.CpuThreads)."""
 LONG_RUN_STEPS = 1000
 """A CPU run with at least this many steps to go compiles its hash-grid kernels at the first step, not after the
 ~2M points the encoding otherwise runs eagerly first (for short runs and tests): the demo spent ~180 steps at
