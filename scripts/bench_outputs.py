@@ -5,13 +5,17 @@
 
 Without --run, trains the CPU demo (configs/demo.yaml, no outputs) into a temporary folder first. "In train" is
 this process after a warm-up that compiles the hash grid's kernels (as the end of a training run has them);
-"standalone" is each command in a fresh process, wall time including start-up. Prints one row per command and the
-ratio; the target is standalone within 1.3x (README, "Looking at a run").
+"standalone" is each command in a fresh process, wall time including start-up. "Start-up" is a fresh process that
+does what the command does before its work and nothing else: Python, the CLI and the command's module imported,
+the checkpoint loaded (the median of three). Prints one row per command: both times, the start-up, the work
+(standalone less start-up) and the ratios of the whole command and of its work to the in-train figure; the target
+is standalone within 1.3x (README, "Looking at a run").
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,6 +32,21 @@ def train_demo(folder: Path) -> Path:
                     f"log.runs_dir={folder}", "export.mesh=false", "export.video=false", "export.report=false",
                     "--no-progress"], check=True, capture_output=True)
     return folder / "bridge-a-red-torus"
+
+
+COMMAND_MODULES = {"export": "sdsbridge.outputs.export.mesh", "video": "sdsbridge.outputs.export.video",
+                   "eval": "sdsbridge.outputs.evaluation"}
+"""The module each command imports for its work (the start-up floor imports it too)."""
+
+
+def startup_seconds(run: Path, command: str) -> float:
+    """Median wall time of three fresh processes that import the CLI and ``command``'s module and load ``run``'s
+    checkpoint, then exit: the part of a standalone command that no kernel speed changes."""
+    code = (f"import sdsbridge.cli.app, {COMMAND_MODULES[command]}, torch\n"
+            "from sdsbridge.training.checkpoint import load_trained_scene\n"
+            f"load_trained_scene({str(run)!r}, torch.device('cpu'))")
+    return statistics.median(timed(lambda: subprocess.run([sys.executable, "-c", code], check=True,
+                                                          capture_output=True)) for _ in range(3))
 
 
 def timed(fn) -> float:
@@ -76,11 +95,15 @@ def main() -> None:
         }
         standalone = {name: timed(lambda c=command: subprocess.run(c, check=True, capture_output=True))
                       for name, command in commands.items()}
+        startup = {name: startup_seconds(run, name) for name in commands}
     print(f"run: {run} (step {step}); mesh {args.mesh_resolution}^3, turntable {args.frames} frames at "
           f"{args.video_resolution} px, eval {args.views} views")
-    print("| command | in train (s) | standalone (s) | ratio |\n|---|---|---|---|")
+    print("| command | in train (s) | standalone (s) | ratio | start-up (s) | work (s) | work ratio |\n"
+          "|---|---|---|---|---|---|---|")
     for name in commands:
-        print(f"| {name} | {inside[name]:.1f} | {standalone[name]:.1f} | {standalone[name] / inside[name]:.2f} |")
+        work = standalone[name] - startup[name]
+        print(f"| {name} | {inside[name]:.2f} | {standalone[name]:.1f} | {standalone[name] / inside[name]:.2f} | "
+              f"{startup[name]:.1f} | {work:.2f} | {work / inside[name]:.2f} |")
 
 
 if __name__ == "__main__":

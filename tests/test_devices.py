@@ -167,6 +167,66 @@ def test_never_fewer_than_one_thread(machine):
         assert threads.update() == 1
 
 
+def test_a_timed_caller_keeps_the_faster_thread_count(monkeypatch, machine):
+    from sdsbridge.common import devices
+
+    monkeypatch.setattr(os_module(), "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    speed = {4: 30.0, 2: 40.0}  # steps/s: fewer threads are faster here
+    with devices.fitted_cpu_threads(torch.device("cpu")) as threads:
+        assert threads.threads == 4
+        chosen = []
+        for window in range(12):
+            machine.run(3.0, ours=float(threads.threads))
+            chosen.append(threads.update(rate=speed[threads.threads]))
+        # four timed, then half of them timed, then the faster kept; timed again after REPROBE_WINDOWS windows
+        assert chosen[:3] == [2, 2, 2]
+        assert 4 in chosen[3:] and chosen[-1] == 2
+        assert chosen.count(4) <= 1 + 12 // devices.REPROBE_WINDOWS
+        speed[4] = 50.0  # now more threads pay: the next timing of four is kept
+        for window in range(devices.REPROBE_WINDOWS + 2):
+            machine.run(3.0, ours=float(threads.threads))
+            threads.update(rate=speed[threads.threads])
+        assert threads.threads == 4
+        machine.others = 3.0  # a busy machine: one core free, nothing to compare
+        machine.run(3.0, ours=1.0)
+        assert threads.update(rate=speed[4]) == 1
+        machine.run(3.0, ours=1.0)
+        assert threads.update(rate=10.0) == 1
+    assert threads.rates.keys() <= {1, 4}  # the timings of the idle machine were dropped when the load changed
+
+
+def test_training_times_its_steps_for_the_thread_count(monkeypatch, tmp_path):
+    """The loop passes each window's steps/s (its steps' own time, compile windows left out) to the fitter."""
+    from sdsbridge.common import devices
+    from sdsbridge.config.loader import load_config
+    from sdsbridge.training import loop
+
+    rates = []
+    real_update = devices.CpuThreads.update
+
+    def update(self, busy_seconds=0.0, rate=None):
+        rates.append(rate)
+        return real_update(self, busy_seconds, rate)
+
+    monkeypatch.setattr(devices.CpuThreads, "update", update)
+    monkeypatch.setattr(loop, "THREAD_CHECK_EVERY", 2)
+    from tests.cli_helpers import TINY
+
+    settings = [a for a in TINY if "=" in a]  # the CLI flags aside
+    config = load_config(None, [*settings, "prompt=a red torus", "method=sds", "prior.cache_dir=null",
+                                "train.steps=7"])
+    loop.train(config, tmp_path, torch.device("cpu"), show_progress=False)
+    timed = rates[1:]  # the first is the entry's untimed fit
+    assert len(timed) == 3 and all(r is None or r > 0 for r in timed)
+    assert any(r is not None for r in timed)
+
+
+def os_module():
+    import os
+
+    return os
+
+
 def test_the_real_reader_counts_busy_time():
     import os
     import time

@@ -43,7 +43,7 @@ log = logging.getLogger("sdsbridge")
 
 THREAD_CHECK_EVERY = 100
 """CPU runs re-fit their thread count every this many steps, to the load other processes put on the cores over
-those steps (devices.CpuThreads)."""
+those steps and to the steps' own rate with each count tried (devices.CpuThreads)."""
 LONG_RUN_STEPS = 1000
 """A CPU run with at least this many steps to go compiles its hash-grid kernels at the first step, not after the
 ~2M points the encoding otherwise runs eagerly first (for short runs and tests): the demo spent ~180 steps at
@@ -218,10 +218,14 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
         watcher.attach(scene, config, run_dir, start_step)
     watched_since = time.perf_counter()
     with stop_requests() as stop, logging_redirect_tqdm(), fitted_cpu_threads(device) as threads:  # log lines print above the bar, not glued to it
+        window_seconds, window_timed = 0.0, True  # the steps' own time since the last thread check
         for step in range(start_step, steps):
+            step_started = time.perf_counter()
             views, result = scene_step(scene, method, prompts, optimizer, config, step)
+            window_seconds += time.perf_counter() - step_started
             if scene.one_off_seconds != compiled_before:  # e.g. a one-off kernel compile: not the rate
                 compiled_before = scene.one_off_seconds
+                window_timed = False
                 bar.unpause()
             if result.finite:
                 bad_in_row = 0
@@ -238,7 +242,9 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
                         f"{advice}; the last good state is in {path}")
             done = step + 1
             if threads is not None and done % THREAD_CHECK_EVERY == 0:
-                threads.update(time.time() - started)
+                rate = THREAD_CHECK_EVERY / window_seconds if window_timed and done - start_step >= THREAD_CHECK_EVERY else None
+                threads.update(time.time() - started, rate)
+                window_seconds, window_timed = 0.0, True
 
             # Scalars reach the host only on logging steps (each .item() waits for the device).
             bar.update(1)
