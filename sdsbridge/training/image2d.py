@@ -48,7 +48,7 @@ from sdsbridge.distill.methods.base import setting_names
 from sdsbridge.priors import load_prior
 from sdsbridge.priors.base import Prior
 from sdsbridge.distill.prompts import PromptEmbeddings
-from sdsbridge.training.step import non_finite_cause, train_step
+from sdsbridge.training.step import BadSteps, train_step
 
 logger = logging.getLogger("sdsbridge")
 
@@ -214,25 +214,23 @@ def optimise_image(method: Method, embeddings: PromptEmbeddings, config: Config,
 
     frames = [first_image(prior, latents)] if im.video_every else []
     rows = []
-    done, bad_steps, bad_in_row, failure, cause, advice = 0, 0, 0, None, "", ""
+    done, bad, failure = 0, BadSteps(im.max_bad_steps), None
     start = time.perf_counter()
     bar = tqdm(range(im.steps), desc=desc or f"seed {seed}", disable=not progress, dynamic_ncols=True)
     with logging_redirect_tqdm():  # warnings print above the bar, not glued to it
         for step in bar:
             result = train_step(method, optimizer, latents, conditions, step, generator=generator)
             done = step + 1
-            if result.finite:
-                bad_in_row = 0
-            else:
-                bad_steps, bad_in_row = bad_steps + 1, bad_in_row + 1
-                cause, advice = non_finite_cause(method, result, IMAGE_KEYS)
-                logger.warning(f"seed {seed} step {done}: {cause}, step skipped ({bad_in_row} in a row)")
-                if bad_in_row >= im.max_bad_steps:
-                    failure = f"{bad_in_row} non-finite steps in a row at step {done} of {im.steps} ({cause}); {advice}"
+            diverged = bad.record(method, result, IMAGE_KEYS)
+            if not result.finite:
+                logger.warning(f"seed {seed} step {done}: {bad.cause}, step skipped ({bad.in_row} in a row)")
+            if diverged:
+                failure = (f"{bad.in_row} non-finite steps in a row at step {done} of {im.steps} ({bad.cause}); "
+                           f"{bad.advice}")
             if step % config.log.log_every == 0 or done == im.steps or failure:
                 t, grad_norm = int(result.distill.t[0]), result.distill.grad_norm.item()
                 rows.append({"seed": seed, "step": step, "loss": result.loss.item(), "grad_norm": grad_norm,
-                             "t": t, "stage": result.distill.stage, "bad_steps": bad_steps})
+                             "t": t, "stage": result.distill.stage, "bad_steps": bad.total})
                 bar.set_postfix(stage=result.distill.stage, t=t, grad=f"{grad_norm:.3g}", refresh=False)
             if failure:
                 break
@@ -240,12 +238,12 @@ def optimise_image(method: Method, embeddings: PromptEmbeddings, config: Config,
                 frames.append(first_image(prior, latents))
     bar.close()
     seconds = time.perf_counter() - start
-    if failure is None and bad_steps and bad_steps == done:
-        failure = f"all {done} steps were non-finite and skipped, nothing was learned ({cause}); {advice}"
-    elif failure is None and bad_steps:
-        logger.warning(f"seed {seed}: {bad_steps} non-finite step(s) of {done} were skipped")
+    if failure is None and bad.total and bad.total == done:
+        failure = f"all {done} steps were non-finite and skipped, nothing was learned ({bad.cause}); {bad.advice}"
+    elif failure is None and bad.total:
+        logger.warning(f"seed {seed}: {bad.total} non-finite step(s) of {done} were skipped")
     image = first_image(prior, latents) if failure is None else None
-    return Trace(image=image, frames=frames, metrics=rows, seconds=seconds, steps=done, bad_steps=bad_steps,
+    return Trace(image=image, frames=frames, metrics=rows, seconds=seconds, steps=done, bad_steps=bad.total,
                  failure=failure)
 
 

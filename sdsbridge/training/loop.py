@@ -35,7 +35,7 @@ from sdsbridge.distill.methods import Method, make_method
 from sdsbridge.training.plots import stage2_step, write_plots
 from sdsbridge.priors import load_prior
 from sdsbridge.scene.base import Scene
-from sdsbridge.training.step import StepResult, Views, build_optimizer, build_scene, non_finite_cause, scene_step
+from sdsbridge.training.step import BadSteps, StepResult, Views, build_optimizer, build_scene, scene_step
 from sdsbridge.training.watch import LoopControls, StepReport, StepWatcher
 
 log = logging.getLogger("sdsbridge")
@@ -203,7 +203,7 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
                                  config.log.max_checkpoint_failures, start_step if checkpoint is not None else None)
 
     def save(step: int, final: bool = False) -> Optional[Path]:
-        return saver.save(make_checkpoint(scene, method, optimizer, step, config, bad_steps), final)
+        return saver.save(make_checkpoint(scene, method, optimizer, step, config, bad.total), final)
 
     metrics_path = run_dir / "metrics.jsonl"
     keep_rows(metrics_path, lambda row: row.get("step", 0) <= start_step)  # a resumed run redoes later steps
@@ -211,8 +211,8 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
     compiled_before = scene.one_off_seconds
     if device.type == "cpu" and steps - start_step >= LONG_RUN_STEPS:
         scene.prepare_long_run()
-    bad_in_row, done, last_saved, interrupted, cause, advice = 0, start_step, None, False, "", ""
-    bad_at_start, unwritten_rows = bad_steps, []
+    bad = BadSteps(config.train.max_bad_steps, total=bad_steps)  # bad_steps: the checkpoint's count
+    done, last_saved, interrupted, unwritten_rows = start_step, None, False, []
     scene.train()
     if watcher is not None:
         watcher.attach(scene, config, run_dir, start_step)
@@ -227,19 +227,15 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
                 compiled_before = scene.one_off_seconds
                 window_timed = False
                 bar.unpause()
-            if result.finite:
-                bad_in_row = 0
-            else:
-                bad_in_row += 1
-                bad_steps += 1
-                cause, advice = non_finite_cause(method, result)
+            diverged = bad.record(method, result)
+            if not result.finite:
                 # Steps count from 1 in messages, as in metrics.jsonl: loop index ``step`` is step ``step + 1``.
-                log.warning(f"step {step + 1}: {cause}, step skipped ({bad_in_row} in a row)")
-                if bad_in_row >= config.train.max_bad_steps:
-                    path = save(step, final=True)
-                    raise TrainingDiverged(
-                        f"training diverged: {bad_in_row} non-finite steps in a row at step {step + 1} ({cause}); "
-                        f"{advice}; the last good state is in {path}")
+                log.warning(f"step {step + 1}: {bad.cause}, step skipped ({bad.in_row} in a row)")
+            if diverged:
+                path = save(step, final=True)
+                raise TrainingDiverged(
+                    f"training diverged: {bad.in_row} non-finite steps in a row at step {step + 1} ({bad.cause}); "
+                    f"{bad.advice}; the last good state is in {path}")
             done = step + 1
             if threads is not None and done % THREAD_CHECK_EVERY == 0:
                 rate = THREAD_CHECK_EVERY / window_seconds if window_timed and done - start_step >= THREAD_CHECK_EVERY else None
@@ -250,7 +246,7 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
             bar.update(1)
             row, validation = None, None
             if done % config.log.log_every == 0 or done == steps:
-                row = metrics_row(done, views, result, bad_steps, time.time() - started)
+                row = metrics_row(done, views, result, bad.total, time.time() - started)
                 unwritten_rows.append(row)  # rows a failed append kept go out with the next one
                 if try_write("metrics", lambda: append_rows(metrics_path, unwritten_rows)):
                     unwritten_rows = []
@@ -279,9 +275,9 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
         watcher.finish(done, interrupted)
     if done > start_step:
         try_write("plots", lambda: write_plots(run_dir, stage2_step(config)))
-    if bad_steps:
-        log.warning(f"{bad_steps} non-finite step(s) were skipped in this run")
-    if not interrupted and done > start_step and bad_steps - bad_at_start == done - start_step:
+    if bad.total:
+        log.warning(f"{bad.total} non-finite step(s) were skipped in this run")
+    if not interrupted and done > start_step and bad.total - bad_steps == done - start_step:
         raise RunFailed(f"training failed: all {done - start_step} steps were non-finite and skipped, nothing was "
-                        f"learned ({cause}); {advice}; the state is in {last_saved}")
-    return TrainResult(run_dir, done, last_saved, interrupted, bad_steps, time.time() - started, scene.eval())
+                        f"learned ({bad.cause}); {bad.advice}; the state is in {last_saved}")
+    return TrainResult(run_dir, done, last_saved, interrupted, bad.total, time.time() - started, scene.eval())

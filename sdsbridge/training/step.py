@@ -180,6 +180,31 @@ def non_finite_cause(method: Method, result: StepResult,
     return "a non-finite loss or gradient", "try lower learning rates or guidance scale"
 
 
+@dataclass
+class BadSteps:
+    """The non-finite steps of a run (3D) or a seed (2D): each is skipped and counted; ``limit`` in a row stop it."""
+
+    limit: int
+    """Non-finite steps in a row that stop the run (``train.max_bad_steps``, ``image.max_bad_steps``)."""
+    total: int = 0
+    """Non-finite steps so far (a resumed run starts from its checkpoint's count)."""
+    in_row: int = 0
+    cause: str = ""
+    """What was not finite at the last bad step ('' before one)."""
+    advice: str = ""
+    """What to try about it."""
+
+    def record(self, method: Method, result: StepResult, keys: Optional[dict[str, str]] = None) -> bool:
+        """Count one step; True when it was the ``limit``-th non-finite step in a row. ``keys``: as in
+        ``non_finite_cause`` (read for bad steps only: it waits for one flag from the device)."""
+        if result.finite:
+            self.in_row = 0
+            return False
+        self.total, self.in_row = self.total + 1, self.in_row + 1
+        self.cause, self.advice = non_finite_cause(method, result, keys)
+        return self.in_row >= self.limit
+
+
 def train_step(method: Method, optimizer: torch.optim.Optimizer, latents: torch.Tensor,
                conditions: dict[str, torch.Tensor], step: int, cameras: Optional[Cameras] = None,
                losses: Optional[dict[str, torch.Tensor]] = None, generator: Optional[torch.Generator] = None,
