@@ -77,6 +77,12 @@ FD_STEP_CELLS = 64
 """The smallest normal step: the scene cube's width / this (``normal_step``)."""
 
 
+def cube_normal_step(radius: float) -> float:
+    """The normals' central-difference step (world units) that needs no config: 1/FD_STEP_CELLS of the cube of a
+    scene of ``radius``; ``normal_step``'s floor."""
+    return 2.0 * radius / FD_STEP_CELLS
+
+
 def normal_step(config: Config, radius: float) -> float:
     """The "finite" normals' central-difference step (world units) for a scene of ``radius`` trained with
     ``config``: max(2 * radius / FD_STEP_CELLS, the pixel footprint of the finest images the prior saw at the
@@ -89,7 +95,7 @@ def normal_step(config: Config, radius: float) -> float:
         resolution = min(resolution, prior_resolution)
     distance, fovy = max(config.cameras.distance_range), max(config.cameras.fovy_range)
     footprint = 2.0 * distance * math.tan(math.radians(fovy) / 2.0) / resolution
-    return max(2.0 * radius / FD_STEP_CELLS, footprint)
+    return max(cube_normal_step(radius), footprint)
 
 
 def normal_smoothness_loss(scene: Scene, cameras: Cameras, out: RenderOutput, n_points: int,

@@ -30,7 +30,7 @@ from sdsbridge.common.media import pad_to_even, to_uint8, write_video
 from sdsbridge.scene.base import RenderOutput
 from sdsbridge.outputs.naming import output_name
 from sdsbridge.training.checkpoint import load_trained_scene
-from sdsbridge.training.step import FD_STEP_CELLS, normal_step
+from sdsbridge.training.step import cube_normal_step, normal_step
 
 logger = logging.getLogger("sdsbridge")
 
@@ -96,7 +96,7 @@ def render_turntable(scene, camera_cfg: CameraConfig, path: Path, frames: int = 
                         f"resolution={resolution}, fps={fps})")
     device = scene.device
     cameras = orbit_cameras(camera_cfg, frames).to(device)
-    fd_step = normal_step or 2.0 * scene.radius / FD_STEP_CELLS
+    fd_step = normal_step or cube_normal_step(scene.radius)
     background = None if background_color is None else torch.tensor(background_color, dtype=torch.float32,
                                                                       device=device)
     near = camera_cfg.eval_distance - scene.radius
