@@ -238,8 +238,8 @@ def train(config: Config, run_dir: Path, device: torch.device, checkpoint: Optio
                     f"{bad.advice}; the last good state is in {path}")
             done = step + 1
             if threads is not None and done % THREAD_CHECK_EVERY == 0:
-                rate = THREAD_CHECK_EVERY / window_seconds if window_timed and done - start_step >= THREAD_CHECK_EVERY else None
-                threads.update(time.time() - started, rate)
+                whole_window = window_timed and done - start_step >= THREAD_CHECK_EVERY  # not a resume's partial one
+                threads.update(time.time() - started, THREAD_CHECK_EVERY / window_seconds if whole_window else None)
                 window_seconds, window_timed = 0.0, True
 
             # Scalars reach the host only on logging steps (each .item() waits for the device).
