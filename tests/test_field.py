@@ -116,3 +116,46 @@ def test_colour_head_is_parallel_to_density_head():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in field.color_mlp.parameters())
     assert field.density_mlp[0].in_features == field.color_mlp[0].in_features == field.encoding.n_output_dims
     assert field.density_mlp[-1].out_features == 1 and field.color_mlp[-1].out_features == 3
+
+
+def test_the_fields_activations_are_the_same_whatever_the_thread_count():
+    """sigmoid and softplus give the same bits on 1, 2 or 3 threads (torch's do not on large tensors: the CPU demo's
+    runs on one and two threads parted because of them), agree with torch's, and so do their gradients; the field's
+    density and colour too."""
+    from sdsbridge.scene.nerf.activations import sigmoid, softplus
+
+    torch.manual_seed(0)
+    x = torch.randn(100_003, 3) * 8.0
+    x[0, 0], x[0, 1], x[0, 2] = 0.0, -200.0, 200.0  # exactly zero, and far beyond exp's range
+    before = torch.get_num_threads()
+    try:
+        for ours, torchs in ((sigmoid, torch.sigmoid), (softplus, F.softplus)):
+            values, grads = [], []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                xg = x.clone().requires_grad_(True)
+                out = ours(xg)
+                out.backward(torch.ones_like(out))
+                values.append(out.detach())
+                grads.append(xg.grad)
+            assert all(torch.equal(values[0], v) for v in values[1:])
+            assert all(torch.equal(grads[0], g) for g in grads[1:])
+            xt = x.clone().requires_grad_(True)
+            expected = torchs(xt)
+            expected.backward(torch.ones_like(expected))
+            assert torch.allclose(values[0], expected.detach(), rtol=1e-6, atol=1e-6)
+            assert torch.allclose(grads[0], xt.grad, rtol=1e-5, atol=1e-6) and torch.isfinite(grads[0]).all()
+        field = NeRFField(small_scene())
+        with torch.no_grad():
+            for parameter in field.parameters():  # pre-activations of a trained field's size, not of a fresh one's
+                parameter.mul_(30.0)
+        for n_points in (40_001, 65_537, 100_003, 150_001, 250_007):  # each thread's share ends somewhere else
+            points = torch.rand(n_points, 3) * 2.0 - 1.0
+            with torch.no_grad():
+                outputs = []
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    outputs.append(field(points))
+            assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+    finally:
+        torch.set_num_threads(before)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdsbridge.scene.nerf.activations import sigmoid
 from sdsbridge.scene.nerf.settings import SceneConfig
 from sdsbridge.scene.nerf.networks import mlp, spherical_harmonics
 
@@ -41,4 +42,4 @@ class Background(nn.Module):
         unit = F.normalize(dirs.reshape(-1, 3), dim=-1)
         # (d + 1) / 2 into tcnn's encoding and back to [-1, 1] inside it: a no-op pair kept implicit here.
         encoded = spherical_harmonics(unit, self.sh_degree)
-        return torch.sigmoid(self.mlp(encoded)).reshape(*dirs.shape[:-1], 3)
+        return sigmoid(self.mlp(encoded)).reshape(*dirs.shape[:-1], 3)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdsbridge.scene.nerf.settings import SceneConfig
+from sdsbridge.scene.nerf.activations import sigmoid, softplus
 from sdsbridge.scene.nerf.encoding import HashGridEncoding
 from sdsbridge.scene.nerf.networks import mlp
 
@@ -56,7 +57,7 @@ class NeRFField(nn.Module):
         return self.encoding(unit)
 
     def _activate(self, x: Tensor, raw: Tensor) -> Tensor:
-        sigma = F.softplus(raw + blob_density(x, self.blob_peak, self.blob_radius))
+        sigma = softplus(raw + blob_density(x, self.blob_peak, self.blob_radius))
         return torch.where(inside_cube(x, self.radius), sigma, torch.zeros_like(sigma))
 
     def density(self, x: Tensor) -> Tensor:
@@ -66,7 +67,7 @@ class NeRFField(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """[N, 3] world points -> (density [N], rgb [N, 3] in [0, 1])."""
         h = self._features(x)
-        rgb = torch.sigmoid(self.color_mlp(h))
+        rgb = sigmoid(self.color_mlp(h))
         return self._activate(x, self.density_mlp(h)[:, 0]), rgb
 
     def colour(self, x: Tensor) -> Tensor:
