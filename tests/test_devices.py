@@ -168,9 +168,11 @@ def test_never_fewer_than_one_thread(machine):
 
 
 def test_a_timed_caller_keeps_the_faster_thread_count(monkeypatch, machine):
+    import os
+
     from sdsbridge.common import devices
 
-    monkeypatch.setattr(os_module(), "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     speed = {4: 30.0, 2: 40.0}  # steps/s: fewer threads are faster here
     with devices.fitted_cpu_threads(torch.device("cpu")) as threads:
         assert threads.threads == 4
@@ -198,7 +200,6 @@ def test_a_timed_caller_keeps_the_faster_thread_count(monkeypatch, machine):
 def test_training_times_its_steps_for_the_thread_count(monkeypatch, tmp_path):
     """The loop passes each window's steps/s (its steps' own time, compile windows left out) to the fitter."""
     from sdsbridge.common import devices
-    from sdsbridge.config.loader import load_config
     from sdsbridge.training import loop
 
     rates = []
@@ -219,12 +220,6 @@ def test_training_times_its_steps_for_the_thread_count(monkeypatch, tmp_path):
     timed = rates[1:]  # the first is the entry's untimed fit
     assert len(timed) == 3 and all(r is None or r > 0 for r in timed)
     assert any(r is not None for r in timed)
-
-
-def os_module():
-    import os
-
-    return os
 
 
 def test_the_real_reader_counts_busy_time():
